@@ -1,0 +1,31 @@
+# Every install step lives here. `make run` and `make test` work on a fresh machine (Python 3.11).
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv run test test-slow bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(BIN)/python -m autorank +device=rpi4
+
+test: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow
+
+bench: venv
+	$(BIN)/python scripts/bench_layers.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .cache
