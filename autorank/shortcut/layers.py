@@ -1,0 +1,272 @@
+"""ASI and HOSVD_eps layers: peft-style wrappers around nn.Conv2d / nn.Linear.
+
+A wrapper keeps the original as ``base_layer`` (weights shared). When the weight needs a gradient
+(grad mode on and ``weight.requires_grad``) the input is factorised and only the Tucker core and
+factors are saved; the weight gradient comes from them (functional.py). When only the input or
+bias needs a gradient, the frozen path runs (exact grad_input, no activation saved). Otherwise
+(no_grad, inference_mode, nothing requires grad) the plain base layer runs and the warm-start
+state is untouched. The train/eval flag plays no part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .functional import (
+    ConvGeometry,
+    FrozenConv2dFn,
+    FrozenLinearFn,
+    ShortcutConv2dFn,
+    ShortcutLinearFn,
+    tucker_saved_numel,
+)
+from .tucker import _check_eps, clip_ranks, compute_dtype, eps_rank, mode_gram_apply, mode_product, tucker_core, unfold
+
+__all__ = ["ASIConv2d", "ASILinear", "HOSVDConv2d", "HOSVDLinear", "ASIFactorizer", "HOSVDFactorizer"]
+
+
+def _elem_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class ASIFactorizer:
+    """One warm-started subspace-iteration step per mode (DESIGN section 2).
+
+    U_n = QR(X_(n) X_(n)^T U_n_prev), computed mode after mode on the progressively projected
+    tensor (modes that shrink most first: the later steps then run on a small tensor). State:
+    the previous U_n per mode, in >= fp32, restarted from ``seed`` whenever the input shape,
+    dtype or device changes. A private generator (CPU) draws the start; the global RNG is never
+    touched. Plain attributes, so nothing lands in a state_dict.
+    """
+
+    def __init__(self, ranks: Sequence[int], seed: int = 0):
+        ranks = [int(r) for r in ranks]
+        bad = [r for r in ranks if r < 1]
+        if bad:
+            raise ValueError(f"ASI ranks must all be >= 1, got {ranks}")
+        self.ranks = ranks
+        self.seed = int(seed)
+        self.restarts = 0  # starts drawn so far (each shape change draws a new one)
+        self.state: list[torch.Tensor | None] | None = None
+        self.state_key = None
+        self.record = False  # keep (core, factors) of the last step for tests / debugging
+        self.last = None
+
+    def reset(self) -> None:
+        self.state, self.state_key, self.restarts, self.last = None, None, 0, None
+
+    def _start(self, shape, ranks, cdtype, device) -> list[torch.Tensor | None]:
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.restarts)
+        self.restarts += 1
+        return [
+            None if r == s else torch.randn(s, r, generator=gen, dtype=cdtype).to(device)
+            for s, r in zip(shape, ranks)
+        ]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor):
+        shape = tuple(x.shape)
+        ranks = clip_ranks(self.ranks, shape)
+        cdtype = compute_dtype(x.dtype)
+        key = (shape, cdtype, x.device)
+        if self.state is None or self.state_key != key:
+            self.state, self.state_key = self._start(shape, ranks, cdtype, x.device), key
+        order = sorted((r / s, n) for n, (s, r) in enumerate(zip(shape, ranks)) if r < s)
+        t = x.detach().to(cdtype)
+        factors: list[torch.Tensor | None] = [None] * len(shape)
+        for _, n in order:
+            y = mode_gram_apply(t, mode_product(t, self.state[n], n), n)  # X_(n) X_(n)^T U_prev
+            q = torch.linalg.qr(y).Q
+            self.state[n] = q
+            t = mode_product(t, q, n)
+            factors[n] = q.to(x.dtype)
+        core = t.to(x.dtype)
+        if self.record:
+            self.last = (core, factors)
+        return core, factors
+
+    def state_bytes(self, input_shape, dtype) -> int:
+        """Bytes of the warm-start factors held between steps (in the factorisation dtype)."""
+        ranks = clip_ranks(self.ranks, input_shape)
+        n = sum(s * r for s, r in zip(input_shape, ranks) if r < s)
+        return n * _elem_bytes(compute_dtype(dtype))
+
+
+class HOSVDFactorizer:
+    """HOSVD_eps (NeurIPS 2024 baseline): a full SVD of every mode-n unfolding each step, rank =
+    smallest k whose squared singular values reach eps of the total (same rule as hosvd_ranks)."""
+
+    def __init__(self, eps: float):
+        _check_eps(eps)
+        self.eps = float(eps)
+        self.record = False
+        self.last = None
+        self.last_ranks: list[int] | None = None
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor):
+        xc = x.detach().to(compute_dtype(x.dtype))
+        fc: list[torch.Tensor | None] = []
+        ranks = []
+        for n in range(x.dim()):
+            u, s, _ = torch.linalg.svd(unfold(xc, n), full_matrices=False)
+            k = eps_rank(s, self.eps)
+            ranks.append(k)
+            fc.append(None if k == x.shape[n] else u[:, :k])
+        core = tucker_core(xc, fc).to(x.dtype)
+        # fresh (I_n, k) tensors in the input dtype, not views keeping the whole U alive
+        factors = [None if f is None else f.to(x.dtype, copy=True) for f in fc]
+        self.last_ranks = ranks
+        if self.record:
+            self.last = (core, factors)
+        return core, factors
+
+
+class _ShortcutMixin:
+    """Shared by the four wrappers: debugging access to the last factorisation, byte counts."""
+
+    factorizer: ASIFactorizer | HOSVDFactorizer
+
+    def record_factors(self, on: bool = True):
+        """Keep the last (core, factors) so tests can rebuild the input the gradient used."""
+        self.factorizer.record = on
+        if not on:
+            self.factorizer.last = None
+        return self
+
+    def last_factors(self):
+        """(core, factors) of the last factorisation (needs ``record_factors()`` first)."""
+        if self.factorizer.last is None:
+            raise RuntimeError("no factors recorded: call layer.record_factors() before the forward")
+        return self.factorizer.last
+
+    def _ranks(self, ranks):
+        if ranks is not None:
+            return ranks
+        if isinstance(self.factorizer, ASIFactorizer):
+            return self.factorizer.ranks
+        if self.factorizer.last_ranks is None:
+            raise ValueError("HOSVD ranks depend on the data: pass ranks= (e.g. hosvd_ranks(x, eps))")
+        return self.factorizer.last_ranks
+
+    def _saved_shape(self, input_shape):
+        return tuple(int(s) for s in input_shape)
+
+    def saved_bytes(self, input_shape, dtype=torch.float32, ranks: Sequence[int] | None = None) -> int:
+        """Bytes the autograd node saves for an input of this shape with a trained weight:
+        core + stored factors, in the input dtype (the weight, a parameter, is not counted).
+        HOSVD layers need ``ranks`` (they depend on the data; default: the last step's ranks)."""
+        shape = self._saved_shape(input_shape)
+        ranks = clip_ranks(self._ranks(ranks), shape)
+        return tucker_saved_numel(shape, ranks) * _elem_bytes(dtype)
+
+    def state_bytes(self, input_shape, dtype=torch.float32) -> int:
+        """Bytes of state kept between steps (ASI warm-start factors; 0 for HOSVD)."""
+        if isinstance(self.factorizer, ASIFactorizer):
+            return self.factorizer.state_bytes(self._saved_shape(input_shape), dtype)
+        return 0
+
+
+class _ShortcutConv2d(_ShortcutMixin, nn.Module):
+    def __init__(self, base: nn.Conv2d, factorizer):
+        super().__init__()
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"expected nn.Conv2d, got {type(base).__name__}")
+        self.base_layer = base
+        self.geometry = ConvGeometry(base)
+        self.factorizer = factorizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        w, b = base.weight, base.bias
+        if not torch.is_grad_enabled():
+            return base(x)
+        if w.requires_grad:
+            return ShortcutConv2dFn.apply(x, w, b, self)
+        if x.requires_grad or (b is not None and b.requires_grad):
+            return FrozenConv2dFn.apply(x, w, b, self.geometry)
+        return base(x)
+
+
+class _ShortcutLinear(_ShortcutMixin, nn.Module):
+    def __init__(self, base: nn.Linear, factorizer):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"expected nn.Linear, got {type(base).__name__}")
+        self.base_layer = base
+        self.factorizer = factorizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        w, b = base.weight, base.bias
+        if not torch.is_grad_enabled():
+            return base(x)
+        if w.requires_grad:
+            return ShortcutLinearFn.apply(x, w, b, self)
+        if x.requires_grad or (b is not None and b.requires_grad):
+            return FrozenLinearFn.apply(x, w, b)
+        return base(x)
+
+
+class ASIConv2d(_ShortcutConv2d):
+    """ASI conv: ranks (batch, channels, height, width), one warm-started step per mode."""
+
+    def __init__(self, base: nn.Conv2d, ranks: Sequence[int], seed: int = 0):
+        if len(ranks) != 4:
+            raise ValueError(f"ASIConv2d needs 4 ranks (batch, channels, height, width), got {list(ranks)}")
+        super().__init__(base, ASIFactorizer(ranks, seed))
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(self.factorizer.ranks)
+
+    @property
+    def seed(self) -> int:
+        return self.factorizer.seed
+
+    def extra_repr(self) -> str:
+        return f"ranks={self.ranks}, seed={self.seed}"
+
+
+class ASILinear(_ShortcutLinear):
+    """ASI linear: one rank per input dim ((N, in), (B, L, in), (B, H, W, in), ...)."""
+
+    def __init__(self, base: nn.Linear, ranks: Sequence[int], seed: int = 0):
+        if len(ranks) < 1:
+            raise ValueError("ASILinear needs one rank per input dim, got none")
+        super().__init__(base, ASIFactorizer(ranks, seed))
+
+    ranks = ASIConv2d.ranks
+    seed = ASIConv2d.seed
+    extra_repr = ASIConv2d.extra_repr
+
+
+class HOSVDConv2d(_ShortcutConv2d):
+    """HOSVD_eps conv: full SVD per mode every step, ranks from explained variance eps."""
+
+    def __init__(self, base: nn.Conv2d, eps: float):
+        super().__init__(base, HOSVDFactorizer(eps))
+
+    @property
+    def eps(self) -> float:
+        return self.factorizer.eps
+
+    @property
+    def last_ranks(self) -> list[int] | None:
+        return self.factorizer.last_ranks
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+class HOSVDLinear(_ShortcutLinear):
+    def __init__(self, base: nn.Linear, eps: float):
+        super().__init__(base, HOSVDFactorizer(eps))
+
+    eps = HOSVDConv2d.eps
+    last_ranks = HOSVDConv2d.last_ranks
+    extra_repr = HOSVDConv2d.extra_repr
+

@@ -1,0 +1,188 @@
+"""Lean companions for the rest of a trained region (DESIGN section 2, issue 2b).
+
+In a trained region with BN in eval mode, the trained convs' inputs are only 26-60% of what
+backward keeps; BN inputs and ReLU/ReLU6 outputs hold most of the rest, and a frozen conv inside
+the region still saves its input under plain autograd. Each companion here gives the same outputs
+and gradients as the plain module while saving (almost) nothing:
+
+- FrozenBatchNorm2d: y = x * scale + shift with eval statistics; saves nothing (backward
+  recomputes the per-channel scale from the frozen buffers). The BN affine gets no gradient.
+- PackedReLU: ReLU / ReLU6 / Hardtanh saving a 1-bit-per-element mask (ceil(numel/8) bytes).
+- FrozenConv2d / FrozenLinear: grad_input (and grad_bias) only; saves the weight, no activation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .functional import ConvGeometry, FrozenConv2dFn, FrozenLinearFn
+
+__all__ = ["FrozenBatchNorm2d", "PackedReLU", "FrozenConv2d", "FrozenLinear", "pack_bits", "unpack_bits"]
+
+_SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def _shifts(device) -> torch.Tensor:
+    s = _SHIFTS_CACHE.get(device)
+    if s is None:
+        s = _SHIFTS_CACHE[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    return s
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor -> uint8 tensor of ceil(numel/8) bytes (bit i of byte k = element 8k+i)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = flat.view(torch.uint8).view(-1, 8)  # bool and uint8 share the 1-byte layout
+    return (bits << _shifts(mask.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of pack_bits: uint8 (ceil(n/8),) -> bool tensor of the given shape."""
+    n = math.prod(shape)
+    bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1
+    return bits.reshape(-1)[:n].view(torch.bool).reshape(shape)
+
+
+class _FrozenAffineFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bn):
+        ctx.bn = bn
+        scale, shift = bn.scale_shift(x)
+        return torch.addcmul(shift, x, scale)
+
+    @staticmethod
+    def backward(ctx, gy):
+        scale, _ = ctx.bn.scale_shift(gy)
+        return gy * scale, None
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with its running statistics and affine frozen: y = x * scale + shift.
+
+    Always uses the running statistics (eval behaviour, whatever the train flag); never updates
+    them; the affine weight/bias get no gradient. Saves no activation.
+    """
+
+    def __init__(self, base: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        if not isinstance(base, nn.modules.batchnorm._BatchNorm):
+            raise TypeError(f"expected a BatchNorm module, got {type(base).__name__}")
+        if base.running_mean is None or base.running_var is None:
+            raise ValueError("FrozenBatchNorm2d needs running statistics (track_running_stats=True)")
+        self.base_layer = base
+
+    def scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel scale and shift, shaped (1, C, 1, ...) to broadcast against x."""
+        bn = self.base_layer
+        with torch.no_grad():
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            shift = -bn.running_mean * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return scale.to(x.dtype).view(view), shift.to(x.dtype).view(view)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenAffineFn.apply(x, self)
+        scale, shift = self.scale_shift(x)
+        return torch.addcmul(shift, x, scale)
+
+    @classmethod
+    def saved_bytes(cls, input_shape, dtype=torch.float32) -> int:
+        return 0
+
+
+class _PackedClampFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        y = x.clamp(lo, hi)
+        mask = x > lo
+        if hi is not None:
+            mask &= x < hi
+        ctx.shape = x.shape
+        ctx.save_for_backward(pack_bits(mask))
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (packed,) = ctx.saved_tensors
+        return gy * unpack_bits(packed, ctx.shape), None, None
+
+
+class PackedReLU(nn.Module):
+    """ReLU / ReLU6 / Hardtanh whose backward keeps a bit-packed mask (1 bit per element)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        if isinstance(base, nn.Hardtanh):  # nn.ReLU6 is a Hardtanh(0, 6)
+            self.lo, self.hi = float(base.min_val), float(base.max_val)
+        elif isinstance(base, nn.ReLU):
+            self.lo, self.hi = 0.0, None
+        else:
+            raise TypeError(f"PackedReLU wraps nn.ReLU, nn.ReLU6 or nn.Hardtanh, got {type(base).__name__}")
+        self.base_layer = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _PackedClampFn.apply(x, self.lo, self.hi)
+        return self.base_layer(x)
+
+    @classmethod
+    def saved_bytes(cls, input_shape, dtype=torch.float32) -> int:
+        return (math.prod(int(s) for s in input_shape) + 7) // 8
+
+    def extra_repr(self) -> str:
+        return f"lo={self.lo}, hi={self.hi}"
+
+
+class FrozenConv2d(nn.Module):
+    """A frozen conv inside the trained region: exact grad_input, no activation saved.
+
+    The weight never gets a gradient (frozen by definition); a bias that requires grad does.
+    """
+
+    def __init__(self, base: nn.Conv2d):
+        super().__init__()
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"expected nn.Conv2d, got {type(base).__name__}")
+        self.base_layer = base
+        self.geometry = ConvGeometry(base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base_layer.bias
+        if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
+            return FrozenConv2dFn.apply(x, self.base_layer.weight, b, self.geometry)
+        return self.base_layer(x)
+
+    @classmethod
+    def saved_bytes(cls, input_shape, dtype=torch.float32) -> int:
+        return 0  # only the weight, a parameter
+
+
+class FrozenLinear(nn.Module):
+    """A frozen linear layer inside the trained region: exact grad_input, no activation saved."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"expected nn.Linear, got {type(base).__name__}")
+        self.base_layer = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base_layer.bias
+        if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
+            return FrozenLinearFn.apply(x, self.base_layer.weight, b)
+        return self.base_layer(x)
+
+    @classmethod
+    def saved_bytes(cls, input_shape, dtype=torch.float32) -> int:
+        return 0

@@ -1,0 +1,122 @@
+"""Tucker helpers shared by the ASI / HOSVD layers: mode products, rank choice, reconstruction.
+
+Convention: a factor U_n has shape (I_n, r_n) with orthonormal columns; ``None`` stands for the
+identity (mode n not compressed). The core of x is S = x x_0 U_0^T x_1 U_1^T ..., and the
+reconstruction is S x_0 U_0 x_1 U_1 ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "compute_dtype",
+    "mode_product",
+    "mode_gram_apply",
+    "eps_rank",
+    "hosvd_ranks",
+    "tucker_core",
+    "tucker_reconstruct",
+    "clip_ranks",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Factorisations run in at least fp32 (QR / SVD in half precision are unstable or absent)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _split(shape: Sequence[int], n: int) -> tuple[int, int, int]:
+    # (prod of dims before n, I_n, prod of dims after n)
+    return math.prod(shape[:n]), shape[n], math.prod(shape[n + 1 :])
+
+
+def mode_product(x: torch.Tensor, m: torch.Tensor, n: int) -> torch.Tensor:
+    """x x_n m^T for m of shape (I_n, r): mode n of x (size I_n) becomes size r.
+
+    Expansion (S x_n U) is ``mode_product(S, U.T, n)``. One GEMM (or one broadcast bmm for a
+    middle mode), no permute copy.
+    """
+    shape = list(x.shape)
+    a, i, b = _split(shape, n)
+    r = m.shape[1]
+    if b == 1:  # last mode: (A, I) @ (I, r)
+        out = x.reshape(a, i) @ m
+    elif a == 1:  # first mode: (r, I) @ (I, B)
+        out = m.t() @ x.reshape(i, b)
+    else:  # middle mode: (r, I) @ (A, I, B) -> (A, r, B)
+        out = torch.matmul(m.t(), x.reshape(a, i, b))
+    shape[n] = r
+    return out.reshape(shape)
+
+
+def mode_gram_apply(x: torch.Tensor, p: torch.Tensor, n: int) -> torch.Tensor:
+    """X_(n) P_(n)^T for p = x x_n U^T: contracts every mode but n -> (I_n, r).
+
+    With p = mode_product(x, U, n) this is one subspace-iteration step X_(n) X_(n)^T U.
+    """
+    a, i, b = _split(list(x.shape), n)
+    r = p.shape[n]
+    if b == 1:
+        return x.reshape(a, i).t() @ p.reshape(a, r)
+    if a == 1:
+        return x.reshape(i, b) @ p.reshape(r, b).t()
+    # (A, I, B) @ (A, B, r) summed over A: A small GEMMs, no permute copy of x
+    return torch.matmul(x.reshape(a, i, b), p.reshape(a, r, b).transpose(1, 2)).sum(0)
+
+
+def unfold(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Mode-n unfolding X_(n): (I_n, prod of the other dims)."""
+    return x.movedim(n, 0).reshape(x.shape[n], -1)
+
+
+def eps_rank(s: torch.Tensor, eps: float) -> int:
+    """Smallest k >= 1 whose k largest squared singular values reach eps of the total."""
+    e = s.double().square()
+    total = e.sum()
+    if total <= 0:
+        return 1
+    cum = torch.cumsum(e, 0) / total
+    k = int(torch.searchsorted(cum, torch.tensor([eps], dtype=cum.dtype, device=cum.device)).item()) + 1
+    return max(1, min(k, s.numel()))
+
+
+def _check_eps(eps: float) -> None:
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"eps (explained variance) must be in (0, 1], got {eps}")
+
+
+@torch.no_grad()
+def hosvd_ranks(x: torch.Tensor, eps: float) -> list[int]:
+    """HOSVD_eps ranks of x: per mode, the smallest k whose squared singular values of the mode-n
+    unfolding reach eps of the total (computed in >= fp32)."""
+    _check_eps(eps)
+    xc = x.detach().to(compute_dtype(x.dtype))
+    return [eps_rank(torch.linalg.svdvals(unfold(xc, n)), eps) for n in range(x.dim())]
+
+
+def clip_ranks(ranks: Sequence[int], shape: Sequence[int]) -> list[int]:
+    """Ranks clipped to the mode sizes (rank < 1 is checked when a layer is built)."""
+    if len(ranks) != len(shape):
+        raise ValueError(f"got {len(ranks)} ranks for an input of {len(shape)} modes {tuple(shape)}")
+    return [min(int(r), int(s)) for r, s in zip(ranks, shape)]
+
+
+def tucker_core(x: torch.Tensor, factors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """S = x x_n U_n^T over the modes with a factor."""
+    for n, u in enumerate(factors):
+        if u is not None:
+            x = mode_product(x, u, n)
+    return x
+
+
+def tucker_reconstruct(core: torch.Tensor, factors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """S x_0 U_0 x_1 U_1 ... (None factor = identity)."""
+    x = core
+    for n, u in enumerate(factors):
+        if u is not None:
+            x = mode_product(x, u.t(), n)
+    return x
