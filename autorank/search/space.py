@@ -1,0 +1,145 @@
+"""Search spaces (search_spaces/*.yaml): which layers are candidates and what each may become.
+
+A space file:
+
+    name: last8
+    last: 8                  # the last 8 conv/linear layers of the model, counted from the output
+    # layers: [features.17.conv.2, classifier.1]   # or explicit module names (wins over `last`)
+    choices: [frozen, full, asi]                   # asi expands to one choice per level
+    levels: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]   # HOSVD_eps explained-variance levels
+    overrides:                                     # per-layer choice lists (module name -> choices)
+      classifier.1: [full, asi]
+    bn: frozen
+    lean: true
+
+A choice key is a string: `frozen`, `full` or `asi@<level>` (e.g. `asi@0.8`); the ASI ranks of a
+level come from the profile (HOSVD_eps ranks on calibration batches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+BASE_CHOICES = ("frozen", "full", "asi")
+
+
+def level_key(level: float) -> str:
+    return f"asi@{float(level):g}"
+
+
+def parse_choice_key(key: str) -> tuple[str, float | None]:
+    """'asi@0.8' -> ('asi', 0.8); 'full' -> ('full', None)."""
+    if key.startswith("asi@"):
+        return "asi", float(key[4:])
+    if key in ("frozen", "full"):
+        return key, None
+    raise ValueError(f"unknown choice {key!r}: expected frozen, full or asi@<level>")
+
+
+def conv_linear_layers(model: nn.Module) -> list[str]:
+    """Conv and linear module names in forward (registration) order."""
+    try:  # the plan package owns the definition; fall back while it is not there
+        from autorank.plan import candidate_layers
+
+        return list(candidate_layers(model))
+    except ImportError:
+        return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str = "default"
+    last: int | None = 8
+    layers: tuple[str, ...] | None = None
+    choices: tuple[str, ...] = BASE_CHOICES
+    levels: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    bn: str = "frozen"
+    lean: bool = True
+
+    def __post_init__(self) -> None:
+        for c in list(self.choices) + [c for cs in self.overrides.values() for c in cs]:
+            if c not in BASE_CHOICES:
+                raise ValueError(f"space {self.name!r}: unknown choice {c!r} (use {BASE_CHOICES})")
+        if self.layers is None and (self.last is None or self.last < 1):
+            raise ValueError(f"space {self.name!r}: give `layers` or `last` >= 1")
+        if any(not 0.0 < lv <= 1.0 for lv in self.levels):
+            raise ValueError(f"space {self.name!r}: levels must lie in (0, 1], got {self.levels}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SearchSpace":
+        d = dict(d)
+        known = {"name", "last", "layers", "choices", "levels", "overrides", "bn", "lean"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"search space: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        if d.get("layers") is not None:
+            d["layers"] = tuple(d["layers"])
+        for k in ("choices", "levels"):
+            if k in d:
+                d[k] = tuple(float(x) for x in d[k]) if k == "levels" else tuple(d[k])
+        d["overrides"] = {k: tuple(v) for k, v in (d.get("overrides") or {}).items()}
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SearchSpace":
+        """A path, or the name of a file in search_spaces/ (`default`, `last4`, ...)."""
+        p = Path(path)
+        if not p.exists() and not p.suffix:
+            p = SPACES_DIR / f"{path}.yaml"
+        if not p.exists():
+            avail = sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))
+            raise FileNotFoundError(f"search space {str(path)!r} not found (available: {avail})")
+        d = yaml.safe_load(p.read_text()) or {}
+        d.setdefault("name", p.stem)
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "last": self.last,
+            "layers": list(self.layers) if self.layers is not None else None,
+            "choices": list(self.choices), "levels": list(self.levels),
+            "overrides": {k: list(v) for k, v in sorted(self.overrides.items())},
+            "bn": self.bn, "lean": self.lean,
+        }
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def resolve(self, model: nn.Module) -> list[str]:
+        """Candidate layer names of `model`, in forward order."""
+        names = conv_linear_layers(model)
+        if self.layers is not None:
+            missing = [n for n in self.layers if n not in names]
+            if missing:
+                raise ValueError(f"space {self.name!r}: layers {missing} are not conv/linear "
+                                 f"layers of the model (last ones: {names[-8:]})")
+            return [n for n in names if n in self.layers]
+        if self.last > len(names):
+            raise ValueError(f"space {self.name!r}: last={self.last} but the model has only "
+                             f"{len(names)} conv/linear layers")
+        return names[-self.last:]
+
+    def layer_choices(self, layer: str) -> list[str]:
+        """Expanded choice keys of one layer: frozen, full, asi@<level>..."""
+        out: list[str] = []
+        for c in self.overrides.get(layer, self.choices):
+            out.extend(level_key(lv) for lv in self.levels) if c == "asi" else out.append(c)
+        return out
+
+
+def load_space(space: "str | Path | SearchSpace | dict") -> SearchSpace:
+    if isinstance(space, SearchSpace):
+        return space
+    if isinstance(space, dict):
+        return SearchSpace.from_dict(space)
+    return SearchSpace.load(space)
