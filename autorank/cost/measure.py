@@ -1,0 +1,66 @@
+"""Measure what autograd saves for backward while a function runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+
+@dataclasses.dataclass
+class SavedBytes:
+    """Bytes saved for backward. A storage saved several times (or through several views) is
+    counted once, at the full size of the storage it keeps alive. parameter_bytes: saved storages
+    that are parameters or buffers (resident anyway), apart from activation_bytes."""
+
+    activation_bytes: int
+    parameter_bytes: int
+    n_tensors: int
+    by_dtype: dict[str, int]
+    n_storages: int = 0
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    s = t.untyped_storage()
+    return (str(s.device), s.data_ptr(), s.nbytes())
+
+
+def measure_saved_bytes(fn: Callable[[], object], model: nn.Module | Iterable[torch.Tensor] | None = None) -> SavedBytes:
+    """Run fn() under saved_tensors_hooks and count the bytes autograd saves.
+
+    Resident tensors (not counted as activations): nn.Parameter instances, and, with `model`,
+    every parameter and buffer of it (BN running statistics are saved by batch_norm's node) -
+    matched by storage, so weight.t() saved by linear counts as the weight. Every saved storage is
+    held until the measurement ends so that a freed pointer can never be taken for a new one.
+    Empty storages (eval-mode BN's save_mean) count 0 bytes.
+    """
+    resident: set[tuple] = set()
+    if model is not None:
+        tensors = list(model.parameters()) + list(model.buffers()) if isinstance(model, nn.Module) else list(model)
+        resident = {_storage_key(t) for t in tensors if t.numel() > 0}
+    seen: dict[tuple, tuple[torch.UntypedStorage, bool, str]] = {}
+    n_tensors = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal n_tensors
+        n_tensors += 1
+        key = _storage_key(t)
+        if key not in seen and t.untyped_storage().nbytes() > 0:
+            is_param = isinstance(t, nn.Parameter) or key in resident
+            seen[key] = (t.untyped_storage(), is_param, str(t.dtype).removeprefix("torch."))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    activation = parameter = 0
+    by_dtype: dict[str, int] = {}
+    for storage, is_param, dtype in seen.values():
+        if is_param:
+            parameter += storage.nbytes()
+        else:
+            activation += storage.nbytes()
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + storage.nbytes()
+    del out
+    return SavedBytes(activation, parameter, n_tensors, by_dtype, n_storages=len(seen))

@@ -1,0 +1,146 @@
+"""Apply a plan to a model in place, peft-style, and undo it exactly.
+
+Forward order is taken as registration order (`model.named_modules()`): right for
+nn.Sequential-style nets (MobileNetV2, MCUNet, the workload's block-sequential models). Where a
+module is registered in one place and run in another (torchvision ResNet's BasicBlock registers
+`downsample` after `conv2` and calls its one `relu` twice) the region is only approximate: a
+module that runs inside the region but is registered before its start keeps its plain form (it
+is still exact, it just saves more), and one registered inside it but run before it gets a lean
+companion that saves nothing there because no gradient flows through it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from autorank.plan.plan import Choice, Plan, _original_modules, check_fingerprint
+
+_STATE_ATTR = "_autorank_plan_state"
+_RELU_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+
+
+def candidate_layers(model: nn.Module) -> list[str]:
+    """Names of the conv and linear layers, in forward (registration) order."""
+    return [name for name, m in _original_modules(model) if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in _original_modules(model) if n and next(m.children(), None) is None]
+
+
+def trained_region(model: nn.Module, plan: Plan) -> list[str]:
+    """Leaf module names from the first trained layer on (registration order); [] if none trains."""
+    trained = set(plan.trained_layers())
+    leaves = _leaves(model)
+    for i, (name, _) in enumerate(leaves):
+        if name in trained:
+            return [n for n, _ in leaves[i:]]
+    return []
+
+
+def _check_names(model: nn.Module, plan: Plan) -> None:
+    candidates = set(candidate_layers(model))
+    for name in plan.layers:
+        if name not in candidates:
+            raise ValueError(f"plan names layer {name!r}, which is not a conv/linear layer of this model")
+
+
+def _wrap(module: nn.Module, choice: Choice) -> nn.Module:
+    from autorank import shortcut
+
+    if choice.kind in ("full", "frozen"):
+        return module
+    conv = isinstance(module, nn.Conv2d)
+    if choice.kind == "asi":
+        cls = shortcut.ASIConv2d if conv else shortcut.ASILinear
+        return cls(module, choice.ranks)
+    cls = shortcut.HOSVDConv2d if conv else shortcut.HOSVDLinear
+    return cls(module, choice.eps)
+
+
+def _lean_companion(module: nn.Module, plan: Plan, trained: bool) -> nn.Module | None:
+    from autorank.shortcut import lean
+
+    if isinstance(module, nn.BatchNorm2d) and plan.bn == "frozen":
+        return lean.FrozenBatchNorm2d(module)
+    if isinstance(module, _RELU_TYPES):
+        return lean.PackedReLU(module)
+    if not trained and type(module) is nn.Conv2d:
+        return lean.FrozenConv2d(module)
+    if not trained and type(module) is nn.Linear:
+        return lean.FrozenLinear(module)
+    return None
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def apply_plan(model: nn.Module, plan_or_path: Plan | str | Path, *, strict: bool = True) -> nn.Module:
+    """Apply a plan in place and return the model.
+
+    - asi -> ASIConv2d / ASILinear(base, ranks); hosvd -> HOSVD*(base, eps); full -> the plain
+      layer, trained; frozen (or not listed) -> requires_grad False.
+    - Every parameter not trained gets requires_grad False, so nothing before the first trained
+      layer records a graph or saves a tensor. BN affine inside the trained region trains only
+      with bn='train'.
+    - lean=True: inside the trained region (after the first trained layer), BN -> FrozenBatchNorm2d
+      (bn='frozen'), ReLU/ReLU6/Hardtanh -> PackedReLU, frozen conv/linear -> FrozenConv2d /
+      FrozenLinear.
+    strict: check the plan's fingerprint (if it has one). Names are always checked. A plan
+    already applied is removed first.
+    """
+    plan = plan_or_path if isinstance(plan_or_path, Plan) else Plan.load(plan_or_path)
+    if getattr(model, _STATE_ATTR, None) is not None:
+        remove_plan(model)
+    if strict and plan.fingerprint is not None:
+        check_fingerprint(plan.fingerprint, model)
+    _check_names(model, plan)
+
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    trained = set(plan.trained_layers())
+    region = trained_region(model, plan)
+    start = region[0] if region else None
+    modules = dict(_leaves(model))
+    swaps: list[tuple[str, nn.Module]] = []
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in region:
+        module = modules[name]
+        if name in trained:
+            module.requires_grad_(True)
+            new = _wrap(module, plan.layers[name])
+        else:
+            if plan.bn == "train" and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.requires_grad_(True)
+            new = _lean_companion(module, plan, trained=False) if plan.lean and name != start else None
+        if new is not None and new is not module:
+            _set_submodule(model, name, new)
+            swaps.append((name, module))
+    setattr(model, _STATE_ATTR, {"plan": plan, "swaps": swaps, "requires_grad": requires_grad})
+    return model
+
+
+def remove_plan(model: nn.Module) -> nn.Module:
+    """Undo apply_plan: the original modules and requires_grad flags come back exactly (the
+    wrappers held the originals as base_layer, nothing was copied)."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    for name, original in reversed(state["swaps"]):
+        _set_submodule(model, name, original)
+    for p, flag in state["requires_grad"]:
+        p.requires_grad_(flag)
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def applied_plan(model: nn.Module) -> Plan | None:
+    """The plan currently applied to `model`, if any."""
+    state = getattr(model, _STATE_ATTR, None)
+    return state["plan"] if state else None

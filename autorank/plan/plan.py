@@ -1,0 +1,249 @@
+"""The plan file: per-layer choices keyed by module name, stamped with a model fingerprint.
+
+A plan is to autorank what adapter_config.json is to peft: it says which layers train and how,
+and carries the names, types and weight shapes of the model it was made for, so applying it to
+another model fails loudly. Files are YAML (or JSON, by suffix), read with yaml.safe_load /
+json.load only: loading a plan never executes code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+import yaml
+
+import autorank
+
+FORMAT_VERSION = 1
+KINDS = ("frozen", "full", "asi", "hosvd")
+BN_MODES = ("frozen", "train")
+
+_CHOICE_RE = re.compile(r"^(frozen|full|asi|hosvd)(?:\[([^\]]*)\])?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """What one conv/linear layer does in training: `frozen`, `full` (plain backprop), `asi`
+    with one rank per input mode, or `hosvd` with an explained-variance level eps."""
+
+    kind: str
+    ranks: tuple[int, ...] | None = None
+    eps: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown choice kind {self.kind!r}; expected one of {KINDS}")
+        if self.kind == "asi":
+            if not self.ranks:
+                raise ValueError("an asi choice needs ranks (one int per input mode)")
+            ranks = tuple(int(r) for r in self.ranks)
+            if any(r < 1 for r in ranks):
+                raise ValueError(f"asi ranks must be >= 1, got {ranks}")
+            object.__setattr__(self, "ranks", ranks)
+        elif self.ranks is not None:
+            raise ValueError(f"a {self.kind} choice takes no ranks")
+        if self.kind == "hosvd":
+            if self.eps is None or not 0.0 < float(self.eps) <= 1.0:
+                raise ValueError(f"a hosvd choice needs eps in (0, 1], got {self.eps!r}")
+            object.__setattr__(self, "eps", float(self.eps))
+        elif self.eps is not None:
+            raise ValueError(f"a {self.kind} choice takes no eps")
+
+    @classmethod
+    def frozen(cls) -> Choice:
+        return cls("frozen")
+
+    @classmethod
+    def full(cls) -> Choice:
+        return cls("full")
+
+    @classmethod
+    def asi(cls, ranks) -> Choice:
+        return cls("asi", ranks=tuple(ranks))
+
+    @classmethod
+    def hosvd(cls, eps: float) -> Choice:
+        return cls("hosvd", eps=eps)
+
+    @property
+    def trained(self) -> bool:
+        return self.kind != "frozen"
+
+    def __str__(self) -> str:
+        if self.kind == "asi":
+            return "asi[" + ",".join(str(r) for r in self.ranks) + "]"
+        if self.kind == "hosvd":
+            return f"hosvd[{self.eps:g}]"
+        return self.kind
+
+    @classmethod
+    def parse(cls, text: str) -> Choice:
+        """Inverse of str(): 'frozen', 'full', 'asi[8,64,4,4]', 'hosvd[0.8]'."""
+        m = _CHOICE_RE.match(str(text).replace(" ", ""))
+        if m is None:
+            raise ValueError(f"cannot parse choice {text!r}; expected frozen, full, asi[r,...] or hosvd[eps]")
+        kind, arg = m.groups()
+        if kind == "asi":
+            if not arg:
+                raise ValueError(f"cannot parse choice {text!r}: asi needs ranks, e.g. asi[8,64,4,4]")
+            return cls.asi(int(r) for r in arg.split(","))
+        if kind == "hosvd":
+            if not arg:
+                raise ValueError(f"cannot parse choice {text!r}: hosvd needs eps, e.g. hosvd[0.8]")
+            return cls.hosvd(float(arg))
+        if arg:
+            raise ValueError(f"cannot parse choice {text!r}: {kind} takes no argument")
+        return cls(kind)
+
+
+def _shortcut_base(module: nn.Module) -> nn.Module:
+    """The original module behind a wrapper (peft-style `base_layer`), or the module itself."""
+    while hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Module):
+        module = module.base_layer
+    return module
+
+
+def _original_modules(model: nn.Module):
+    """(name, module) pairs of the model as it was before any plan: wrappers are seen through
+    (their base_layer takes their name) and their internals are skipped."""
+    skip: set[str] = set()
+    for name, module in model.named_modules():
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Module):
+            skip.add(name)  # wrapper internals (base_layer, ...) are not the original model's
+            yield name, _shortcut_base(module)
+        else:
+            yield name, module
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """Names, types and weight shapes of the model's leaf modules (a plan applied to it is seen
+    through), and their sha256. Two models take the same plans iff their fingerprints match."""
+    layers = []
+    for name, module in _original_modules(model):
+        if name == "" or next(module.children(), None) is not None:
+            continue  # only leaves: containers carry no weights of their own
+        weight = getattr(module, "weight", None)
+        shape = list(weight.shape) if weight is not None else None
+        layers.append([name, type(module).__name__, shape])
+    digest = hashlib.sha256(json.dumps(layers, separators=(",", ":")).encode()).hexdigest()
+    return {"sha256": digest, "layers": layers}
+
+
+def check_fingerprint(expected: dict, model: nn.Module) -> None:
+    """ValueError naming the first layer where `model` differs from the `expected` fingerprint."""
+    actual = model_fingerprint(model)
+    if actual["sha256"] == expected.get("sha256"):
+        return
+    want, have = expected.get("layers", []), actual["layers"]
+    for i in range(max(len(want), len(have))):
+        w = want[i] if i < len(want) else None
+        h = have[i] if i < len(have) else None
+        if w is None or h is None or list(w) != list(h):
+            name = (w or h)[0]
+            raise ValueError(
+                f"plan does not fit this model: first mismatched layer {name!r} "
+                f"(plan made for {w}, model has {h})"
+            )
+    raise ValueError("plan does not fit this model: fingerprint sha256 differs")
+
+
+@dataclasses.dataclass
+class Plan:
+    """Module name -> Choice for the conv/linear layers (a layer not listed is frozen).
+
+    bn: 'frozen' (BN inside the trained region becomes a fixed affine op) or 'train' (left as it
+    is, affine trained). lean: swap BN / ReLU / frozen conv inside the trained region for the lean
+    companions of autorank.shortcut.lean. meta: free-form (level names, source).
+    fingerprint: model_fingerprint() of the model the plan was made for, or None (names checked
+    only).
+    """
+
+    layers: dict[str, Choice] = dataclasses.field(default_factory=dict)
+    bn: str = "frozen"
+    lean: bool = True
+    meta: dict = dataclasses.field(default_factory=dict)
+    fingerprint: dict | None = None
+
+    def __post_init__(self):
+        if self.bn not in BN_MODES:
+            raise ValueError(f"bn must be one of {BN_MODES}, got {self.bn!r}")
+        self.layers = {
+            str(k): (v if isinstance(v, Choice) else Choice.parse(v)) for k, v in self.layers.items()
+        }
+        self.lean = bool(self.lean)
+
+    def trained_layers(self) -> list[str]:
+        return [name for name, c in self.layers.items() if c.trained]
+
+    def for_model(self, model: nn.Module) -> Plan:
+        """A copy stamped with `model`'s fingerprint."""
+        return dataclasses.replace(self, layers=dict(self.layers), meta=dict(self.meta),
+                                   fingerprint=model_fingerprint(model))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "autorank_version": autorank.__version__,
+            "bn": self.bn,
+            "lean": self.lean,
+            "layers": {name: str(c) for name, c in self.layers.items()},
+            "meta": self.meta,
+        }
+        if self.fingerprint is not None:
+            d["fingerprint"] = self.fingerprint
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        if not isinstance(d, dict):
+            raise ValueError(f"a plan must be a mapping, got {type(d).__name__}")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unsupported plan format_version {version!r} (this autorank reads {FORMAT_VERSION})")
+        unknown = set(d) - {"format_version", "autorank_version", "bn", "lean", "layers", "meta", "fingerprint"}
+        if unknown:
+            raise ValueError(f"unknown plan keys: {sorted(unknown)}")
+        return cls(layers=dict(d.get("layers") or {}), bn=d.get("bn", "frozen"), lean=d.get("lean", True),
+                   meta=dict(d.get("meta") or {}), fingerprint=d.get("fingerprint"))
+
+    def save(self, path, model: nn.Module | None = None) -> Path:
+        """Write YAML (or JSON for a .json suffix) atomically: a temp file in the same folder is
+        renamed over `path`, so a half-written file never replaces a good one. With `model`, the
+        file is stamped with its fingerprint."""
+        plan = self.for_model(model) if model is not None else self
+        path = Path(path)
+        d = plan.to_dict()
+        if path.suffix.lower() == ".json":
+            text = json.dumps(d, indent=2) + "\n"
+        else:
+            text = yaml.safe_dump(d, sort_keys=False, default_flow_style=None, width=100)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path) -> Plan:
+        path = Path(path)
+        with open(path) as f:
+            d = json.load(f) if path.suffix.lower() == ".json" else yaml.safe_load(f)
+        return cls.from_dict(d)
