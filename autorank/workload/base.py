@@ -1,0 +1,160 @@
+"""The base model: weights from `model.checkpoint`, or pretrained upstream once and cached.
+
+The cache file name is a hash of everything that determines the weights (model factory and its
+arguments, upstream data and input size, seed, epochs, optimiser settings), so a second run with
+the same configuration loads the file instead of training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from autorank.workload.data import ImageData
+from autorank.workload.features import key_hash
+from autorank.workload.models import ModelSpec, classifier_name
+from autorank.workload.module import PlanModule, evaluate
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pretrain_key(spec: ModelSpec, data: ImageData, epochs: int, lr: float, momentum: float, seed: int) -> dict[str, Any]:
+    return {
+        "model": spec.key(),
+        "data": data.key("upstream"),
+        "batch_size": data.batch_size,
+        "epochs": epochs,
+        "lr": lr,
+        "momentum": momentum,
+        "seed": seed,
+        "version": 1,
+    }
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state dict (torch.load weights_only=True) into `model`; a classifier head of another
+    size is skipped (the workload replaces the head for the downstream task anyway)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint
+        state = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+    head = classifier_name(model)
+    own = model.state_dict()
+    skip = [k for k, v in state.items() if k.startswith(head + ".") and k in own and own[k].shape != v.shape]
+    for k in skip:
+        own_v = own[k]
+        state[k] = own_v
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*number of training batches.*")
+
+
+def make_trainer(max_epochs: int, accelerator: str, output_dir: str | Path, progress: bool) -> L.Trainer:
+    """Lightning Trainer writing nothing into the cwd: no logger, no checkpoints, root under output_dir."""
+    _quiet_lightning()
+    callbacks = []
+    if progress:
+        try:
+            from lightning.pytorch.callbacks import RichProgressBar
+
+            callbacks.append(RichProgressBar())
+        except ImportError:  # rich missing: Lightning's tqdm bar
+            pass
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        callbacks=callbacks,
+        default_root_dir=str(output_dir),
+        num_sanity_val_steps=0,
+    )
+
+
+def pretrain(
+    spec: ModelSpec,
+    data: ImageData,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    seed: int,
+    accelerator: str,
+    output_dir: str | Path,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, float]]:
+    """Train every layer (BN in train mode) on the upstream task; returns (model, stats)."""
+    torch.manual_seed(seed)
+    model = spec(num_classes=data.num_classes("upstream"))
+    module = PlanModule(model, lr=lr, momentum=momentum, bn_eval=False)
+    trainer = make_trainer(epochs, accelerator, output_dir, progress)
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=data.loader("upstream", "train", shuffle=True))
+    wall_s = time.perf_counter() - t0
+    acc, loss = evaluate(model, data.loader("upstream", "val"))
+    return model, {"upstream_val_accuracy": acc, "upstream_val_loss": loss, "pretrain_wall_s": wall_s,
+                   "train_loss": module.train_losses[-1] if module.train_losses else float("nan")}
+
+
+def base_checkpoint(
+    spec: ModelSpec,
+    data: ImageData,
+    cache_dir: str | Path,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    seed: int,
+    accelerator: str = "cpu",
+    output_dir: str | Path = ".",
+    progress: bool = True,
+) -> Path:
+    """`spec.checkpoint` if set; else the cached upstream-pretrained checkpoint (trained on a miss)."""
+    if spec.checkpoint:
+        path = Path(spec.checkpoint).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model.checkpoint={path} does not exist")
+        return path
+    key = pretrain_key(spec, data, epochs, lr, momentum, seed)
+    path = Path(cache_dir) / "checkpoints" / f"{spec.name}-{key_hash(key)}.pt"
+    if path.exists():
+        log.info("base model: cached checkpoint %s", path)
+        return path
+    log.info("base model: pretraining %s on the upstream task for %d epochs (cached at %s)", spec.name, epochs, path)
+    model, stats = pretrain(spec, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed,
+                            accelerator=accelerator, output_dir=output_dir, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps({"key": key, **stats}, indent=2, sort_keys=True, default=str))
+    log.info("base model: upstream val accuracy %.3f after %.1f s", stats["upstream_val_accuracy"], stats["pretrain_wall_s"])
+    return path

@@ -1,0 +1,73 @@
+"""FeatureCache: the frozen prefix's output, computed once per (checkpoint, cut, data, input size).
+
+Without augmentation a frozen prefix computes the same features every epoch and every trial, so
+a trial need only run (and pay for) the trained suffix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+
+def key_hash(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def compute_features(prefix: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefix(x) for all batches, labels), prefix in eval mode (BN running statistics)."""
+    prefix.eval()
+    feats, labels = [], []
+    for x, y in batches:
+        feats.append(prefix(x))
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+class FeatureCache:
+    """In memory always; on disk under `cache_dir` when one is given (torch.save, atomic)."""
+
+    def __init__(self, cache_dir: str | Path | None = None) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.hits = self.misses = 0
+
+    def path(self, key: dict[str, Any]) -> Path | None:
+        return self.cache_dir / f"{key_hash(key)}.pt" if self.cache_dir else None
+
+    def get(
+        self,
+        key: dict[str, Any],
+        prefix: nn.Module,
+        batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features for `key`, computing `prefix(x)` over `batches()` on a miss."""
+        h = key_hash(key)
+        if h in self._memory:
+            self.hits += 1
+            return self._memory[h]
+        path = self.path(key)
+        if path is not None and path.exists():
+            d = torch.load(path, weights_only=True)
+            self.hits += 1
+            self._memory[h] = (d["features"], d["labels"])
+            return self._memory[h]
+        self.misses += 1
+        value = compute_features(prefix, batches())
+        self._memory[h] = value
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"features": value[0], "labels": value[1], "key": json.dumps(key, sort_keys=True, default=str)}, tmp)
+            os.replace(tmp, path)
+        return value
+
+    def clear(self) -> None:
+        self._memory.clear()

@@ -1,0 +1,88 @@
+"""PlanModule: a LightningModule around any nn.Module (a plan applied or not)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TrainingFailed(RuntimeError):
+    """Fine-tuning diverged (NaN/inf loss) or could not run; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PlanModule(L.LightningModule):
+    """Cross-entropy training of the parameters that require grad, with SGD.
+
+    bn_eval: BatchNorm layers stay in eval mode while training (running statistics frozen), as in
+    the paper's fine-tuning setup; apply_plan decides whether their affine parameters train.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        bn_eval: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.lr, self.momentum, self.weight_decay, self.bn_eval = lr, momentum, weight_decay, bn_eval
+        self.train_losses: list[float] = []  # one mean per epoch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def train(self, mode: bool = True) -> PlanModule:
+        super().train(mode)
+        if mode and self.bn_eval:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_loss_sum, self._epoch_n = 0.0, 0
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.model(x), y)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingFailed(f"loss is {value} at epoch {self.current_epoch}, batch {batch_idx}")
+        self._epoch_loss_sum += value * len(y)
+        self._epoch_n += len(y)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_n:
+            self.train_losses.append(self._epoch_loss_sum / self._epoch_n)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingFailed("no parameter requires grad: nothing to train")
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over (x, y) batches, model in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    for x, y in batches:
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    model.train(was_training)
+    return (correct / n if n else float("nan")), (loss_sum / n if n else float("nan"))

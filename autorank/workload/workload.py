@@ -1,0 +1,221 @@
+"""Workload: the base model, the device's batch and the fine-tuning of one plan.
+
+    wl = Workload.from_config(cfg)            # or Workload(device, model, data, trainer, paths)
+    wl.model                                  # pretrained upstream (cached), downstream head, no plan
+    result = wl.finetune(plan)                # FineTuneResult
+
+A trial deep-copies the base model, applies the plan, cuts the model before the first trained
+block, trains only the suffix on cached prefix features and measures what one training step at
+the device's batch shape saves for backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from autorank.workload.base import base_checkpoint, file_sha256, load_weights, make_trainer
+from autorank.workload.data import ImageData
+from autorank.workload.device import DeviceProfile
+from autorank.workload.features import FeatureCache
+from autorank.workload.models import ModelSpec, cut_name, replace_head, split_at_first_trained
+from autorank.workload.module import PlanModule, TrainingFailed, evaluate
+
+__all__ = ["FineTuneResult", "Paths", "TrainerConfig", "TrainingFailed", "Workload"]
+
+
+@dataclass
+class TrainerConfig:
+    """conf/trainer: fine-tuning (per trial) and upstream pretraining settings."""
+
+    max_epochs: int = 10
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    bn_eval: bool = True
+    accelerator: str = "cpu"
+    seed: int = 0
+    feature_cache: str = "memory"  # memory | disk | off
+    pretrain_epochs: int = 5
+    pretrain_lr: float = 0.05
+    progress: bool = False  # Lightning bar per trial (pretraining always shows one)
+
+
+@dataclass
+class Paths:
+    """conf/paths: where outputs, caches (checkpoints, features) and data sets live."""
+
+    root: str = "."
+    output_dir: str = "outputs"
+    cache_dir: str = ".cache/autorank"
+    data_dir: str = "data"
+
+
+@dataclass
+class FineTuneResult:
+    val_accuracy: float
+    train_loss: float
+    measured_activation_bytes: int
+    train_wall_s: float
+    epochs: int
+    features_wall_s: float = 0.0  # prefix features (0 on a cache hit)
+    cut: str = ""  # first block of the trained suffix
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _as(cls, value):
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in dict(value).items() if k in names and not k.startswith("_")})
+
+
+class Workload:
+    def __init__(
+        self,
+        device: DeviceProfile,
+        model: ModelSpec,
+        data: ImageData,
+        trainer: TrainerConfig | Mapping[str, Any] | None = None,
+        paths: Paths | Mapping[str, Any] | None = None,
+    ) -> None:
+        self.device, self.spec, self.data = device, model, data
+        self.trainer, self.paths = _as(TrainerConfig, trainer), _as(Paths, paths)
+        cache = self.trainer.feature_cache
+        if cache not in ("memory", "disk", "off"):
+            raise ValueError(f"trainer.feature_cache must be memory, disk or off, got {cache!r}")
+        self.features = FeatureCache(Path(self.paths.cache_dir) / "features" if cache == "disk" else None)
+        self._model: nn.Module | None = None
+        self._checkpoint: Path | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Workload:
+        """Build from a composed config with groups device, model, data, trainer, paths."""
+        from hydra.utils import instantiate
+
+        return cls(
+            device=instantiate(cfg.device),
+            model=instantiate(cfg.model),
+            data=instantiate(cfg.data),
+            trainer=instantiate(cfg.trainer),
+            paths=instantiate(cfg.paths),
+        )
+
+    # --- the base model ------------------------------------------------------------------------
+    def prepare(self, progress: bool = True) -> nn.Module:
+        """Load or pretrain (once, cached) the base model and give it a fresh downstream head."""
+        if self._model is None:
+            t = self.trainer
+            self._checkpoint = base_checkpoint(
+                self.spec, self.data, self.paths.cache_dir, epochs=t.pretrain_epochs, lr=t.pretrain_lr,
+                momentum=t.momentum, seed=t.seed, accelerator=t.accelerator,
+                output_dir=self.paths.output_dir, progress=progress,
+            )
+            model = self.spec(num_classes=self.data.num_classes("upstream"))
+            load_weights(model, self._checkpoint)
+            self._model = replace_head(model, self.num_classes, seed=t.seed).eval()
+            self.checkpoint_sha256 = file_sha256(self._checkpoint)
+        return self._model
+
+    @property
+    def model(self) -> nn.Module:
+        return self.prepare()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        self.prepare()
+        assert self._checkpoint is not None
+        return self._checkpoint
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes("downstream")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """(B, C, H, W): the batch the device trains with."""
+        s = self.data.input_size
+        return (self.data.batch_size, 3, s, s)
+
+    def example_input(self) -> torch.Tensor:
+        return torch.zeros(self.input_shape)
+
+    def calibration_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first n shuffled (seeded) downstream training batches at the device batch shape."""
+        out = []
+        for i, batch in enumerate(self.data.loader("downstream", "train", shuffle=True)):
+            if i >= n:
+                break
+            out.append(batch)
+        return out
+
+    # --- one trial -----------------------------------------------------------------------------
+    def _features(self, prefix: nn.Module, cut: str, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.trainer.feature_cache == "off":
+            self.features.clear()
+        key = {
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "head_seed": self.trainer.seed,
+            "cut": cut,
+            "data": self.data.key("downstream"),
+            "part": part,
+        }
+        return self.features.get(key, prefix, lambda: self.data.loader("downstream", part))
+
+    def finetune(self, plan: Any, *, max_epochs: int | None = None, progress: bool | None = None) -> FineTuneResult:
+        from autorank.cost import measure_saved_bytes
+        from autorank.plan import apply_plan
+
+        base = self.prepare()
+        epochs = int(max_epochs if max_epochs is not None else self.trainer.max_epochs)
+        progress = self.trainer.progress if progress is None else progress
+        t = self.trainer
+        torch.manual_seed(t.seed)
+        model = apply_plan(copy.deepcopy(base), plan)
+        prefix, suffix = split_at_first_trained(model, plan)
+        cut = cut_name(model, plan)
+
+        t0 = time.perf_counter()
+        x_train, y_train = self._features(prefix, cut, "train")
+        x_val, y_val = self._features(prefix, cut, "val")
+        features_wall_s = time.perf_counter() - t0
+        bs = self.data.batch_size
+
+        if len(suffix) == 0:  # nothing trained: the "features" are the logits
+            acc = float((x_val.argmax(1) == y_val).float().mean())
+            loss = float(F.cross_entropy(x_train, y_train))
+            return FineTuneResult(acc, loss, 0, 0.0, 0, features_wall_s, cut)
+
+        g = torch.Generator().manual_seed(t.seed)
+        loader = DataLoader(TensorDataset(x_train, y_train), batch_size=bs, shuffle=True, generator=g)
+        module = PlanModule(suffix, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, bn_eval=t.bn_eval)
+        trainer = make_trainer(epochs, t.accelerator, self.paths.output_dir, progress)
+        t1 = time.perf_counter()
+        trainer.fit(module, train_dataloaders=loader)
+        train_wall_s = time.perf_counter() - t1
+        train_loss = module.train_losses[-1] if module.train_losses else float("nan")
+
+        acc, val_loss = evaluate(suffix, DataLoader(TensorDataset(x_val, y_val), batch_size=bs))
+
+        # What one training step at the device's batch shape saves for backward. The frozen prefix
+        # records no graph, so the suffix on B cached features saves what the whole model would.
+        reps = -(-bs // len(x_train))
+        xb, yb = x_train.repeat(reps, *[1] * (x_train.dim() - 1))[:bs], y_train.repeat(reps)[:bs]
+        module.train()
+        saved = measure_saved_bytes(lambda: F.cross_entropy(suffix(xb), yb).backward(), suffix)
+        suffix.zero_grad(set_to_none=True)
+        return FineTuneResult(
+            val_accuracy=acc, train_loss=train_loss, measured_activation_bytes=saved.activation_bytes,
+            train_wall_s=train_wall_s, epochs=epochs, features_wall_s=features_wall_s, cut=cut,
+            extra={"val_loss": val_loss},
+        )

@@ -1,0 +1,104 @@
+"""Every option of the workload's config groups (device, model, data, trainer, paths) composes and
+instantiates through hydra.utils.instantiate."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from autorank.workload.data import ImageData
+from autorank.workload.device import DeviceProfile
+from autorank.workload.models import ModelSpec
+from autorank.workload.workload import Paths, TrainerConfig
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("device", "model", "data", "trainer", "paths")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_groups(tmp_path: Path, **choice: str):
+    """The five workload groups composed on their own (a test-local primary config), with the
+    hydra runtime values a real run would have."""
+    pick = {"device": "rpi4", "model": "small_cnn", "data": "digits", "trainer": "default", "paths": "default"}
+    pick.update(choice)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=None, overrides=[f"+{g}={o}" for g, o in pick.items()], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = str(tmp_path)
+        cfg.hydra.runtime.output_dir = str(tmp_path / "out")
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _no_env_root(monkeypatch):
+    monkeypatch.delenv("AUTORANK_ROOT", raising=False)
+
+
+def test_every_group_has_options():
+    assert options("device") == ["jetson_nano", "jetson_orin_nano", "phone", "rpi4", "rpi5"]
+    assert options("model") == ["mcunet_like", "mobilenet_v2", "resnet18", "small_cnn"]
+    assert options("data") == ["cifar10", "digits", "fashion_mnist", "image_folder"]
+
+
+@pytest.mark.parametrize("name", options("device"))
+def test_device_options(tmp_path, name):
+    dev = instantiate(compose_groups(tmp_path, device=name).device)
+    assert isinstance(dev, DeviceProfile) and dev.name == name
+    assert dev.budget_bytes == int((dev.ram_mb - dev.reserved_mb) * 2**20)
+    assert set(dev.sources) == {"ram_mb", "reserved_mb", "gflops_fp32"}
+    assert dev.step_time_s(dev.gflops_fp32 * 1e9) == pytest.approx(1.0)
+
+
+def test_budget_override(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=None, overrides=["+device=rpi4", "device.budget_mb=512"])
+    dev = instantiate(cfg.device)
+    assert dev.budget_bytes == 512 * 2**20
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_options(tmp_path, name):
+    spec = instantiate(compose_groups(tmp_path, model=name).model)
+    assert isinstance(spec, ModelSpec) and spec.name == name and spec.checkpoint is None
+    model = spec(num_classes=7).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_options(tmp_path, name):
+    data = instantiate(compose_groups(tmp_path, data=name).data)
+    assert isinstance(data, ImageData)
+    assert data.input_size > 0 and data.batch_size > 0
+    if name != "image_folder":  # class split known without reading the folder
+        assert set(data.classes("upstream")).isdisjoint(data.classes("downstream"))
+    if name in ("fashion_mnist", "cifar10", "image_folder"):
+        assert data.root.startswith(str(tmp_path / "data"))
+
+
+def test_trainer_and_paths(tmp_path):
+    cfg = compose_groups(tmp_path)
+    trainer, paths = instantiate(cfg.trainer), instantiate(cfg.paths)
+    assert isinstance(trainer, TrainerConfig) and trainer.bn_eval is True and trainer.accelerator == "cpu"
+    assert isinstance(paths, Paths)
+    assert paths.root == str(tmp_path)
+    assert paths.output_dir == str(tmp_path / "out")
+    assert paths.cache_dir == str(tmp_path / ".cache" / "autorank")
+    assert paths.data_dir == str(tmp_path / "data")
+
+
+def test_paths_root_from_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTORANK_ROOT", str(tmp_path / "elsewhere"))
+    paths = instantiate(compose_groups(tmp_path).paths)
+    assert paths.cache_dir == str(tmp_path / "elsewhere" / ".cache" / "autorank")

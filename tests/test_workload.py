@@ -1,0 +1,298 @@
+"""Workload: model cutting, data loaders on data the tests make, the cached base checkpoint, the
+feature cache and fine-tuning one plan. small_cnn, tiny inputs, each test in its own tmp_path."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from autorank.plan import Choice, Plan, apply_plan
+from autorank.workload import base as base_mod
+from autorank.workload.data import CIFAR10Data, DatasetMissing, DigitsData, FashionMNISTData, ImageFolderData
+from autorank.workload.device import DeviceProfile
+from autorank.workload.features import FeatureCache
+from autorank.workload.models import (
+    ModelSpec,
+    cut_name,
+    flatten_blocks,
+    mcunet_like,
+    mobilenet_v2,
+    resnet18,
+    small_cnn,
+    split_at_first_trained,
+)
+from autorank.workload.module import PlanModule
+from autorank.workload.workload import Paths, TrainerConfig, TrainingFailed, Workload
+
+torch.set_num_threads(2)
+
+
+# --- models and the cut --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "factory, trained, cut",
+    [
+        (small_cnn, ["conv2"], "conv2"),
+        (small_cnn, ["fc", "conv3"], "conv3"),
+        (mcunet_like, ["features.14.conv.0.0"], "features.14"),
+        (mobilenet_v2, ["features.17.conv.1.0", "classifier.1"], "features.17"),
+        (mobilenet_v2, ["features.18.0"], "features.18.0"),
+        (resnet18, ["layer4.1.conv2", "fc"], "layer4.1"),
+        (resnet18, ["conv1"], "conv1"),
+    ],
+)
+def test_split_equals_full_model(factory, trained, cut):
+    torch.manual_seed(0)
+    model = factory(num_classes=5).eval()
+    prefix, suffix = split_at_first_trained(model, trained)
+    assert cut_name(model, trained) == cut
+    assert len(prefix) + len(suffix) == len(flatten_blocks(model))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(suffix(prefix(x)), model(x), rtol=0, atol=0)
+
+
+def test_model_names_and_sizes():
+    names = dict(mobilenet_v2(num_classes=5).named_modules())
+    assert "features.18.0" in names and isinstance(names["classifier.1"], nn.Linear)
+    names = dict(resnet18(num_classes=5).named_modules())
+    assert isinstance(names["layer4.1.conv2"], nn.Conv2d) and isinstance(names["fc"], nn.Linear)
+    n = sum(p.numel() for p in mcunet_like(num_classes=10).parameters())
+    assert 0.5e6 < n < 1.1e6
+    assert any(isinstance(m, nn.ReLU6) for m in mcunet_like().modules())
+    assert small_cnn(num_classes=3, in_channels=1)(torch.zeros(1, 1, 8, 8)).shape == (1, 3)
+
+
+def test_split_with_applied_plan_keeps_outputs():
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=5).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    plan = Plan(layers={"conv3": Choice.full(), "fc": Choice.full()})
+    apply_plan(model, plan)
+    prefix, suffix = split_at_first_trained(model, plan)
+    assert cut_name(model, plan) == "conv3"
+    assert not any(p.requires_grad for p in prefix.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(suffix.eval()(prefix.eval()(x)), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_device_budget():
+    dev = DeviceProfile("d", ram_mb=2048, reserved_mb=700, gflops_fp32=2.0)
+    assert dev.budget_bytes == 1348 * 2**20
+    assert DeviceProfile("d", 2048, 700, 2.0, budget_mb=100).budget_bytes == 100 * 2**20
+    assert dev.step_time_s(4e9) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        DeviceProfile("d", ram_mb=512, reserved_mb=700, gflops_fp32=2.0)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def test_digits_split_is_deterministic_and_disjoint():
+    a, b = DigitsData(input_size=12, batch_size=16), DigitsData(input_size=12, batch_size=16)
+    up_x, up_y = a.tensors("upstream", "train")
+    down_x, down_y = a.tensors("downstream", "train")
+    val_x, _ = a.tensors("downstream", "val")
+    assert len(up_x) + len(a.tensors("upstream", "val")[0]) + len(down_x) + len(val_x) == 1797
+    assert torch.equal(val_x, b.tensors("downstream", "val")[0])
+    assert sorted(up_y.unique().tolist()) == sorted(down_y.unique().tolist()) == [0, 1, 2, 3, 4]
+    assert abs(len(val_x) / (len(val_x) + len(down_x)) - 0.2) < 0.01
+    x, y = next(iter(a.train_dataloader()))
+    assert x.shape == (16, 3, 12, 12) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x[:, 0], x[:, 2])  # grayscale repeated
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    magic = 0x0800 + {1: 1, 3: 3}[array.ndim]  # unsigned byte, ndim
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_from_package_files(tmp_path):
+    src = tmp_path / "pkg"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("t10k", 20)):
+        _write_idx(src / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        _write_idx(src / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    data = FashionMNISTData(root=str(tmp_path / "data"), source_dir=str(src), input_size=20, batch_size=8)
+    x, y = data.tensors("downstream", "train")
+    assert x.shape == (20, 1, 28, 28) and x.dtype == torch.uint8
+    assert len(data.tensors("downstream", "val")[1]) == 10  # the t10k images of classes 5-9
+    assert (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+    xb, _ = next(iter(data.val_dataloader()))
+    assert xb.shape == (8, 3, 20, 20)
+
+
+def test_fashion_mnist_missing_says_apt_get(tmp_path):
+    data = FashionMNISTData(root=str(tmp_path / "data"), source_dir=str(tmp_path / "none"))
+    with pytest.raises(DatasetMissing, match=r"apt-get install -y dataset-fashion-mnist"):
+        data.setup()
+
+
+def test_cifar10_from_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("data_batch_1", 30), ("test_batch", 10)):
+        d = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f)
+    data = CIFAR10Data(root=str(tmp_path), input_size=16, batch_size=4)
+    assert data.tensors("upstream", "train")[0].shape == (15, 3, 32, 32)
+    assert len(data.tensors("downstream", "val")[1]) == 5
+    x, _ = next(iter(data.train_dataloader()))
+    assert x.shape == (4, 3, 16, 16)
+
+
+def test_cifar10_missing_names_folder(tmp_path):
+    with pytest.raises(DatasetMissing, match=str(tmp_path / "cifar-10-batches-py")):
+        CIFAR10Data(root=str(tmp_path)).setup()
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("ant", "bee", "cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (10, 14, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    data = ImageFolderData(root=str(tmp_path), input_size=8, batch_size=4, val_fraction=0.2)
+    assert data.classes("upstream") == [0, 1] and data.classes("downstream") == [2, 3]
+    assert data.class_names == ["ant", "bee", "cat", "dog"]
+    x, y = data.tensors("downstream", "train")
+    assert x.shape == (8, 3, 8, 8) and sorted(y.tolist()) == [0] * 4 + [1] * 4
+    with pytest.raises(DatasetMissing):
+        ImageFolderData(root=str(tmp_path / "nope")).setup()
+
+
+# --- base model, feature cache, fine-tuning ------------------------------------------------------
+
+
+def make_workload(tmp_path, **trainer) -> Workload:
+    spec = ModelSpec(functools.partial(small_cnn, width=8))
+    data = DigitsData(input_size=16, batch_size=32)
+    cfg = {"pretrain_epochs": 2, "max_epochs": 8, "lr": 0.05, **trainer}
+    paths = Paths(root=str(tmp_path), output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    return Workload(DeviceProfile("rpi4", 2048, 700, 2.0), spec, data, TrainerConfig(**cfg), paths)
+
+
+def test_checkpoint_cached_and_reused(tmp_path, monkeypatch):
+    calls = []
+    real = base_mod.pretrain
+    monkeypatch.setattr(base_mod, "pretrain", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = make_workload(tmp_path)
+    first.prepare(progress=False)
+    path = first.checkpoint_path
+    mtime = os.stat(path).st_mtime_ns
+    second = make_workload(tmp_path)
+    second.prepare(progress=False)
+    assert calls == [1]  # the second workload loaded the file, it did not train
+    assert second.checkpoint_path == path and os.stat(path).st_mtime_ns == mtime
+    assert second.checkpoint_sha256 == first.checkpoint_sha256
+    for (n, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert not any(p.name == "lightning_logs" for p in tmp_path.rglob("*")) and not os.path.exists("lightning_logs")
+    # another pretraining setting is another checkpoint
+    assert make_workload(tmp_path, pretrain_epochs=1).checkpoint_path != path
+    assert calls == [1, 1]
+
+
+def test_model_checkpoint_path_is_loaded(tmp_path):
+    torch.manual_seed(3)
+    ref = small_cnn(num_classes=5)
+    path = tmp_path / "w.pt"
+    torch.save(ref.state_dict(), path)
+    wl = make_workload(tmp_path)
+    wl.spec.checkpoint = str(path)
+    assert wl.checkpoint_path == path
+    torch.testing.assert_close(wl.model.conv2.weight, ref.conv2.weight, rtol=0, atol=0)
+
+
+def test_feature_cache_equals_prefix(tmp_path):
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=5).eval()
+    prefix, _ = split_at_first_trained(model, ["conv3"])
+    xs = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    batches = lambda: [(x, torch.zeros(4, dtype=torch.long)) for x in xs]  # noqa: E731
+    cache = FeatureCache(tmp_path / "f")
+    key = {"cut": "conv3"}
+    feats, labels = cache.get(key, prefix, batches)
+    with torch.no_grad():
+        torch.testing.assert_close(feats, prefix(torch.cat(xs)), rtol=0, atol=0)
+    assert labels.shape == (12,)
+    assert cache.get(key, prefix, batches)[0] is feats and (cache.hits, cache.misses) == (1, 1)
+    fresh = FeatureCache(tmp_path / "f")  # from disk
+    torch.testing.assert_close(fresh.get(key, None, None)[0], feats, rtol=0, atol=0)
+
+
+def test_finetune_learns_downstream_digits(tmp_path):
+    wl = make_workload(tmp_path, max_epochs=8)
+    plan = Plan(layers={"conv2": Choice.full(), "conv3": Choice.full(), "fc": Choice.full()})
+    r = wl.finetune(plan)
+    assert r.cut == "conv2" and r.epochs == 8
+    assert r.val_accuracy > 0.6  # 5 classes: chance is 0.2
+    assert np.isfinite(r.train_loss) and r.train_loss < 1.2
+    # measured at the device batch (32, 3, 16, 16): the same bytes the whole planned model saves,
+    # since the frozen prefix records no graph
+    from autorank.cost import measure_saved_bytes
+
+    model = apply_plan(__import__("copy").deepcopy(wl.model), plan)
+    PlanModule(model).train()
+    x, y = wl.calibration_batches(1)[0]
+    assert x.shape == wl.input_shape == (32, 3, 16, 16)
+    full = measure_saved_bytes(lambda: nn.functional.cross_entropy(model(x), y).backward(), model)
+    assert r.measured_activation_bytes == full.activation_bytes > 0
+    # the base model is untouched by the trial
+    assert all(not hasattr(m, "base_layer") for m in wl.model.modules())
+
+
+def test_finetune_cached_features_reused_across_trials(tmp_path):
+    wl = make_workload(tmp_path, max_epochs=1)
+    wl.finetune(Plan(layers={"fc": Choice.full()}))
+    r = wl.finetune(Plan(layers={"fc": Choice.full()}))
+    assert (wl.features.misses, wl.features.hits) == (2, 2)  # train + val once, then hits
+    assert r.features_wall_s < 0.05
+
+
+def test_finetune_with_asi_plan(tmp_path):
+    wl = make_workload(tmp_path, max_epochs=4)
+    full = wl.finetune(Plan(layers={"conv3": Choice.full(), "fc": Choice.full()}))
+    asi = wl.finetune(Plan(layers={"conv3": Choice.asi([8, 4, 2, 2]), "fc": Choice.full()}))
+    assert asi.val_accuracy > 0.4
+    assert asi.measured_activation_bytes < full.measured_activation_bytes
+
+
+def test_bn_stays_in_eval_mode(tmp_path):
+    wl = make_workload(tmp_path, max_epochs=1)
+    wl.prepare(progress=False)
+    before = wl.model.bn3.running_mean.clone()
+    plan = Plan(layers={"conv3": Choice.full(), "fc": Choice.full()}, bn="train", lean=False)
+    model = apply_plan(__import__("copy").deepcopy(wl.model), plan)
+    module = PlanModule(model, bn_eval=True).train()
+    assert not model.bn3.training and model.conv3.training
+    x, y = wl.calibration_batches(1)[0]
+    nn.functional.cross_entropy(module(x), y).backward()
+    torch.testing.assert_close(model.bn3.running_mean, before, rtol=0, atol=0)
+
+
+def test_nan_loss_raises_training_failed(tmp_path):
+    wl = make_workload(tmp_path, max_epochs=1)
+    wl.prepare(progress=False)
+    with torch.no_grad():
+        wl.model.fc.weight.fill_(float("nan"))
+    with pytest.raises(TrainingFailed, match="loss is nan"):
+        wl.finetune(Plan(layers={"fc": Choice.full()}))
