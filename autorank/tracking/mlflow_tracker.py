@@ -1,0 +1,192 @@
+"""MLflow tracking: one parent run per study, one nested run per trial, front artifacts at the end.
+
+Uses MlflowClient directly (no global active run): a trial costs three store calls (create the
+run with its tags, one log_batch of params and metrics, terminate), so the framework's overhead
+per trial stays small next to training.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+MB = 2**20
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return out
+
+
+class MlflowTracker:
+    """Tracking store `uri` (default in conf/tracking/mlflow.yaml: sqlite under mlruns/; the file
+    store is refused by MLflow 3), artifacts under `artifact_location` for a new experiment."""
+
+    def __init__(self, uri: str, experiment: str = "autorank", artifact_location: str | None = None,
+                 run_name: str | None = None, log_config_params: bool = True):
+        self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
+        self.run_name, self.log_config_params = run_name, log_config_params
+        self._client = None
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self.trial_runs: dict[int, str] = {}
+        self.info: dict[str, Any] = {}
+
+    # --- plumbing ---
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            if self.uri.startswith("sqlite:///"):
+                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            self._client = MlflowClient(tracking_uri=self.uri)
+            exp = self._client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                loc = self.artifact_location
+                if loc and "://" not in loc:
+                    Path(loc).mkdir(parents=True, exist_ok=True)
+                    loc = Path(loc).resolve().as_uri()
+                self.experiment_id = self._client.create_experiment(self.experiment, artifact_location=loc)
+            else:
+                self.experiment_id = exp.experiment_id
+        return self._client
+
+    def _params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        ps = [Param(k[:250], str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(ps), 100):
+            self.client.log_batch(run_id, params=ps[i:i + 100])
+
+    def _metrics(self, run_id: str, metrics: Mapping[str, float | None]) -> list:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        return [Metric(k, float(v), ts, 0) for k, v in metrics.items() if v is not None]
+
+    # --- the Tracker protocol of autorank.search.study ---
+    def start_study(self, info: Mapping[str, Any]) -> str:
+        self.info = dict(info)
+        c = self.client
+        name = self.run_name or f"study {info.get('study_name')}"
+        run = c.create_run(self.experiment_id, run_name=name, tags={
+            "autorank.kind": "study", "study_name": str(info.get("study_name"))})
+        self.parent_run_id = run.info.run_id
+        dev = info.get("device") or {}
+        params = {"study_name": info.get("study_name"), "storage": info.get("storage"),
+                  "sampler": info.get("sampler"), "budget_bytes": info.get("budget_bytes"),
+                  "budget_mb": round(info.get("budget_bytes", 0) / MB, 3),
+                  "n_trials": info.get("n_trials"), "timeout": info.get("timeout"),
+                  "space.name": (info.get("space") or {}).get("name"),
+                  **{f"device.{k}": v for k, v in dev.items()}}
+        if self.log_config_params:
+            params.update({f"config.{k}": v for k, v in _flatten(info.get("config") or {}).items()})
+        self._params(self.parent_run_id, params)
+        c.log_dict(self.parent_run_id, dict(info.get("config") or {}), "config.yaml")
+        c.log_dict(self.parent_run_id, dict(info.get("space") or {}), "search_space.yaml")
+        return self.parent_run_id
+
+    def log_trial(self, rec) -> str:
+        from mlflow.entities import Param, RunStatus, RunTag
+
+        c = self.client
+        run = c.create_run(self.experiment_id, run_name=f"trial {rec.number}", tags={
+            "mlflow.parentRunId": self.parent_run_id, "state": rec.state, "on_front": "false",
+            "trial_number": str(rec.number), "study_name": str(self.info.get("study_name")),
+            "autorank.kind": "trial"})
+        rid = run.info.run_id
+        self.trial_runs[rec.number] = rid
+        metrics = {
+            "val_accuracy": rec.val_accuracy if rec.state != "infeasible" else None,
+            "predicted_peak_mb": rec.peak_mb, "predicted_peak_bytes": rec.predicted_peak_bytes,
+            "predicted_activation_bytes": rec.predicted_activation_bytes,
+            "measured_activation_bytes": rec.measured_activation_bytes,
+            "train_flops": rec.flops, "measured_flops": rec.measured_flops,
+            "predicted_step_time_s": rec.step_time_s, "wall_s": rec.wall_s,
+            "train_wall_s": rec.train_wall_s}
+        tags = [RunTag(k, str(v)[:5000]) for k, v in (("fail_reason", rec.fail_reason),
+                ("source", rec.source), ("duplicate_of", rec.duplicate_of)) if v is not None]
+        c.log_batch(rid, metrics=self._metrics(rid, metrics),
+                    params=[Param(k[:250], v) for k, v in rec.choices.items()], tags=tags)
+        c.set_terminated(rid, RunStatus.to_string(RunStatus.FAILED if rec.state == "failed"
+                                                  else RunStatus.FINISHED))
+        return rid
+
+    def end_study(self, result, plan_files: Mapping[int, Path]) -> None:
+        from mlflow.entities import RunTag
+
+        from autorank.tracking.front import plot_html, plot_png, write_table
+
+        c = self.client
+        pid = self.parent_run_id
+        front_ids = {r.number for r in result.front}
+        runs = dict(self.trial_runs)
+        missing = front_ids - set(runs)
+        if missing:  # front points from an earlier session of a resumed study
+            for r in c.search_runs([self.experiment_id], max_results=5000, filter_string=(
+                    f"tags.study_name = '{result.study_name}' and tags.`autorank.kind` = 'trial'")):
+                n = int(r.data.tags.get("trial_number", -1))
+                if n in missing:
+                    runs.setdefault(n, r.info.run_id)
+        for n in front_ids:
+            if n in runs:
+                c.set_tag(runs[n], "on_front", "true")
+        best = result.best
+        counts = {s: sum(r.state == s for r in result.trials)
+                  for s in ("complete", "infeasible", "failed")}
+        summary = {"n_trials": len(result.trials), "front_size": len(result.front),
+                   "n_complete": counts["complete"], "n_infeasible": counts["infeasible"],
+                   "n_failed": counts["failed"], "wall_s": result.wall_s,
+                   **{f"time_{k}_s": v for k, v in result.time_split_s.items()}}
+        if best is not None:
+            summary.update(best_val_accuracy=best.val_accuracy, best_peak_mb=best.peak_mb,
+                           best_train_flops=best.flops, best_trial=best.number)
+        c.log_batch(pid, metrics=self._metrics(pid, summary),
+                    tags=[RunTag("best_trial", str(best.number if best else None))])
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            write_table(result.front, tmp / "front.csv", tmp / "front.json")
+            write_table(result.trials, tmp / "trials.csv", tmp / "trials.json")
+            title = f"{result.study_name}: accuracy vs predicted peak memory"
+            plot_html(result.trials, result.budget_bytes, tmp / "front.html", title)
+            plot_png(result.trials, result.budget_bytes, tmp / "front.png", title)
+            for name in ("front.csv", "front.json", "trials.csv", "trials.json", "front.html", "front.png"):
+                c.log_artifact(pid, str(tmp / name), artifact_path="front")
+        for n, p in sorted(plan_files.items()):
+            c.log_artifact(pid, str(p), artifact_path="front/plans")
+        if result.export_path is not None:
+            c.log_artifact(pid, str(result.export_path), artifact_path="plan")
+        c.set_terminated(pid, "FINISHED")
+
+    # --- a single run (search=knapsack) ---
+    def log_single_run(self, info: Mapping[str, Any], choices: Mapping[str, str],
+                       metrics: Mapping[str, float | None], artifacts: Mapping[str, Path] = {}) -> str:
+        c = self.client
+        run = c.create_run(self.experiment_id, run_name=self.run_name or "knapsack",
+                           tags={"autorank.kind": str(info.get("kind", "knapsack"))})
+        rid = run.info.run_id
+        dev = info.get("device") or {}
+        params = {**{f"device.{k}": v for k, v in dev.items()},
+                  "budget_bytes": info.get("budget_bytes"),
+                  "space.name": (info.get("space") or {}).get("name"),
+                  **{f"layer.{k}": v for k, v in choices.items()}}
+        if self.log_config_params:
+            params.update({f"config.{k}": v for k, v in _flatten(info.get("config") or {}).items()})
+        self._params(rid, params)
+        c.log_batch(rid, metrics=self._metrics(rid, metrics))
+        c.log_dict(rid, dict(info.get("config") or {}), "config.yaml")
+        for sub, p in artifacts.items():
+            c.log_artifact(rid, str(p), artifact_path=sub)
+        c.set_terminated(rid, "FINISHED")
+        return rid
