@@ -318,15 +318,16 @@ class CachedPeak:
 def profile_workload(workload, space: SearchSpace, *, n_batches: int = 2,
                      cache_dir: str | Path | None = None, progress: bool = True) -> Profile:
     """Profile a `Workload` (ARCHITECTURE.md) with its cost model; cached under `cache_dir`."""
+    model = workload.model  # prepares the base model (and its checkpoint sha) first
     batches = workload.calibration_batches(n_batches)
     key = profile_key(workload.checkpoint_sha256, batches, space, workload.input_shape)
     cache_path = Path(cache_dir) / f"profile-{key[:16]}.json" if cache_dir else None
     if cache_path is not None and cache_path.exists():
         return Profile.from_json(cache_path.read_text())
-    prof = profile_layers(workload.model, batches, space, key=key, progress=progress)
+    prof = profile_layers(model, batches, space, key=key, progress=progress)
     prof.meta = {"checkpoint_sha256": workload.checkpoint_sha256,
                  "input_shape": list(workload.input_shape), "n_batches": n_batches}
-    peak = CachedPeak(workload.model, workload.example_input(), prof)
+    peak = CachedPeak(model, workload.example_input(), prof)
     fill_peak_bytes(prof, peak, progress=progress)
     if cache_path is not None:
         prof.save(cache_path)

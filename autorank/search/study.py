@@ -281,6 +281,8 @@ def run_study(workload, device, space: SearchSpace, *, sampler: optuna.samplers.
     done_by_key: dict[tuple, TrialRecord] = {
         tuple(r.choices.get(n, "frozen") for n in names): r for r in records.values()
         if r.state == "complete" and r.duplicate_of is None}
+    if plan_meta is None:
+        plan_meta = default_plan_meta(workload)
     base_meta = {"budget_bytes": budget, "device": getattr(device, "name", None),
                  "input_shape": list(getattr(workload, "input_shape", [])), **(plan_meta or {})}
 
@@ -421,6 +423,19 @@ def run_study(workload, device, space: SearchSpace, *, sampler: optuna.samplers.
         tracker.end_study(result, plan_files)
         split["log"] += time.perf_counter() - t0
     return result
+
+
+def default_plan_meta(workload) -> dict[str, Any]:
+    """What scripts/finetune_on_device.py needs to rebuild the model with torch alone: the model
+    factory ('module:function', torch/torchvision only) and its kwargs."""
+    spec = getattr(workload, "spec", None)
+    if spec is None or not hasattr(spec, "key"):
+        return {}
+    k = spec.key()
+    module, _, fn = k["factory"].rpartition(".")
+    kwargs = dict(k.get("kwargs") or {})
+    kwargs["num_classes"] = int(workload.num_classes)
+    return {"model": {"factory": f"{module}:{fn}", "kwargs": kwargs}}
 
 
 def _set_attrs(trial, attrs: Mapping[str, Any]) -> None:

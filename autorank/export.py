@@ -1,0 +1,99 @@
+"""Pick a point of a finished study's front and write its plan, reading the study from storage.
+
+    python -m autorank.export --storage sqlite:///outputs/optuna.db --study NAME --max-mb 300 --out plan.yaml
+    python -m autorank.export --storage URL --study NAME --max-flops 2e9 --out plan.yaml
+    python -m autorank.export --storage URL --study NAME --trial 17 --out plan.yaml
+    python -m autorank.export --storage URL --study NAME --list        # print the front
+
+Among the front points under the cap, the best is taken: highest accuracy; ties: less memory,
+then fewer FLOPs. `--trial N` takes trial N if it is feasible (on the front or not). Plans are the
+trials' `plan` user attrs written by autorank.search.study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from autorank.search.study import MB, TrialRecord, best_of, pareto_front, records_from_storage
+
+
+class NoPlanFound(ValueError):
+    pass
+
+
+def select(records: list[TrialRecord], *, max_mb: float | None = None, max_flops: float | None = None,
+           trial: int | None = None) -> TrialRecord:
+    """The chosen trial (see module doc); NoPlanFound with the front's range when none fits."""
+    if trial is not None:
+        hit = [r for r in records if r.number == trial]
+        if not hit:
+            raise NoPlanFound(f"trial {trial} is not in the study ({len(records)} trials)")
+        if not hit[0].feasible or hit[0].plan is None:
+            raise NoPlanFound(f"trial {trial} is {hit[0].state}, not a feasible trained plan"
+                              + (f" ({hit[0].fail_reason})" if hit[0].fail_reason else ""))
+        return hit[0]
+    front = pareto_front(records)
+    if not front:
+        raise NoPlanFound("the study has no feasible complete trial: nothing to export")
+    ok = [r for r in front
+          if (max_mb is None or r.predicted_peak_bytes <= max_mb * MB)
+          and (max_flops is None or r.flops <= max_flops)]
+    if not ok:
+        lo_mb = min(r.peak_mb for r in front)
+        lo_fl = min(r.flops for r in front)
+        caps = " and ".join(c for c in (f"peak <= {max_mb} MB" if max_mb is not None else "",
+                                        f"FLOPs <= {max_flops:g}" if max_flops is not None else "") if c)
+        raise NoPlanFound(f"no front point satisfies {caps}: the front's smallest peak is "
+                          f"{lo_mb:.2f} MB and its fewest FLOPs {lo_fl:g} per step "
+                          f"({len(front)} front points)")
+    return best_of(ok)
+
+
+def export(storage: str, study_name: str, out: str | Path, *, max_mb: float | None = None,
+           max_flops: float | None = None, trial: int | None = None) -> tuple[TrialRecord, Path]:
+    from autorank.plan import Plan
+
+    rec = select(records_from_storage(storage, study_name), max_mb=max_mb, max_flops=max_flops,
+                 trial=trial)
+    plan = Plan.from_dict(rec.plan)
+    plan.meta.update({"exported_from": {"storage": storage, "study": study_name, "trial": rec.number},
+                      "val_accuracy": rec.val_accuracy})
+    return rec, plan.save(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m autorank.export", description=__doc__.split("\n")[0])
+    ap.add_argument("--storage", required=True, help="Optuna storage URL, e.g. sqlite:///path/optuna.db")
+    ap.add_argument("--study", required=True, help="study name")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--max-mb", type=float, help="cap on predicted peak training memory (MiB)")
+    g.add_argument("--max-flops", type=float, help="cap on training FLOPs per step")
+    g.add_argument("--trial", type=int, help="a trial number")
+    g.add_argument("--list", action="store_true", help="print the front and exit")
+    ap.add_argument("--out", default="plan.yaml", help="plan file to write (.yaml or .json)")
+    a = ap.parse_args(argv)
+    try:
+        records = records_from_storage(a.storage, a.study)
+    except KeyError as e:
+        print(f"error: study {a.study!r} not found in {a.storage}: {e}", file=sys.stderr)
+        return 2
+    if a.list:
+        for r in sorted(pareto_front(records), key=lambda r: r.predicted_peak_bytes):
+            print(f"trial {r.number:4d}  acc {r.val_accuracy:.4f}  peak {r.peak_mb:9.2f} MB  "
+                  f"{r.flops / 1e9:8.3f} GFLOPs/step")
+        return 0
+    try:
+        rec, path = export(a.storage, a.study, a.out, max_mb=a.max_mb, max_flops=a.max_flops,
+                           trial=a.trial)
+    except NoPlanFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"trial {rec.number}: accuracy {rec.val_accuracy:.4f}, predicted peak {rec.peak_mb:.2f} MB, "
+          f"{rec.flops / 1e9:.3f} GFLOPs/step -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
