@@ -133,19 +133,33 @@ class _Tracer(TorchFunctionMode):
             if getattr(module, "_autorank_opaque", False):
                 del module._autorank_opaque
                 self.opaque -= 1
-                params = [p for p in module.parameters() if p.requires_grad]
-                flag = self.need(x) or bool(params)
+                flag = self.need(x) or any(p.requires_grad for p in module.parameters())
                 if flag:
-                    nbytes = int(module.saved_bytes(tuple(x.shape), x.dtype))
-                    self.save_fresh(nbytes)
-                    base = getattr(module, "base_layer", None)
-                    if isinstance(base, (nn.Conv2d, nn.Linear)) and base.weight.requires_grad:
-                        self.conv_input_bytes += nbytes
+                    self.opaque_rule(module, x)
                 self.mark(out, flag)
             if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and self.need(out):
                 self.region_shapes.append((name, tuple(x.shape), tuple(out.shape), x.dtype))
             self.stack.pop()
         return hook
+
+    def opaque_rule(self, module: nn.Module, x: torch.Tensor) -> None:
+        base = getattr(module, "base_layer", None)
+        shortcut = hasattr(module, "factorizer") and isinstance(base, (nn.Conv2d, nn.Linear))
+        if not shortcut:  # lean companions: their formula, a fresh storage
+            self.save_fresh(int(module.saved_bytes(tuple(x.shape), x.dtype)))
+            return
+        if not base.weight.requires_grad:
+            return  # a frozen weight: the wrapper runs as a frozen layer, saving only the weight
+        from autorank.shortcut.tucker import clip_ranks, compute_dtype, hosvd_ranks
+
+        # ASI ranks are fixed; HOSVD ranks depend on the data: take them from this input
+        ranks = module.ranks if hasattr(module, "ranks") else hosvd_ranks(x.detach(), module.eps)
+        nbytes = int(module.saved_bytes(tuple(x.shape), x.dtype, ranks=ranks))
+        self.conv_input_bytes += nbytes
+        if clip_ranks(ranks, x.shape) == list(x.shape) and compute_dtype(x.dtype) == x.dtype:
+            self.save(x)  # nothing compressed: the "core" is the input itself
+        else:
+            self.save_fresh(nbytes)
 
     # -- ops -----------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -1,0 +1,118 @@
+"""FLOPs of one training step: torch.utils.flop_counter with the formulas it gets wrong fixed.
+
+FlopCounterMode counts multiply-adds as 2 FLOPs for matmuls and convolutions and ignores
+elementwise work (BN, activations, adds). Two faults are fixed here through its custom mapping:
+- convolution_backward: the stock formula transposes the weight shape and so counts a grouped
+  conv's backward `groups` times too high (960x for a 960-channel depthwise conv). Each of
+  grad_input and grad_weight costs exactly what the forward does: 2 * B * prod(out spatial) *
+  numel(weight).
+- linalg_qr, SVD and eigh count 0 in the stock table; the compression ops of ASI/HOSVD are mostly
+  these. Formulas (Golub & Van Loan, Matrix Computations, 4th ed., 5.2 and 8.6), k = min(m, n),
+  M = max(m, n):
+    QR (Householder), R only:           2 M k^2 - 2 k^3 / 3
+    QR with the thin Q formed too:      twice that (geqrf + orgqr)
+    SVD (R-SVD): values only 2 M k^2 + 2 k^3; thin U, V: 6 M k^2 + 20 k^3; full U, V: 4 M^2 k + 22 k^3
+    eigh (symmetric QR): values only 4 n^3 / 3; with vectors 9 n^3
+  Batched inputs multiply by the batch size.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+aten = torch.ops.aten
+
+
+def qr_flops(m: int, n: int, with_q: bool = True) -> int:
+    """Householder QR of an m x n matrix (R, and the thin Q when with_q)."""
+    big, k = max(m, n), min(m, n)
+    r = 2 * big * k * k - (2 * k**3) // 3
+    return 2 * r if with_q else r
+
+
+def svd_flops(m: int, n: int, compute_uv: bool = True, full_matrices: bool = False) -> int:
+    big, k = max(m, n), min(m, n)
+    if not compute_uv:
+        return 2 * big * k * k + 2 * k**3
+    if full_matrices:
+        return 4 * big * big * k + 22 * k**3
+    return 6 * big * k * k + 20 * k**3
+
+
+def eigh_flops(n: int, compute_v: bool = True) -> int:
+    return 9 * n**3 if compute_v else (4 * n**3) // 3
+
+
+def conv_forward_flops(x_shape, w_shape, out_shape, transposed: bool = False) -> int:
+    """2 * B * prod(spatial) * numel(weight): numel(weight) = C_out * C_in/groups * kernel, so
+    groups are already in the weight's shape."""
+    spatial = (x_shape if transposed else out_shape)[2:]
+    return 2 * x_shape[0] * math.prod(spatial) * math.prod(w_shape)
+
+
+def _conv_backward(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                   _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    fwd = conv_forward_flops(x_shape, w_shape, grad_out_shape, transposed)
+    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def _batch(shape) -> int:
+    return math.prod(shape[:-2])
+
+
+# The aten schemas' defaulted arguments (mode, full_matrices, compute_uv) do not reach the
+# formulas when the caller left them out, so the outputs' shapes decide: an empty Q / U / V is
+# not computed.
+def _qr(a_shape, *args, out_shape=None, **kwargs) -> int:
+    m, n = a_shape[-2:]
+    with_q = out_shape is None or math.prod(out_shape[0]) > 0
+    return _batch(a_shape) * qr_flops(m, n, with_q=with_q)
+
+
+def _svd(a_shape, *args, out_shape=None, **kwargs) -> int:
+    m, n = a_shape[-2:]
+    u = out_shape[0] if out_shape is not None else (m, min(m, n))
+    compute_uv = math.prod(u) > 0
+    full = compute_uv and u[-1] == m and m > min(m, n)
+    return _batch(a_shape) * svd_flops(m, n, compute_uv, full)
+
+
+def _eigh(a_shape, *args, out_shape=None, **kwargs) -> int:
+    compute_v = out_shape is None or math.prod(out_shape[1]) > 0
+    return _batch(a_shape) * eigh_flops(a_shape[-1], compute_v)
+
+
+CUSTOM_FLOP_FORMULAS = {
+    aten.convolution_backward: _conv_backward,
+    aten.linalg_qr: _qr,
+    aten._linalg_svd: _svd,
+    aten._linalg_eigh: _eigh,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode with the corrected formulas (display off)."""
+    return FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOP_FORMULAS)
+
+
+def train_step_flops(model: nn.Module, example_input: torch.Tensor, plan=None) -> int:
+    """FLOPs of one forward + backward (loss = output.sum(): the loss itself is elementwise and
+    counts 0). plan=None: the model as it is; a plan: applied to a deep copy. The optimizer
+    update is elementwise and not counted. ASI warm-start state advances by one step on the copy
+    only."""
+    model = copy.deepcopy(model)
+    if plan is not None:
+        from autorank.plan import apply_plan
+
+        apply_plan(model, plan)
+    devices = [example_input.device.index or 0] if example_input.is_cuda else []
+    with torch.random.fork_rng(devices=devices), flop_counter() as counter:
+        out = model(example_input)
+        if out.requires_grad:
+            out.float().sum().backward()
+    return int(counter.get_total_flops())
