@@ -153,7 +153,14 @@ class _Tracer(TorchFunctionMode):
         from autorank.shortcut.tucker import clip_ranks, compute_dtype, hosvd_ranks
 
         # ASI ranks are fixed; HOSVD ranks depend on the data: take them from this input
-        ranks = module.ranks if hasattr(module, "ranks") else hosvd_ranks(x.detach(), module.eps)
+        if hasattr(module, "ranks"):
+            ranks = module.ranks
+        else:
+            self.opaque += 1  # our own SVDs are not part of the traced step
+            try:
+                ranks = hosvd_ranks(x, module.eps)
+            finally:
+                self.opaque -= 1
         nbytes = int(module.saved_bytes(tuple(x.shape), x.dtype, ranks=ranks))
         self.conv_input_bytes += nbytes
         if clip_ranks(ranks, x.shape) == list(x.shape) and compute_dtype(x.dtype) == x.dtype:
@@ -169,7 +176,7 @@ class _Tracer(TorchFunctionMode):
             return out
         name = getattr(func, "__name__", "")
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        flag = any(self.need(t) for t in tensors)
+        flag = name not in ("detach", "detach_") and any(self.need(t) for t in tensors)
         if flag and isinstance(out, (torch.Tensor, tuple, list)):
             self.rule(func, name, args, kwargs, out)
         self.mark(out, flag)

@@ -1,0 +1,148 @@
+"""Plans: file round trip, apply/remove round trip, requires_grad, mismatches refused."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from autorank.cost import measure_saved_bytes
+from autorank.plan import (Choice, Plan, apply_plan, candidate_layers, model_fingerprint, remove_plan,
+                           trained_region)
+from autorank.shortcut import ASIConv2d, ASILinear, FrozenBatchNorm2d, FrozenConv2d, HOSVDConv2d, PackedReLU
+
+
+def tiny_cnn(width=8, classes=5):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+        nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False), nn.BatchNorm2d(width), nn.ReLU6(),
+        nn.Conv2d(width, 2 * width, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes),
+    )
+
+
+PLANS = {
+    "full_last2": Plan({"9": Choice.full(), "14": Choice.full()}, lean=False),
+    "asi_lean": Plan({"6": Choice.asi([2, 4, 4, 4]), "9": Choice.asi([2, 8, 2, 2]), "14": Choice.full()}),
+    "hosvd_bn_train": Plan({"9": Choice.hosvd(0.8), "14": Choice.asi([2, 4])}, bn="train"),
+}
+
+
+def test_choice_strings_round_trip():
+    for c in [Choice.frozen(), Choice.full(), Choice.asi([8, 64, 4, 4]), Choice.hosvd(0.8)]:
+        assert Choice.parse(str(c)) == c
+    assert str(Choice.asi([8, 64, 4, 4])) == "asi[8,64,4,4]"
+    with pytest.raises(ValueError):
+        Choice.asi([0, 2])
+    with pytest.raises(ValueError):
+        Choice.parse("__import__('os')")
+
+
+def test_candidate_layers_and_region():
+    m = tiny_cnn()
+    assert candidate_layers(m) == ["0", "3", "6", "9", "14"]
+    assert trained_region(m, PLANS["full_last2"]) == ["9", "10", "11", "12", "13", "14"]
+    assert trained_region(m, Plan({})) == []
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_plan_file_round_trip(tmp_path, suffix):
+    m = tiny_cnn()
+    plan = Plan({"6": Choice.asi([2, 4, 4, 4]), "9": Choice.hosvd(0.7), "14": Choice.full()}, bn="train",
+                lean=False, meta={"source": "test", "level": 0.8})
+    path = plan.save(tmp_path / f"plan{suffix}", model=m)
+    loaded = Plan.load(path)
+    assert loaded.layers == plan.layers and loaded.bn == "train" and loaded.lean is False
+    assert loaded.meta == {"source": "test", "level": 0.8}
+    assert loaded.fingerprint == model_fingerprint(m)
+    raw = path.read_text()
+    d = json.loads(raw) if suffix == ".json" else __import__("yaml").safe_load(raw)
+    assert d["format_version"] == 1 and d["autorank_version"] == __import__("autorank").__version__
+    assert d["layers"]["6"] == "asi[2,4,4,4]"
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "plan.yaml"
+    Plan({"14": Choice.full()}).save(path)
+    good = path.read_text()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("autorank.plan.plan.os.replace", boom)
+    with pytest.raises(OSError):
+        Plan({"9": Choice.full()}).save(path)
+    assert path.read_text() == good
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_mismatched_model_refused_naming_the_layer(tmp_path):
+    path = Plan({"14": Choice.full()}).save(tmp_path / "p.yaml", model=tiny_cnn(width=8))
+    with pytest.raises(ValueError, match="'0'"):  # first layer differs: Conv2d(3, 16) vs (3, 8)
+        apply_plan(tiny_cnn(width=16), path)
+    other = tiny_cnn()
+    other[9] = nn.Conv2d(16, 16, 5, padding=2, bias=False)
+    with pytest.raises(ValueError, match="'9'"):
+        apply_plan(other, path)
+    with pytest.raises(ValueError, match="'features.3'"):
+        apply_plan(tiny_cnn(), Plan({"features.3": Choice.full()}))
+    apply_plan(other, path, strict=False)  # names still fit: applied without the fingerprint
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_apply_remove_round_trip(name):
+    m = tiny_cnn().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before_sd = {k: v.clone() for k, v in m.state_dict().items()}
+    before_rg = {k: p.requires_grad for k, p in m.named_parameters()}
+    with torch.no_grad():
+        y0 = m(x)
+    modules = list(m)
+    apply_plan(m, PLANS[name])
+    with torch.no_grad():
+        assert torch.allclose(m(x), y0, atol=1e-6)  # the plan changes training, not the function
+    remove_plan(m)
+    assert list(m) == modules  # the very same module objects
+    with torch.no_grad():
+        assert torch.equal(m(x), y0)
+    sd = m.state_dict()
+    assert sd.keys() == before_sd.keys() and all(torch.equal(sd[k], before_sd[k]) for k in sd)
+    assert {k: p.requires_grad for k, p in m.named_parameters()} == before_rg
+
+
+def test_swaps_and_requires_grad():
+    m = apply_plan(tiny_cnn(), PLANS["asi_lean"])
+    assert isinstance(m[6], ASIConv2d) and isinstance(m[9], ASIConv2d) and type(m[14]) is nn.Linear
+    assert m[6].ranks == [2, 4, 4, 4] and m[6].base_layer.weight is not None
+    assert isinstance(m[7], FrozenBatchNorm2d) and isinstance(m[10], FrozenBatchNorm2d)
+    assert isinstance(m[8], PackedReLU) and isinstance(m[11], PackedReLU)
+    assert type(m[1]) is nn.BatchNorm2d and type(m[2]) is nn.ReLU and type(m[5]) is nn.ReLU6  # before the region
+    trained = {k for k, p in m.named_parameters() if p.requires_grad}
+    assert trained == {"6.base_layer.weight", "9.base_layer.weight", "14.weight", "14.bias"}
+
+    m = apply_plan(tiny_cnn(), PLANS["hosvd_bn_train"])
+    assert isinstance(m[9], HOSVDConv2d) and isinstance(m[14], ASILinear)
+    assert type(m[10]) is nn.BatchNorm2d and isinstance(m[11], PackedReLU)  # bn='train': BN kept, trained
+    trained = {k for k, p in m.named_parameters() if p.requires_grad}
+    assert trained == {"9.base_layer.weight", "10.weight", "10.bias", "14.base_layer.weight", "14.base_layer.bias"}
+
+    m = tiny_cnn()
+    m[11] = nn.Identity()
+    apply_plan(m, Plan({"6": Choice.full(), "14": Choice.full()}))
+    assert isinstance(m[9], FrozenConv2d)  # frozen conv inside the region: grad_input only
+
+
+def test_frozen_layers_get_no_grad_and_prefix_saves_nothing():
+    m = tiny_cnn().eval()
+    x = torch.randn(2, 3, 8, 8)
+    apply_plan(m, PLANS["full_last2"])
+    m(x).square().sum().backward()
+    for name, p in m.named_parameters():
+        assert (p.grad is not None) == name.startswith(("9.", "14.")), name
+    # nothing before layer 9 is saved: exactly conv 9's input, BN 10's input, ReLU 11's result
+    # and the linear's input are (the eval-mode 1x1 pool is a mean and saves nothing)
+    measured = measure_saved_bytes(lambda: m(x), m)
+    assert measured.activation_bytes == 4 * (3 * (2 * 16 * 8 * 8) + 2 * 16)
