@@ -1,8 +1,5 @@
 """Export from a study's storage: by memory cap, FLOPs cap, trial; clear error when none fits."""
 
-import subprocess
-import sys
-
 import pytest
 
 from autorank.export import NoPlanFound, export, main, select
@@ -57,12 +54,48 @@ def test_export_by_flops_and_trial(study, tmp_path):
     assert select(recs, trial=front[0].number).number == front[0].number
 
 
-def test_cli_subprocess(study, tmp_path):
+def test_cli(study, tmp_path, capsys):
     storage, _ = study
     out = tmp_path / "cli.yaml"
-    r = subprocess.run([sys.executable, "-m", "autorank.export", "--storage", storage, "--study", "s",
-                        "--max-mb", "1000", "--out", str(out)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert main(["--storage", storage, "--study", "s", "--max-mb", "1000", "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
     best = max(pareto_front(records_from_storage(storage, "s")),
                key=lambda r: (r.val_accuracy, -r.predicted_peak_bytes, -r.flops))
     assert Plan.load(out).meta["exported_from"]["trial"] == best.number
+
+
+def test_finetune_on_device_script_is_torch_only(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from autorank.cost import measure_saved_bytes
+    from autorank.plan import Choice, Plan, apply_plan
+    from autorank.workload.models import small_cnn
+
+    model = small_cnn(num_classes=4, in_channels=3, width=4)
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    plan = Plan(layers={names[-1]: Choice.full(), names[-2]: Choice.full()},
+                meta={"model": {"factory": "autorank.workload.models:small_cnn",
+                                "kwargs": {"num_classes": 4, "in_channels": 3, "width": 4}},
+                      "input_shape": [8, 3, 12, 12]})
+    x, y = torch.randn(24, 3, 12, 12), torch.randint(0, 4, (24,))
+    m = apply_plan(small_cnn(num_classes=4, in_channels=3, width=4).eval(), plan)
+    plan.meta["predicted_activation_bytes"] = measure_saved_bytes(
+        lambda: torch.nn.functional.cross_entropy(m(x[:8]), y[:8]), m).activation_bytes
+    plan.save(tmp_path / "plan.yaml")
+    torch.save({"x": x, "y": y}, tmp_path / "data.pt")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "finetune_on_device.py"
+    code = (f"import runpy, sys; sys.argv = ['x', {str(tmp_path / 'plan.yaml')!r}, "
+            f"{str(tmp_path / 'ckpt.pt')!r}, {str(tmp_path / 'data.pt')!r}]\n"
+            f"try:\n    runpy.run_path({str(script)!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('STACK', sorted(m for m in ('hydra', 'optuna', 'lightning', 'mlflow', "
+            "'pytorch_lightning') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "STACK []" in r.stdout
+    assert "(+0.00%)" in r.stdout and "epoch 1/1: train loss" in r.stdout

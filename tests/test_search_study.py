@@ -152,5 +152,5 @@ def test_cost_model_mismatch_warns(tmp_path):
     with pytest.warns(UserWarning, match="COST MODEL MISMATCH"):
         res = run_study(Off(), DEVICE, space, n_trials=1, **kw)
     st = optuna.load_study(study_name="s", storage=kw["storage"])
-    assert "5.0% off" in st.trials[0].user_attrs["cost_model_mismatch"][0]
+    assert "5.0% off" in st.trials[0].user_attrs["autorank"]["cost_model_mismatch"][0]
     assert res.trials[0].measured_activation_bytes > res.trials[0].predicted_activation_bytes

@@ -6,8 +6,8 @@ per step (min). Constraints (Optuna 5 `trial.set_constraint`, feasible when <= 0
 trains nothing). A plan over budget is recorded from its prediction alone (accuracy 0, tag
 infeasible) and never trained.
 
-Every trial keeps its plan and figures in user attrs (`plan`, `choices`, `state`,
-`predicted_peak_bytes`, `flops`, `measured_activation_bytes`, ...), so the study's storage alone
+Every trial keeps its plan and figures in one user attr, `autorank` (a dict: `plan`, `choices`,
+`state`, `predicted_peak_bytes`, `flops`, `measured_activation_bytes`, ...; one storage write), so the study's storage alone
 is enough to rebuild the front and export a plan (autorank.export).
 
 Resuming: the same storage + study_name continues the study (load_if_exists). `n_trials` counts
@@ -41,6 +41,7 @@ MB = 2**20
 DIRECTIONS = ("maximize", "minimize", "minimize")
 OBJECTIVE_NAMES = ("val_accuracy", "peak_mb", "train_flops")
 MISMATCH_TOLERANCE = 0.01
+RECORD_ATTR = "autorank"  # one user attr per trial holds its plan and figures (one storage write)
 
 
 class CostModel(Protocol):
@@ -120,7 +121,7 @@ class TrialRecord:
 
     @classmethod
     def from_frozen(cls, t: optuna.trial.FrozenTrial) -> "TrialRecord":
-        a = t.user_attrs
+        a = {**t.user_attrs, **(t.user_attrs.get(RECORD_ATTR) or {})}
         state = a.get("state")
         if t.state == TrialState.FAIL:
             state = "failed"
@@ -304,8 +305,7 @@ def run_study(workload, device, space: SearchSpace, *, sampler: optuna.samplers.
     def objective(trial: optuna.Trial):
         t0 = time.perf_counter()
         choices = {n: trial.suggest_categorical(n, profile.layer(n).choices) for n in names}
-        trial.set_user_attr("choices", choices)
-        trial.set_user_attr("state", "running")
+        attrs: dict[str, Any] = {"choices": choices}
         try:
             plan = profile.to_plan(choices, meta={**base_meta, "trial": trial.number,
                                                   "study": study_name})
@@ -316,9 +316,9 @@ def run_study(workload, device, space: SearchSpace, *, sampler: optuna.samplers.
             n_trained = sum(c != "frozen" for c in choices.values())
             plan.meta.update({"predicted_peak_bytes": peak, "predicted_activation_bytes": act,
                               "train_flops": flops})
-            attrs = {"plan": plan.to_dict(), "predicted_peak_bytes": peak, "flops": flops,
+            attrs.update({"plan": plan.to_dict(), "predicted_peak_bytes": peak, "flops": flops,
                      "predicted_activation_bytes": act,
-                     "step_time_s": float(device.step_time_s(flops))}
+                     "step_time_s": float(device.step_time_s(flops))})
             trial.set_constraint("peak_minus_budget_bytes", float(peak - budget))
             trial.set_constraint("no_trained_layer", 1.0 if n_trained == 0 else 0.0)
             split["predict"] += time.perf_counter() - t0
@@ -359,9 +359,9 @@ def run_study(workload, device, space: SearchSpace, *, sampler: optuna.samplers.
             _set_attrs(trial, attrs)
             return acc, peak / MB, float(flops)
         except Exception as e:
-            trial.set_user_attr("state", "failed")
-            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:2000])
-            trial.set_user_attr("wall_s", time.perf_counter() - t0)
+            attrs.update(state="failed", fail_reason=f"{type(e).__name__}: {e}"[:2000],
+                         wall_s=time.perf_counter() - t0)
+            _set_attrs(trial, attrs)
             raise
 
     front_now = pareto_front(list(records.values()))
@@ -439,9 +439,7 @@ def default_plan_meta(workload) -> dict[str, Any]:
 
 
 def _set_attrs(trial, attrs: Mapping[str, Any]) -> None:
-    for k, v in attrs.items():
-        if v is not None:
-            trial.set_user_attr(k, v)
+    trial.set_user_attr(RECORD_ATTR, {k: v for k, v in attrs.items() if v is not None})
 
 
 def _device_dict(device) -> dict:
