@@ -6,3 +6,9 @@ from autorank.search.space import SearchSpace, load_space
 
 __all__ = ["BudgetTooSmall", "KnapsackResult", "Profile", "SearchSpace", "knapsack", "load_space",
            "min_peak_bytes", "profile_layers", "profile_workload"]
+
+from autorank.search.runners import KnapsackRun, KnapsackSearch, OptunaSearch, run_knapsack  # noqa: E402
+from autorank.search.study import StudyResult, TrialRecord, run_study  # noqa: E402
+
+__all__ += ["KnapsackRun", "KnapsackSearch", "OptunaSearch", "StudyResult", "TrialRecord",
+            "run_knapsack", "run_study"]
