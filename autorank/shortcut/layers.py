@@ -23,7 +23,16 @@ from .functional import (
     ShortcutLinearFn,
     tucker_saved_numel,
 )
-from .tucker import _check_eps, clip_ranks, compute_dtype, eps_rank, mode_gram_apply, mode_product, tucker_core, unfold
+from .tucker import (
+    _check_eps,
+    clip_ranks,
+    compute_dtype,
+    eps_rank,
+    mode_product,
+    subspace_iteration_step,
+    tucker_core,
+    unfold,
+)
 
 __all__ = ["ASIConv2d", "ASILinear", "HOSVDConv2d", "HOSVDLinear", "ASIFactorizer", "HOSVDFactorizer"]
 
@@ -36,7 +45,7 @@ class ASIFactorizer:
     """One warm-started subspace-iteration step per mode (DESIGN section 2).
 
     U_n = QR(X_(n) X_(n)^T U_n_prev), computed mode after mode on the progressively projected
-    tensor (modes that shrink most first: the later steps then run on a small tensor). State:
+    tensor (``subspace_iteration_step``). State:
     the previous U_n per mode, in >= fp32, restarted from ``seed`` whenever the input shape,
     dtype or device changes. A private generator (CPU) draws the start; the global RNG is never
     touched. Plain attributes, so nothing lands in a state_dict.
@@ -74,16 +83,10 @@ class ASIFactorizer:
         key = (shape, cdtype, x.device)
         if self.state is None or self.state_key != key:
             self.state, self.state_key = self._start(shape, ranks, cdtype, x.device), key
-        order = sorted((r / s, n) for n, (s, r) in enumerate(zip(shape, ranks)) if r < s)
-        t = x.detach().to(cdtype)
-        factors: list[torch.Tensor | None] = [None] * len(shape)
-        for _, n in order:
-            y = mode_gram_apply(t, mode_product(t, self.state[n], n), n)  # X_(n) X_(n)^T U_prev
-            q = torch.linalg.qr(y).Q
-            self.state[n] = q
-            t = mode_product(t, q, n)
-            factors[n] = q.to(x.dtype)
-        core = t.to(x.dtype)
+        core, qs = subspace_iteration_step(x.detach().to(cdtype), ranks, self.state)
+        factors = [None if q is None else q.to(x.dtype) for q in qs]
+        self.state = [q if q is not None else u for q, u in zip(qs, self.state)]
+        core = core.to(x.dtype)
         if self.record:
             self.last = (core, factors)
         return core, factors

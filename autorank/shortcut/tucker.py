@@ -7,6 +7,8 @@ reconstruction is S x_0 U_0 x_1 U_1 ...
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -21,6 +23,8 @@ __all__ = [
     "tucker_core",
     "tucker_reconstruct",
     "clip_ranks",
+    "orthonormalize",
+    "subspace_iteration_step",
 ]
 
 
@@ -66,6 +70,85 @@ def mode_gram_apply(x: torch.Tensor, p: torch.Tensor, n: int) -> torch.Tensor:
         return x.reshape(i, b) @ p.reshape(r, b).t()
     # (A, I, B) @ (A, B, r) summed over A: A small GEMMs, no permute copy of x
     return torch.matmul(x.reshape(a, i, b), p.reshape(a, r, b).transpose(1, 2)).sum(0)
+
+
+def orthonormalize(y: torch.Tensor) -> torch.Tensor:
+    """Q of a reduced QR of y (I, r), r <= I. Householder via geqrf + householder_product: the
+    same Q as torch.linalg.qr without forming R (linalg.qr's triu costs ms on tiny matrices)."""
+    a, tau = torch.geqrf(y)
+    return torch.linalg.householder_product(a, tau)
+
+
+def _cyclic_cost(shape, ranks, order) -> int:
+    numel, cost = math.prod(shape), 0
+    last = max((k for k, n in enumerate(order) if ranks[n] < shape[n]), default=-1)
+    for n in order[: last + 1]:
+        if ranks[n] < shape[n]:
+            cost += 3 * numel * ranks[n]  # three GEMMs
+            numel = numel // shape[n] * ranks[n]
+        else:
+            cost += 2 * numel  # a rotation copy
+    return cost
+
+
+@functools.lru_cache(maxsize=256)
+def cyclic_schedule(shape: tuple[int, ...], ranks: tuple[int, ...]) -> tuple[bool, tuple[int, ...]]:
+    """(front, modes): compress from the front (modes 0, 1, ...) or from the back (N-1, N-2, ...),
+    whichever does less work, stopping after the last compressed mode."""
+    n = len(shape)
+    best = None
+    for front, order in ((True, tuple(range(n))), (False, tuple(reversed(range(n))))):
+        cost = _cyclic_cost(shape, ranks, order)
+        if best is None or cost < best[0]:
+            best = (cost, front, order)
+    _, front, order = best
+    last = max((k for k, m in enumerate(order) if ranks[m] < shape[m]), default=-1)
+    return front, order[: last + 1]
+
+
+def subspace_iteration_step(x: torch.Tensor, ranks, prev):
+    """One warm-started subspace-iteration step per mode, sequentially on the projected tensor.
+
+    x: (I_0, ..., I_{N-1}) in the factorisation dtype; ranks clipped; prev[n]: (I_n, r_n) start
+    for the compressed modes. Returns (core, factors) with factors[n] = QR(X_(n) X_(n)^T prev[n]).Q.
+
+    Each step works on the mode at the front (or back) of memory and leaves the projected mode at
+    the other end (a cyclic rotation of the modes): the three products are plain GEMMs on
+    transposed views, with no permute copies and no batched small matmuls.
+    """
+    shape = tuple(int(s) for s in x.shape)
+    front, order = cyclic_schedule(shape, tuple(ranks))
+    phys = list(range(len(shape)))  # logical mode held by each physical dim
+    sizes = list(shape)
+    t = x
+    factors: list[torch.Tensor | None] = [None] * len(shape)
+    for n in order:
+        i = sizes[phys.index(n)]
+        rest = t.numel() // i
+        if front:
+            xm = t.reshape(i, rest)  # X_(n) as stored
+            if ranks[n] < i:
+                p = xm.t() @ prev[n]  # (rest, r) = X^T U_prev
+                q = orthonormalize(xm @ p)  # (I, r)
+                t = xm.t() @ q  # (rest, r): mode n projected, moved to the back
+            else:
+                t = xm.t().contiguous()
+            phys, sizes = phys[1:] + [n], sizes[1:] + [min(i, ranks[n])]
+        else:
+            xm = t.reshape(rest, i)  # X_(n)^T as stored
+            if ranks[n] < i:
+                p = xm @ prev[n]  # (rest, r)
+                q = orthonormalize(xm.t() @ p)  # (I, r)
+                t = q.t() @ xm.t()  # (r, rest): mode n projected, moved to the front
+            else:
+                t = xm.t().contiguous()
+            phys, sizes = [n] + phys[:-1], [min(i, ranks[n])] + sizes[:-1]
+        if ranks[n] < i:
+            factors[n] = q
+    t = t.reshape(sizes)
+    if phys != sorted(phys):
+        t = t.permute([phys.index(m) for m in range(len(shape))]).contiguous()
+    return t, factors
 
 
 def unfold(x: torch.Tensor, n: int) -> torch.Tensor:
