@@ -10,7 +10,9 @@ elementwise work (BN, activations, adds). Two faults are fixed here through its 
   these. Formulas (Golub & Van Loan, Matrix Computations, 4th ed., 5.2 and 8.6), k = min(m, n),
   M = max(m, n):
     QR (Householder), R only:           2 M k^2 - 2 k^3 / 3
-    QR with the thin Q formed too:      twice that (geqrf + orgqr)
+    QR with the thin Q formed too:      twice that (geqrf + orgqr; torch.geqrf and
+                                        linalg.householder_product are counted apart, the
+                                        latter as LAPACK's 4mnk - 2(m+n)k^2 + 4k^3/3)
     SVD (R-SVD): values only 2 M k^2 + 2 k^3; thin U, V: 6 M k^2 + 20 k^3; full U, V: 4 M^2 k + 22 k^3
     eigh (symmetric QR): values only 4 n^3 / 3; with vectors 9 n^3
   Batched inputs multiply by the batch size.
@@ -32,7 +34,13 @@ def qr_flops(m: int, n: int, with_q: bool = True) -> int:
     """Householder QR of an m x n matrix (R, and the thin Q when with_q)."""
     big, k = max(m, n), min(m, n)
     r = 2 * big * k * k - (2 * k**3) // 3
-    return 2 * r if with_q else r
+    return r + householder_product_flops(big, k, k) if with_q else r
+
+
+def householder_product_flops(m: int, n: int, k: int) -> int:
+    """LAPACK orgqr: the m x n Q from k reflectors, 4mnk - 2(m+n)k^2 + 4k^3/3 (for n = k the same
+    as the R part, up to rounding)."""
+    return 4 * m * n * k - 2 * (m + n) * k * k + (4 * k**3) // 3
 
 
 def svd_flops(m: int, n: int, compute_uv: bool = True, full_matrices: bool = False) -> int:
@@ -74,6 +82,16 @@ def _qr(a_shape, *args, out_shape=None, **kwargs) -> int:
     return _batch(a_shape) * qr_flops(m, n, with_q=with_q)
 
 
+def _geqrf(a_shape, *args, out_shape=None, **kwargs) -> int:
+    m, n = a_shape[-2:]
+    return _batch(a_shape) * qr_flops(m, n, with_q=False)
+
+
+def _householder_product(a_shape, tau_shape, *args, out_shape=None, **kwargs) -> int:
+    m, n = a_shape[-2:]
+    return _batch(a_shape) * householder_product_flops(m, n, tau_shape[-1])
+
+
 def _svd(a_shape, *args, out_shape=None, **kwargs) -> int:
     m, n = a_shape[-2:]
     u = out_shape[0] if out_shape is not None else (m, min(m, n))
@@ -90,6 +108,8 @@ def _eigh(a_shape, *args, out_shape=None, **kwargs) -> int:
 CUSTOM_FLOP_FORMULAS = {
     aten.convolution_backward: _conv_backward,
     aten.linalg_qr: _qr,
+    aten.geqrf: _geqrf,
+    aten.linalg_householder_product: _householder_product,
     aten._linalg_svd: _svd,
     aten._linalg_eigh: _eigh,
 }

@@ -1,0 +1,51 @@
+"""The torch-only core imports with the search stack absent (what a device installs)."""
+
+import subprocess
+import sys
+
+BLOCKER = r"""
+import sys
+BLOCKED = {"hydra", "optuna", "lightning", "pytorch_lightning", "mlflow", "torchvision", "optuna_integration"}
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+for name in list(sys.modules):
+    if name.split(".")[0] in BLOCKED:
+        del sys.modules[name]
+
+import autorank.shortcut, autorank.plan, autorank.cost
+from autorank.plan import Plan, Choice, apply_plan
+from autorank.cost import predict_saved_bytes, measure_saved_bytes, train_step_flops, predict_peak_training_bytes
+
+# the blocker works: these really cannot be imported here
+for name in ("hydra", "optuna", "lightning", "lightning.pytorch", "pytorch_lightning", "mlflow"):
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(f"{name} imported despite the blocker")
+
+# and the core works without them: apply a plan and predict its cost
+import torch, torch.nn as nn
+m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+x = torch.randn(2, 3, 8, 8)
+plan = Plan({"4": Choice.asi([2, 8])})
+p = predict_saved_bytes(m, x, plan)
+apply_plan(m, plan)
+assert p.activation_bytes == measure_saved_bytes(lambda: m(x), m).activation_bytes
+heavy = sorted(n for n in sys.modules if n.split(".")[0] in BLOCKED)
+assert not heavy, heavy
+print("OK")
+"""
+
+
+def test_core_imports_without_search_stack():
+    r = subprocess.run([sys.executable, "-c", BLOCKER], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("OK")
