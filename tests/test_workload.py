@@ -32,7 +32,7 @@ from autorank.workload.models import (
 from autorank.workload.module import PlanModule
 from autorank.workload.workload import Paths, TrainerConfig, TrainingFailed, Workload
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # small models; the test machine is shared
 
 
 # --- models and the cut --------------------------------------------------------------------------

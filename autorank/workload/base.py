@@ -72,6 +72,7 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*number of training batches.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # BN kept in eval on purpose
 
 
 def make_trainer(max_epochs: int, accelerator: str, output_dir: str | Path, progress: bool) -> L.Trainer:

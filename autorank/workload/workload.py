@@ -97,6 +97,7 @@ class Workload:
         self.features = FeatureCache(Path(self.paths.cache_dir) / "features" if cache == "disk" else None)
         self._model: nn.Module | None = None
         self._checkpoint: Path | None = None
+        self._checkpoint_sha256 = ""
 
     @classmethod
     def from_config(cls, cfg: Any) -> Workload:
@@ -124,7 +125,7 @@ class Workload:
             model = self.spec(num_classes=self.data.num_classes("upstream"))
             load_weights(model, self._checkpoint)
             self._model = replace_head(model, self.num_classes, seed=t.seed).eval()
-            self.checkpoint_sha256 = file_sha256(self._checkpoint)
+            self._checkpoint_sha256 = file_sha256(self._checkpoint)
         return self._model
 
     @property
@@ -136,6 +137,11 @@ class Workload:
         self.prepare()
         assert self._checkpoint is not None
         return self._checkpoint
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        self.prepare()
+        return self._checkpoint_sha256
 
     @property
     def num_classes(self) -> int:
@@ -209,8 +215,8 @@ class Workload:
 
         # What one training step at the device's batch shape saves for backward. The frozen prefix
         # records no graph, so the suffix on B cached features saves what the whole model would.
-        reps = -(-bs // len(x_train))
-        xb, yb = x_train.repeat(reps, *[1] * (x_train.dim() - 1))[:bs], y_train.repeat(reps)[:bs]
+        idx = torch.arange(bs) % len(x_train)
+        xb, yb = x_train[idx], y_train[idx]  # fresh storages: a view would count all of x_train
         module.train()
         saved = measure_saved_bytes(lambda: F.cross_entropy(suffix(xb), yb).backward(), suffix)
         suffix.zero_grad(set_to_none=True)
