@@ -1,0 +1,129 @@
+"""The Hydra application: `python -m autorank +device=rpi4`.
+
+config -> Workload (device, model, data, trainer, paths) -> search (knapsack | optuna) -> tracking
+-> exported plan. `main` is the thin Hydra wrapper; `run(cfg)` is a plain function that tests call
+with composed configs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+MB = 2**20
+
+
+class UsageError(Exception):
+    """A mistake in how autorank was called: printed without a traceback, exit status 2."""
+
+
+def device_names() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "device").glob("*.yaml"))
+
+
+def _require_device(cfg: DictConfig) -> None:
+    if cfg.get("device") is None:
+        names = ", ".join(device_names())
+        raise UsageError(
+            "no target device: autorank sizes the search to a device's memory budget.\n"
+            f"  choose one of: {names}\n"
+            "  e.g.   python -m autorank +device=rpi4\n"
+            "  (override its budget with device.budget_mb=..., its RAM with device.ram_mb=...)")
+
+
+def run(cfg: DictConfig) -> Any:
+    """Build everything from the composed config and run the configured search."""
+    from hydra.utils import instantiate
+
+    from autorank.workload.workload import Workload
+
+    _require_device(cfg)
+    workload = Workload.from_config(cfg)
+    device = workload.device
+    search = instantiate(cfg.search)
+    sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
+    tracker = instantiate(cfg.tracking) if cfg.get("tracking") is not None else None
+    budget_mb = device.budget_bytes / MB
+    print(f"autorank: device {device.name} (training budget {budget_mb:.0f} MB), "
+          f"model {cfg.model.build._target_.rsplit('.', 1)[-1]}, data {cfg.data._target_.rsplit('.', 1)[-1]}, "
+          f"search {search.name}", flush=True)
+    workload.prepare(progress=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    result = search.run(workload, device, sampler=sampler, tracker=tracker, config=config,
+                        run_dir=cfg.paths.output_dir, export_path=cfg.export.path,
+                        cache_dir=cfg.paths.cache_dir, progress=True)
+    _summary(result, device, tracker)
+    return result
+
+
+def _summary(result: Any, device: Any, tracker: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    budget_mb = device.budget_bytes / MB
+    if hasattr(result, "front"):  # an Optuna study
+        states: dict[str, int] = {}
+        for r in result.trials:
+            states[r.state] = states.get(r.state, 0) + 1
+        console.print(f"\nstudy [bold]{result.study_name}[/] in {result.storage}: "
+                      f"{len(result.trials)} trials ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}), "
+                      f"{result.n_new} new, {result.wall_s:.0f} s")
+        table = Table(title=f"Pareto front (budget {budget_mb:.0f} MB on {device.name})")
+        for col in ("trial", "val acc", "peak MB", "GFLOP/step", "device s/step", "plan"):
+            table.add_column(col)
+        for r in sorted(result.front, key=lambda r: r.predicted_peak_bytes):
+            table.add_row(str(r.number), f"{r.val_accuracy:.3f}", f"{r.predicted_peak_bytes / MB:.0f}",
+                          f"{r.flops / 1e9:.2f}", f"{device.step_time_s(r.flops):.2f}",
+                          _short_plan(r.choices))
+        console.print(table)
+        best = result.best
+        if best is not None:
+            console.print(f"exported plan (trial {best.number}: accuracy {best.val_accuracy:.3f}, "
+                          f"peak {best.predicted_peak_bytes / MB:.0f} of {budget_mb:.0f} MB): "
+                          f"[bold]{result.export_path}[/]")
+        else:
+            console.print("[red]no feasible trial: nothing exported[/]")
+    else:  # the knapsack planner
+        console.print(f"\nknapsack plan: accuracy {result.val_accuracy:.3f}, predicted peak "
+                      f"{result.predicted_peak_bytes / MB:.0f} of {budget_mb:.0f} MB, activations "
+                      f"predicted {(result.predicted_activation_bytes or 0) / MB:.1f} MB / measured "
+                      f"{(result.measured_activation_bytes or 0) / MB:.1f} MB, "
+                      f"{result.train_flops / 1e9:.2f} GFLOP/step "
+                      f"(~{result.step_time_s:.2f} s/step on {device.name}), {result.wall_s:.0f} s")
+        for name, choice in result.plan.layers.items():
+            console.print(f"  {name}: {choice}")
+        console.print(f"plan: [bold]{result.export_path}[/]")
+    if tracker is not None:
+        console.print(f"MLflow: {tracker.uri}  (open with: mlflow ui --backend-store-uri "
+                      f"{tracker.uri} --host 127.0.0.1)")
+
+
+def _short_plan(choices: dict[str, str]) -> str:
+    trained = {k: v for k, v in choices.items() if v != "frozen"}
+    return ", ".join(f"{k}={v}" for k, v in trained.items()) or "all frozen"
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    from autorank.search.knapsack import BudgetTooSmall
+    from autorank.workload.data import DatasetMissing
+
+    try:
+        run(cfg)
+    except (UsageError, BudgetTooSmall, DatasetMissing) as e:
+        print(f"autorank: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
