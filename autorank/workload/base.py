@@ -36,11 +36,12 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def pretrain_key(spec: ModelSpec, data: ImageData, epochs: int, lr: float, momentum: float, seed: int) -> dict[str, Any]:
+def pretrain_key(spec: ModelSpec, data: ImageData, epochs: int, lr: float, momentum: float, seed: int,
+                 batch_size: int) -> dict[str, Any]:
     return {
         "model": spec.key(),
         "data": data.key("upstream"),
-        "batch_size": data.batch_size,
+        "batch_size": batch_size,
         "epochs": epochs,
         "lr": lr,
         "momentum": momentum,
@@ -108,6 +109,7 @@ def pretrain(
     lr: float,
     momentum: float,
     seed: int,
+    batch_size: int,
     accelerator: str,
     output_dir: str | Path,
     progress: bool = True,
@@ -118,7 +120,7 @@ def pretrain(
     module = PlanModule(model, lr=lr, momentum=momentum, bn_eval=False)
     trainer = make_trainer(epochs, accelerator, output_dir, progress)
     t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=data.loader("upstream", "train", shuffle=True))
+    trainer.fit(module, train_dataloaders=data.loader("upstream", "train", shuffle=True, batch_size=batch_size))
     wall_s = time.perf_counter() - t0
     acc, loss = evaluate(model, data.loader("upstream", "val"))
     return model, {"upstream_val_accuracy": acc, "upstream_val_loss": loss, "pretrain_wall_s": wall_s,
@@ -134,6 +136,7 @@ def base_checkpoint(
     lr: float,
     momentum: float,
     seed: int,
+    batch_size: int,
     accelerator: str = "cpu",
     output_dir: str | Path = ".",
     progress: bool = True,
@@ -144,13 +147,13 @@ def base_checkpoint(
         if not path.exists():
             raise FileNotFoundError(f"model.checkpoint={path} does not exist")
         return path
-    key = pretrain_key(spec, data, epochs, lr, momentum, seed)
+    key = pretrain_key(spec, data, epochs, lr, momentum, seed, batch_size)
     path = Path(cache_dir) / "checkpoints" / f"{spec.name}-{key_hash(key)}.pt"
     if path.exists():
         log.info("base model: cached checkpoint %s", path)
         return path
     log.info("base model: pretraining %s on the upstream task for %d epochs (cached at %s)", spec.name, epochs, path)
-    model, stats = pretrain(spec, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed,
+    model, stats = pretrain(spec, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed, batch_size=batch_size,
                             accelerator=accelerator, output_dir=output_dir, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")

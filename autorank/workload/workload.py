@@ -46,6 +46,7 @@ class TrainerConfig:
     feature_cache: str = "memory"  # memory | disk | off
     pretrain_epochs: int = 5
     pretrain_lr: float = 0.05
+    pretrain_batch_size: int = 32  # smaller than the device batch: more steps for the same compute
     progress: bool = False  # Lightning bar per trial (pretraining always shows one)
 
 
@@ -119,7 +120,7 @@ class Workload:
             t = self.trainer
             self._checkpoint = base_checkpoint(
                 self.spec, self.data, self.paths.cache_dir, epochs=t.pretrain_epochs, lr=t.pretrain_lr,
-                momentum=t.momentum, seed=t.seed, accelerator=t.accelerator,
+                momentum=t.momentum, seed=t.seed, batch_size=t.pretrain_batch_size, accelerator=t.accelerator,
                 output_dir=self.paths.output_dir, progress=progress,
             )
             model = self.spec(num_classes=self.data.num_classes("upstream"))
