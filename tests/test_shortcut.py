@@ -403,3 +403,22 @@ def test_cuda_matches_cpu(kind, name):
     for a, b in zip(out, cpu):
         if b is not None:
             assert rel(a.cpu(), b) <= 1e-8
+
+
+@pytest.mark.parametrize("kind,name", [("conv", "g1_3x3"), ("conv", "same_even_grouped"), ("linear", "4d")])
+def test_expanded_grad_output_from_sum(kind, name):
+    """y.sum().backward() hands the backward a zero-stride grad_output."""
+    base, x, low = make_case(kind, name)
+    layer = wrap(kind, "asi", base, low).record_factors()
+    xg = x.clone().requires_grad_(True)
+    gx, gw = torch.autograd.grad(layer(xg).sum(), [xg, base.weight])
+    xr = tucker_reconstruct(*layer.last_factors())
+    assert rel(gw, torch.autograd.grad(base(xr).sum(), base.weight)[0]) <= 1e-10
+    assert rel(gx, torch.autograd.grad(base(xg).sum(), xg)[0]) <= 1e-12
+
+
+def test_zero_input_gives_zero_weight_grad():
+    base, x, low = make_case("conv", "g1_3x3")
+    layer = ASIConv2d(base, low)
+    out = grads(layer, base, torch.zeros_like(x))
+    assert float(out[2].abs().max()) == 0.0 and torch.isfinite(out[1]).all()
