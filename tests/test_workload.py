@@ -182,11 +182,18 @@ def test_image_folder(tmp_path):
 # --- base model, feature cache, fine-tuning ------------------------------------------------------
 
 
-def make_workload(tmp_path, **trainer) -> Workload:
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One pretrained small_cnn checkpoint for the fine-tuning tests."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def make_workload(tmp_path, cache_dir=None, **trainer) -> Workload:
     spec = ModelSpec(functools.partial(small_cnn, width=8))
     data = DigitsData(input_size=16, batch_size=32)
     cfg = {"pretrain_epochs": 2, "max_epochs": 8, "lr": 0.05, **trainer}
-    paths = Paths(root=str(tmp_path), output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    cache = str(cache_dir or tmp_path / "cache")
+    paths = Paths(root=str(tmp_path), output_dir=str(tmp_path / "out"), cache_dir=cache)
     return Workload(DeviceProfile("rpi4", 2048, 700, 2.0), spec, data, TrainerConfig(**cfg), paths)
 
 
@@ -239,11 +246,11 @@ def test_feature_cache_equals_prefix(tmp_path):
     torch.testing.assert_close(fresh.get(key, None, None)[0], feats, rtol=0, atol=0)
 
 
-def test_finetune_learns_downstream_digits(tmp_path):
-    wl = make_workload(tmp_path, max_epochs=8)
+def test_finetune_learns_downstream_digits(tmp_path, shared_cache):
+    wl = make_workload(tmp_path, shared_cache, max_epochs=5)
     plan = Plan(layers={"conv2": Choice.full(), "conv3": Choice.full(), "fc": Choice.full()})
     r = wl.finetune(plan)
-    assert r.cut == "conv2" and r.epochs == 8
+    assert r.cut == "conv2" and r.epochs == 5
     assert r.val_accuracy > 0.6  # 5 classes: chance is 0.2
     assert np.isfinite(r.train_loss) and r.train_loss < 1.2
     # measured at the device batch (32, 3, 16, 16): the same bytes the whole planned model saves,
@@ -260,24 +267,24 @@ def test_finetune_learns_downstream_digits(tmp_path):
     assert all(not hasattr(m, "base_layer") for m in wl.model.modules())
 
 
-def test_finetune_cached_features_reused_across_trials(tmp_path):
-    wl = make_workload(tmp_path, max_epochs=1)
+def test_finetune_cached_features_reused_across_trials(tmp_path, shared_cache):
+    wl = make_workload(tmp_path, shared_cache, max_epochs=1)
     wl.finetune(Plan(layers={"fc": Choice.full()}))
     r = wl.finetune(Plan(layers={"fc": Choice.full()}))
     assert (wl.features.misses, wl.features.hits) == (2, 2)  # train + val once, then hits
     assert r.features_wall_s < 0.05
 
 
-def test_finetune_with_asi_plan(tmp_path):
-    wl = make_workload(tmp_path, max_epochs=4)
+def test_finetune_with_asi_plan(tmp_path, shared_cache):
+    wl = make_workload(tmp_path, shared_cache, max_epochs=2)
     full = wl.finetune(Plan(layers={"conv3": Choice.full(), "fc": Choice.full()}))
     asi = wl.finetune(Plan(layers={"conv3": Choice.asi([8, 4, 2, 2]), "fc": Choice.full()}))
     assert asi.val_accuracy > 0.4
     assert asi.measured_activation_bytes < full.measured_activation_bytes
 
 
-def test_bn_stays_in_eval_mode(tmp_path):
-    wl = make_workload(tmp_path, max_epochs=1)
+def test_bn_stays_in_eval_mode(tmp_path, shared_cache):
+    wl = make_workload(tmp_path, shared_cache, max_epochs=1)
     wl.prepare(progress=False)
     before = wl.model.bn3.running_mean.clone()
     plan = Plan(layers={"conv3": Choice.full(), "fc": Choice.full()}, bn="train", lean=False)
@@ -289,8 +296,8 @@ def test_bn_stays_in_eval_mode(tmp_path):
     torch.testing.assert_close(model.bn3.running_mean, before, rtol=0, atol=0)
 
 
-def test_nan_loss_raises_training_failed(tmp_path):
-    wl = make_workload(tmp_path, max_epochs=1)
+def test_nan_loss_raises_training_failed(tmp_path, shared_cache):
+    wl = make_workload(tmp_path, shared_cache, max_epochs=1)
     wl.prepare(progress=False)
     with torch.no_grad():
         wl.model.fc.weight.fill_(float("nan"))
