@@ -28,7 +28,6 @@ from .tucker import (
     clip_ranks,
     compute_dtype,
     eps_rank,
-    mode_product,
     subspace_iteration_step,
     tucker_core,
     unfold,

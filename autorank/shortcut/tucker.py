@@ -8,7 +8,6 @@ reconstruction is S x_0 U_0 x_1 U_1 ...
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Sequence
 
