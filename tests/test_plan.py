@@ -146,3 +146,17 @@ def test_frozen_layers_get_no_grad_and_prefix_saves_nothing():
     # and the linear's input are (the eval-mode 1x1 pool is a mean and saves nothing)
     measured = measure_saved_bytes(lambda: m(x), m)
     assert measured.activation_bytes == 4 * (3 * (2 * 16 * 8 * 8) + 2 * 16)
+
+
+def test_apply_twice_replaces_and_loaded_plan_applies(tmp_path):
+    from autorank.plan import applied_plan
+
+    m = tiny_cnn().eval()
+    path = PLANS["asi_lean"].save(tmp_path / "p.yaml", model=m)
+    apply_plan(m, PLANS["full_last2"])
+    apply_plan(m, path)  # the first plan is removed before the second goes on
+    assert applied_plan(m).layers == PLANS["asi_lean"].layers
+    assert isinstance(m[6], ASIConv2d) and isinstance(m[6].base_layer, nn.Conv2d)
+    remove_plan(m)
+    assert applied_plan(m) is None and type(m[6]) is nn.Conv2d and type(m[8]) is nn.ReLU
+    assert all(p.requires_grad for p in m.parameters())

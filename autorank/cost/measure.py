@@ -30,9 +30,10 @@ def _storage_key(t: torch.Tensor) -> tuple:
 def measure_saved_bytes(fn: Callable[[], object], model: nn.Module | Iterable[torch.Tensor] | None = None) -> SavedBytes:
     """Run fn() under saved_tensors_hooks and count the bytes autograd saves.
 
-    Resident tensors (not counted as activations): nn.Parameter instances, and, with `model`,
-    every parameter and buffer of it (BN running statistics are saved by batch_norm's node) -
-    matched by storage, so weight.t() saved by linear counts as the weight. Every saved storage is
+    Resident tensors (not counted as activations): nn.Parameter instances, the parameters and
+    buffers of every nn.Module that runs inside fn (BN running statistics are saved by
+    batch_norm's node), and, with `model`, all of its parameters and buffers (tensors, for a
+    functional fn) - matched by storage, so weight.t() saved by linear counts as the weight. Every saved storage is
     held until the measurement ends so that a freed pointer can never be taken for a new one.
     Empty storages (eval-mode BN's save_mean) count 0 bytes.
     """
@@ -52,8 +53,18 @@ def measure_saved_bytes(fn: Callable[[], object], model: nn.Module | Iterable[to
             seen[key] = (t.untyped_storage(), is_param, str(t.dtype).removeprefix("torch."))
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
+    def note_module(module, args):
+        # every module that runs has its own parameters and buffers resident
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if t.numel() > 0:
+                resident.add(_storage_key(t))
+
+    handle = nn.modules.module.register_module_forward_pre_hook(note_module)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+    finally:
+        handle.remove()
     activation = parameter = 0
     by_dtype: dict[str, int] = {}
     for storage, is_param, dtype in seen.values():
