@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from autorank.cost import measure_saved_bytes, predict_peak_training_bytes, predict_saved_bytes
