@@ -26,11 +26,11 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--input-size", type=int, default=112)
+    ap.add_argument("--input-size", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="rpi4")
-    ap.add_argument("--pretrain-epochs", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--pretrain-epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args()
