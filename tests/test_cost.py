@@ -193,3 +193,68 @@ def test_peak_prediction_bounds_cuda_measurement():
     for row in mod.check(batch=8, size=64):
         # conservative: never below the measurement, and not wildly above it
         assert row["measured_bytes"] <= row["predicted_bytes"] <= 2 * row["measured_bytes"], row
+
+
+# -- the meta-device fast path gives what real tensors give -----------------------------------------
+def _real(fn, model, x, plan):
+    """fn traced on real tensors (the meta shadow disabled)."""
+    from autorank.cost import meta
+
+    def refuse(*args, **kwargs):
+        raise meta.NeedsData
+
+    orig = meta.meta_copy
+    meta.meta_copy, meta._SHADOWS = refuse, type(meta._SHADOWS)()
+    try:
+        return fn(model, x, plan)
+    finally:
+        meta.meta_copy = orig
+
+
+@pytest.mark.parametrize("model_name,kind,mode", [("mcunet_like", k, m) for k, m in ALL if not k.startswith("hosvd")]
+                         + [("mobilenet_v2", "asi_last4_lean_bn_train", "train")])
+def test_meta_fast_path_equals_real_tensors(model_name, kind, mode):
+    from autorank.cost import meta
+
+    model = copy.deepcopy(_built(model_name)).train(mode == "train")
+    x = torch.randn(2, 3, 32, 32)
+    plan = make_plan(model, kind)
+    before = sum(meta.FALLBACKS.values())
+    for _ in range(2):  # the second call reuses the cached shadow
+        fast_peak, fast_flops = predict_peak_training_bytes(model, x, plan), train_step_flops(model, x, plan)
+        fast_saved = predict_saved_bytes(model, x, plan)
+    assert sum(meta.FALLBACKS.values()) == before  # no real-tensor fallback was taken
+    assert fast_peak == _real(predict_peak_training_bytes, model, x, plan)
+    assert fast_flops == _real(train_step_flops, model, x, plan)
+    assert fast_saved == _real(predict_saved_bytes, model, x, plan)
+    # the model itself is untouched: same modules, no plan, no gradients
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), _built(model_name).state_dict().values()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_meta_shadow_follows_model_changes_and_plans_already_applied():
+    model = mcunet_like().eval()
+    x = torch.randn(2, 3, 32, 32)
+    plan = make_plan(model, "asi_last4")
+    first = predict_peak_training_bytes(model, x, plan)
+    model.train()  # a changed mode (or module, or requires_grad) rebuilds the shadow
+    assert predict_peak_training_bytes(model, x, plan) == _real(predict_peak_training_bytes, model, x, plan)
+    model.eval()
+    apply_plan(model, plan)  # plan=None: the model as it is, plan included
+    assert predict_peak_training_bytes(model, x) == first
+    assert train_step_flops(model, x) == _real(train_step_flops, model, x, None)
+    other = make_plan(model, "full_last4")  # replaces the applied plan on the copy only
+    assert predict_peak_training_bytes(model, x, other) == _real(predict_peak_training_bytes, model, x, other)
+    assert predict_peak_training_bytes(model, x) == first
+
+
+def test_hosvd_plans_fall_back_to_real_tensors():
+    from autorank.cost import meta
+
+    model = mcunet_like().eval()
+    x = torch.randn(2, 3, 32, 32)
+    plan = make_plan(model, "hosvd_last4_lean")
+    before = meta.FALLBACKS["needs data"]
+    flops = train_step_flops(model, x, plan)
+    assert meta.FALLBACKS["needs data"] == before + 1
+    assert flops == _real(train_step_flops, model, x, plan)

@@ -20,6 +20,7 @@ elementwise work (BN, activations, adds). Two faults are fixed here through its 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -120,19 +121,37 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOP_FORMULAS)
 
 
+def _count(model: nn.Module, example_input: torch.Tensor, *modes) -> int:
+    devices = [example_input.device.index or 0] if example_input.is_cuda else []
+    with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
+        for mode in modes:
+            stack.enter_context(mode)
+        counter = stack.enter_context(flop_counter())
+        out = model(example_input)
+        if out.requires_grad:
+            out.float().sum().backward()
+    return int(counter.get_total_flops())
+
+
 def train_step_flops(model: nn.Module, example_input: torch.Tensor, plan=None) -> int:
     """FLOPs of one forward + backward (loss = output.sum(): the loss itself is elementwise and
-    counts 0). plan=None: the model as it is; a plan: applied to a deep copy. The optimizer
-    update is elementwise and not counted. ASI warm-start state advances by one step on the copy
-    only."""
+    counts 0). plan=None: the model as it is; a plan: applied to a copy. The optimizer update is
+    elementwise and not counted. The model itself is never changed (ASI warm-start state).
+
+    Counted on a meta-device shadow of the model (FlopCounterMode reads shapes only; torch.geqrf,
+    which has no meta kernel, gets shape-only outputs from MetaLinalg); a model that needs values
+    (HOSVD_eps ranks) or fails on meta is counted on a real deep copy."""
+    from autorank.cost.meta import fell_back, MetaLinalg, meta_tensor, shadow
+
+    try:
+        with shadow(model, plan) as m:
+            x = meta_tensor(example_input).requires_grad_(example_input.requires_grad)
+            return _count(m, x, MetaLinalg())
+    except Exception as exc:  # noqa: BLE001 - any failure on meta: trace real tensors
+        fell_back(exc)
     model = copy.deepcopy(model)
     if plan is not None:
         from autorank.plan import apply_plan
 
         apply_plan(model, plan)
-    devices = [example_input.device.index or 0] if example_input.is_cuda else []
-    with torch.random.fork_rng(devices=devices), flop_counter() as counter:
-        out = model(example_input)
-        if out.requires_grad:
-            out.float().sum().backward()
-    return int(counter.get_total_flops())
+    return _count(model, example_input)

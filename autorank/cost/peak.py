@@ -24,14 +24,13 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
 import torch
 import torch.nn as nn
 
-from autorank.cost.saved import _key, predict_saved_bytes
+from autorank.cost.saved import _key, _trace, real_copy
 
 OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "adamw": 2}
 
@@ -58,16 +57,26 @@ def _elem(dtype: torch.dtype) -> int:
 
 def predict_peak_training_bytes(model: nn.Module, example_input: torch.Tensor, plan=None,
                                 optimizer: str = "sgd", momentum: float = 0.9) -> PeakMemory:
-    """Predicted peak memory of one training step of `model` (with `plan` applied to a deep copy,
-    or as it is when plan=None) on a batch shaped like `example_input`."""
+    """Predicted peak memory of one training step of `model` (with `plan` applied to a copy, or
+    as it is when plan=None) on a batch shaped like `example_input`. Runs on a meta-device
+    shadow of the model (see predict_saved_bytes)."""
     opt = optimizer.lower()
     if opt not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZER_STATES)}")
-    model = copy.deepcopy(model)
-    if plan is not None:
-        from autorank.plan import apply_plan
+    from autorank.cost.meta import fell_back, meta_tensor, shadow
 
-        apply_plan(model, plan)
+    try:
+        with shadow(model, plan) as m:
+            x = meta_tensor(example_input).requires_grad_(example_input.requires_grad)
+            return _peak(m, x, _trace(m, x, example_input.is_cuda), opt, momentum)
+    except Exception as exc:  # noqa: BLE001 - any failure on meta: trace real tensors
+        fell_back(exc)
+    m = real_copy(model, plan)
+    return _peak(m, example_input, _trace(m, example_input, example_input.is_cuda), opt, momentum)
+
+
+def _peak(model: nn.Module, example_input: torch.Tensor, saved, opt: str, momentum: float) -> PeakMemory:
+    """The parts, from the planned model (real or meta: only shapes are read) and its trace."""
     storages = {_key(t): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
     weights = sum(storages.values())
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -75,7 +84,6 @@ def predict_peak_training_bytes(model: nn.Module, example_input: torch.Tensor, p
     n_states = OPTIMIZER_STATES[opt] if (opt != "sgd" or momentum) else 0
     optimizer_bytes = n_states * grads
 
-    saved = predict_saved_bytes(model, example_input)
     batch = example_input.shape[0] * 8  # int64 labels
     if not saved.input_saved:
         batch += example_input.numel() * example_input.element_size()

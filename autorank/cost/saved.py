@@ -63,7 +63,11 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _key(t: torch.Tensor) -> tuple:
+    """The storage t keeps alive. Meta storages have no address: the StorageImpl's identity
+    stands in (the tracer holds every saved tensor, so it is never reused)."""
     s = t.untyped_storage()
+    if s.device.type == "meta":
+        return ("meta", s._cdata, s.nbytes())
     return (str(s.device), s.data_ptr(), s.nbytes())
 
 
@@ -80,8 +84,9 @@ _BN_SIG = inspect.signature(F.batch_norm)
 
 
 class _Tracer(TorchFunctionMode):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, cuda: bool = False):
         super().__init__()
+        self.cuda = cuda  # the device the step runs on (a meta trace stands in for it)
         self.needs = WeakIdKeyDictionary()  # tensor -> would it require grad
         self.resident = {_key(t) for t in itertools.chain(model.parameters(), model.buffers()) if t.numel()}
         self.saved: dict[tuple, tuple[int, str, torch.Tensor | None]] = {}
@@ -234,7 +239,7 @@ class _Tracer(TorchFunctionMode):
             if training and 0 < p < 1 and x.numel():
                 # CUDA runs the fused native_dropout (bool mask); the CPU multiplies by a noise
                 # tensor of the input's dtype
-                self.save_fresh(x.numel() * (1 if x.is_cuda else x.element_size()))
+                self.save_fresh(x.numel() * (1 if self.cuda else x.element_size()))
         elif name in ("mul", "__mul__", "__rmul__", "mul_", "__imul__"):
             a, b = args[0], args[1]
             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
@@ -249,17 +254,9 @@ class _Tracer(TorchFunctionMode):
             self.unknown.append(name)
 
 
-def predict_saved_bytes(model: nn.Module, example_input: torch.Tensor, plan=None) -> SavedBytesPrediction:
-    """Bytes autograd would save for one training forward of `model` on `example_input`.
-
-    plan=None: the model as it is (a plan may already be applied); a Plan (or path): applied
-    to a deep copy. The model itself is never changed (BN statistics, warm-start state, RNG)."""
-    model = copy.deepcopy(model)
-    if plan is not None:
-        from autorank.plan import apply_plan
-
-        apply_plan(model, plan)
-    tracer = _Tracer(model)
+def _trace(model: nn.Module, example_input: torch.Tensor, cuda: bool) -> SavedBytesPrediction:
+    """One no_grad forward of `model` (changed: BN statistics) under the tracer."""
+    tracer = _Tracer(model, cuda)
     handles = []
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(tracer.pre_hook(name)))
@@ -285,3 +282,31 @@ def predict_saved_bytes(model: nn.Module, example_input: torch.Tensor, plan=None
         unknown_ops=sorted(set(tracer.unknown)),
         region_shapes=tracer.region_shapes,
     )
+
+
+def real_copy(model: nn.Module, plan=None) -> nn.Module:
+    """A deep copy of `model` with `plan` applied (the real-tensor path)."""
+    model = copy.deepcopy(model)
+    if plan is not None:
+        from autorank.plan import apply_plan
+
+        apply_plan(model, plan)
+    return model
+
+
+def predict_saved_bytes(model: nn.Module, example_input: torch.Tensor, plan=None) -> SavedBytesPrediction:
+    """Bytes autograd would save for one training forward of `model` on `example_input`.
+
+    plan=None: the model as it is (a plan may already be applied); a Plan (or path): applied
+    to a copy. The model itself is never changed (BN statistics, warm-start state, RNG).
+    The trace runs on a meta-device shadow of the model (shapes only, milliseconds); a model
+    that needs values (HOSVD_eps ranks) or fails on meta is traced on a real deep copy."""
+    from autorank.cost.meta import fell_back, meta_tensor, shadow
+
+    try:
+        with shadow(model, plan) as m:
+            return _trace(m, meta_tensor(example_input).requires_grad_(example_input.requires_grad),
+                          example_input.is_cuda)
+    except Exception as exc:  # noqa: BLE001 - any failure on meta: trace real tensors
+        fell_back(exc)
+    return _trace(real_copy(model, plan), example_input, example_input.is_cuda)
