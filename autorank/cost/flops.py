@@ -20,7 +20,6 @@ elementwise work (BN, activations, adds). Two faults are fixed here through its 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 
@@ -121,12 +120,9 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOP_FORMULAS)
 
 
-def _count(model: nn.Module, example_input: torch.Tensor, *modes) -> int:
+def _count(model: nn.Module, example_input: torch.Tensor) -> int:
     devices = [example_input.device.index or 0] if example_input.is_cuda else []
-    with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
-        for mode in modes:
-            stack.enter_context(mode)
-        counter = stack.enter_context(flop_counter())
+    with torch.random.fork_rng(devices=devices), flop_counter() as counter:
         out = model(example_input)
         if out.requires_grad:
             out.float().sum().backward()
@@ -139,14 +135,14 @@ def train_step_flops(model: nn.Module, example_input: torch.Tensor, plan=None) -
     elementwise and not counted. The model itself is never changed (ASI warm-start state).
 
     Counted on a meta-device shadow of the model (FlopCounterMode reads shapes only; torch.geqrf,
-    which has no meta kernel, gets shape-only outputs from MetaLinalg); a model that needs values
+    which has no meta kernel, gets shape-only outputs: autorank.cost.meta.FastMeta); a model that needs values
     (HOSVD_eps ranks) or fails on meta is counted on a real deep copy."""
-    from autorank.cost.meta import fell_back, MetaLinalg, meta_tensor, shadow
+    from autorank.cost.meta import fell_back, meta_tensor, shadow
 
     try:
         with shadow(model, plan) as m:
             x = meta_tensor(example_input).requires_grad_(example_input.requires_grad)
-            return _count(m, x, MetaLinalg())
+            return _count(m, x)
     except Exception as exc:  # noqa: BLE001 - any failure on meta: trace real tensors
         fell_back(exc)
     model = copy.deepcopy(model)

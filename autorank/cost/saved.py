@@ -36,8 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
+
+from autorank.cost.meta import tensors_in
 
 
 @dataclasses.dataclass
@@ -104,7 +105,7 @@ class _Tracer(TorchFunctionMode):
         return t.requires_grad or self.needs.get(t, False)
 
     def mark(self, out, flag: bool) -> None:
-        for t in tree_flatten(out)[0]:
+        for t in tensors_in(out):
             if isinstance(t, torch.Tensor) and flag:
                 self.needs[t] = True
 
@@ -180,7 +181,7 @@ class _Tracer(TorchFunctionMode):
         if self.opaque:
             return out
         name = getattr(func, "__name__", "")
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        tensors = tensors_in((args, kwargs))
         flag = name not in ("detach", "detach_") and any(self.need(t) for t in tensors)
         if flag and isinstance(out, (torch.Tensor, tuple, list)):
             self.rule(func, name, args, kwargs, out)
