@@ -1,7 +1,9 @@
 """Predict the bytes autograd saves for backward, from shapes and per-op rules.
 
 One forward runs under torch.no_grad() (nothing is saved, BN statistics and the RNG are left as
-they were: the model is deep-copied and the RNG forked). A TorchFunctionMode sees every
+they were: it runs on a copy and the RNG is forked). The copy is a cached meta-device shadow
+(autorank.cost.meta: shapes only, milliseconds); models that need values (HOSVD_eps ranks) or
+fail on meta are traced on a real deep copy, with the same rules. A TorchFunctionMode sees every
 top-level torch call (F.conv2d inside nn.Conv2d, but also the functional F.adaptive_avg_pool2d
 and torch.flatten in MobileNetV2's forward and ResNet's `out += identity`) and tracks which
 tensors would require grad. Every op whose output would require grad creates an autograd node,
