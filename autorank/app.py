@@ -36,6 +36,20 @@ def _require_device(cfg: DictConfig) -> None:
             "  (override its budget with device.budget_mb=..., its RAM with device.ram_mb=...)")
 
 
+def _quiet() -> None:
+    """The rich progress bars and the summary say what happens; library chatter is noise."""
+    import logging
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 def run(cfg: DictConfig) -> Any:
     """Build everything from the composed config and run the configured search."""
     from hydra.utils import instantiate
@@ -43,6 +57,7 @@ def run(cfg: DictConfig) -> Any:
     from autorank.workload.workload import Workload
 
     _require_device(cfg)
+    _quiet()
     workload = Workload.from_config(cfg)
     device = workload.device
     search = instantiate(cfg.search)
@@ -74,7 +89,9 @@ def _summary(result: Any, device: Any, tracker: Any) -> None:
         console.print(f"\nstudy [bold]{result.study_name}[/] in {result.storage}: "
                       f"{len(result.trials)} trials ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}), "
                       f"{result.n_new} new, {result.wall_s:.0f} s")
-        table = Table(title=f"Pareto front (budget {budget_mb:.0f} MB on {device.name})")
+        table = Table(title=f"Pareto front (budget {budget_mb:.0f} MB on {device.name})",
+                      caption="plan: one code per candidate layer, input to output: - frozen, "
+                              "F full backprop, .8 ASI at explained variance 0.8")
         for col in ("trial", "val acc", "peak MB", "GFLOP/step", "device s/step", "plan"):
             table.add_column(col)
         for r in sorted(result.front, key=lambda r: r.predicted_peak_bytes):
@@ -105,8 +122,14 @@ def _summary(result: Any, device: Any, tracker: Any) -> None:
 
 
 def _short_plan(choices: dict[str, str]) -> str:
-    trained = {k: v for k, v in choices.items() if v != "frozen"}
-    return ", ".join(f"{k}={v}" for k, v in trained.items()) or "all frozen"
+    """One code per candidate layer in forward order: '.' frozen, 'F' full, '.8' ASI at eps 0.8."""
+    def code(c: str) -> str:
+        if c == "frozen":
+            return "-"
+        if c == "full":
+            return "F"
+        return c.split("@", 1)[1].lstrip("0") if c.startswith("asi@") else c
+    return " ".join(code(c) for c in choices.values())
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

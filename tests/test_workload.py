@@ -261,8 +261,12 @@ def test_finetune_learns_downstream_digits(tmp_path, shared_cache):
     PlanModule(model).train()
     x, y = wl.calibration_batches(1)[0]
     assert x.shape == wl.input_shape == (32, 3, 16, 16)
-    full = measure_saved_bytes(lambda: nn.functional.cross_entropy(model(x), y).backward(), model)
+    full = measure_saved_bytes(lambda: model(x), model)  # the model's saved tensors (no loss)
     assert r.measured_activation_bytes == full.activation_bytes > 0
+    # ... and what the cost model predicts for the base model in its fine-tuning mode
+    from autorank.cost import predict_saved_bytes
+
+    assert predict_saved_bytes(wl.model, wl.example_input(), plan).activation_bytes == full.activation_bytes
     # the base model is untouched by the trial
     assert all(not hasattr(m, "base_layer") for m in wl.model.modules())
 
@@ -303,3 +307,37 @@ def test_nan_loss_raises_training_failed(tmp_path, shared_cache):
         wl.model.fc.weight.fill_(float("nan"))
     with pytest.raises(TrainingFailed, match="loss is nan"):
         wl.finetune(Plan(layers={"fc": Choice.full()}))
+
+
+def test_feature_cache_builds_a_deeper_cut_from_a_shallower_one(tmp_path, shared_cache):
+    wl = make_workload(tmp_path, shared_cache, max_epochs=1)
+    wl.finetune(Plan(layers={"conv2": Choice.full()}))  # cut before conv2: from the images
+    calls = []
+    orig = FeatureCache.get
+
+    def spy(self, key, prefix, batches):
+        calls.append((key["cut_index"], None if prefix is None else len(prefix)))
+        return orig(self, key, prefix, batches)
+
+    FeatureCache.get = spy
+    try:
+        r = wl.finetune(Plan(layers={"fc": Choice.full()}))  # deeper cut: from the cached one
+    finally:
+        FeatureCache.get = orig
+    blocks = flatten_blocks(wl.model)
+    n_fc = next(i for i, (b, _) in enumerate(blocks) if b == "fc")
+    n_conv2 = next(i for i, (b, _) in enumerate(blocks) if b == "conv2")
+    # train and val: each reads the cut-before-conv2 features and runs only the blocks in between
+    assert calls == [(n_conv2, None), (n_fc, n_fc - n_conv2)] * 2
+    # and the result equals running the whole prefix on the images
+    prefix, _ = split_at_first_trained(wl.model, ["fc"])
+    feats, _ = wl.features.get({**_key_of(wl, n_fc, "train")}, None, None)
+    with torch.no_grad():
+        ref = torch.cat([prefix.eval()(xb) for xb, _ in wl.data.loader("downstream", "train")])
+    torch.testing.assert_close(feats, ref, rtol=1e-5, atol=1e-6)
+    assert r.cut == "fc"
+
+
+def _key_of(wl, i, part):
+    return {"checkpoint_sha256": wl.checkpoint_sha256, "head_seed": wl.trainer.seed, "cut_index": i,
+            "data": wl.data.key("downstream"), "part": part}

@@ -4,6 +4,8 @@ A space file:
 
     name: last8
     last: 8                  # the last 8 conv/linear layers of the model, counted from the output
+    first: 8                 # and the first 8 (where the large activations are)
+    spread: 4                # and 4 more, evenly spaced over the layers in between
     # layers: [features.17.conv.2, classifier.1]   # or explicit module names (wins over `last`)
     choices: [frozen, full, asi]                   # asi expands to one choice per level
     levels: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]   # HOSVD_eps explained-variance levels
@@ -58,6 +60,8 @@ def conv_linear_layers(model: nn.Module) -> list[str]:
 class SearchSpace:
     name: str = "default"
     last: int | None = 8
+    first: int = 0
+    spread: int = 0
     layers: tuple[str, ...] | None = None
     choices: tuple[str, ...] = BASE_CHOICES
     levels: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -69,6 +73,8 @@ class SearchSpace:
         for c in list(self.choices) + [c for cs in self.overrides.values() for c in cs]:
             if c not in BASE_CHOICES:
                 raise ValueError(f"space {self.name!r}: unknown choice {c!r} (use {BASE_CHOICES})")
+        if self.spread < 0 or self.first < 0:
+            raise ValueError(f"space {self.name!r}: first and spread must be >= 0")
         if self.layers is None and (self.last is None or self.last < 1):
             raise ValueError(f"space {self.name!r}: give `layers` or `last` >= 1")
         if any(not 0.0 < lv <= 1.0 for lv in self.levels):
@@ -77,7 +83,7 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SearchSpace":
         d = dict(d)
-        known = {"name", "last", "layers", "choices", "levels", "overrides", "bn", "lean"}
+        known = {"name", "last", "first", "spread", "layers", "choices", "levels", "overrides", "bn", "lean"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"search space: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -104,7 +110,7 @@ class SearchSpace:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "last": self.last,
+            "name": self.name, "last": self.last, "first": self.first, "spread": self.spread,
             "layers": list(self.layers) if self.layers is not None else None,
             "choices": list(self.choices), "levels": list(self.levels),
             "overrides": {k: list(v) for k, v in sorted(self.overrides.items())},
@@ -127,7 +133,17 @@ class SearchSpace:
         if self.last > len(names):
             raise ValueError(f"space {self.name!r}: last={self.last} but the model has only "
                              f"{len(names)} conv/linear layers")
-        return names[-self.last:]
+        if self.last + self.first > len(names):
+            raise ValueError(f"space {self.name!r}: first={self.first} + last={self.last} exceed the "
+                             f"model's {len(names)} conv/linear layers")
+        head, tail = names[:self.first], names[len(names) - self.last:]
+        middle = names[self.first:len(names) - self.last]
+        picked = set(head) | set(tail)
+        if self.spread > 0 and middle:
+            # `spread` layers evenly spaced over the layers between `first` and `last`.
+            k = min(self.spread, len(middle))
+            picked |= {middle[round(i * (len(middle) - 1) / max(k - 1, 1))] for i in range(k)}
+        return [n for n in names if n in picked]
 
     def layer_choices(self, layer: str) -> list[str]:
         """Expanded choice keys of one layer: frozen, full, asi@<level>..."""

@@ -37,8 +37,9 @@ def file_sha256(path: str | Path) -> str:
 
 
 def pretrain_key(spec: ModelSpec, data: ImageData, epochs: int, lr: float, momentum: float, seed: int,
-                 batch_size: int) -> dict[str, Any]:
+                 batch_size: int, optimizer: str = "adam") -> dict[str, Any]:
     return {
+        "optimizer": optimizer,
         "model": spec.key(),
         "data": data.key("upstream"),
         "batch_size": batch_size,
@@ -46,7 +47,7 @@ def pretrain_key(spec: ModelSpec, data: ImageData, epochs: int, lr: float, momen
         "lr": lr,
         "momentum": momentum,
         "seed": seed,
-        "version": 1,
+        "version": 2,
     }
 
 
@@ -113,11 +114,12 @@ def pretrain(
     accelerator: str,
     output_dir: str | Path,
     progress: bool = True,
+    optimizer: str = "adam",
 ) -> tuple[nn.Module, dict[str, float]]:
     """Train every layer (BN in train mode) on the upstream task; returns (model, stats)."""
     torch.manual_seed(seed)
     model = spec(num_classes=data.num_classes("upstream"))
-    module = PlanModule(model, lr=lr, momentum=momentum, bn_eval=False)
+    module = PlanModule(model, lr=lr, momentum=momentum, bn_eval=False, optimizer=optimizer)
     trainer = make_trainer(epochs, accelerator, output_dir, progress)
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=data.loader("upstream", "train", shuffle=True, batch_size=batch_size))
@@ -140,6 +142,7 @@ def base_checkpoint(
     accelerator: str = "cpu",
     output_dir: str | Path = ".",
     progress: bool = True,
+    optimizer: str = "adam",
 ) -> Path:
     """`spec.checkpoint` if set; else the cached upstream-pretrained checkpoint (trained on a miss)."""
     if spec.checkpoint:
@@ -147,13 +150,14 @@ def base_checkpoint(
         if not path.exists():
             raise FileNotFoundError(f"model.checkpoint={path} does not exist")
         return path
-    key = pretrain_key(spec, data, epochs, lr, momentum, seed, batch_size)
+    key = pretrain_key(spec, data, epochs, lr, momentum, seed, batch_size, optimizer)
     path = Path(cache_dir) / "checkpoints" / f"{spec.name}-{key_hash(key)}.pt"
     if path.exists():
         log.info("base model: cached checkpoint %s", path)
         return path
     log.info("base model: pretraining %s on the upstream task for %d epochs (cached at %s)", spec.name, epochs, path)
     model, stats = pretrain(spec, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed, batch_size=batch_size,
+                            optimizer=optimizer,
                             accelerator=accelerator, output_dir=output_dir, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -42,6 +42,11 @@ class FeatureCache:
     def path(self, key: dict[str, Any]) -> Path | None:
         return self.cache_dir / f"{key_hash(key)}.pt" if self.cache_dir else None
 
+    def contains(self, key: dict[str, Any]) -> bool:
+        h = key_hash(key)
+        path = self.path(key)
+        return h in self._memory or (path is not None and path.exists())
+
     def get(
         self,
         key: dict[str, Any],

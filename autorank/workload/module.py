@@ -19,7 +19,7 @@ class TrainingFailed(RuntimeError):
 
 
 class PlanModule(L.LightningModule):
-    """Cross-entropy training of the parameters that require grad, with SGD.
+    """Cross-entropy training of the parameters that require grad, with SGD (or Adam).
 
     bn_eval: BatchNorm layers stay in eval mode while training (running statistics frozen), as in
     the paper's fine-tuning setup; apply_plan decides whether their affine parameters train.
@@ -32,10 +32,14 @@ class PlanModule(L.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         bn_eval: bool = True,
+        optimizer: str = "sgd",
     ) -> None:
         super().__init__()
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
         self.model = model
         self.lr, self.momentum, self.weight_decay, self.bn_eval = lr, momentum, weight_decay, bn_eval
+        self.optimizer = optimizer
         self.train_losses: list[float] = []  # one mean per epoch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +74,8 @@ class PlanModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise TrainingFailed("no parameter requires grad: nothing to train")
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 

@@ -45,7 +45,8 @@ class TrainerConfig:
     seed: int = 0
     feature_cache: str = "memory"  # memory | disk | off
     pretrain_epochs: int = 5
-    pretrain_lr: float = 0.05
+    pretrain_lr: float = 0.002
+    pretrain_optimizer: str = "adam"  # from scratch, Adam converges in a few epochs where SGD does not
     pretrain_batch_size: int = 32  # smaller than the device batch: more steps for the same compute
     progress: bool = False  # Lightning bar per trial (pretraining always shows one)
 
@@ -70,6 +71,15 @@ class FineTuneResult:
     features_wall_s: float = 0.0  # prefix features (0 on a cache hit)
     cut: str = ""  # first block of the trained suffix
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _finetune_mode(model: nn.Module, bn_eval: bool) -> nn.Module:
+    model.train()
+    if bn_eval:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return model
 
 
 def _as(cls, value):
@@ -121,11 +131,14 @@ class Workload:
             self._checkpoint = base_checkpoint(
                 self.spec, self.data, self.paths.cache_dir, epochs=t.pretrain_epochs, lr=t.pretrain_lr,
                 momentum=t.momentum, seed=t.seed, batch_size=t.pretrain_batch_size, accelerator=t.accelerator,
+                optimizer=t.pretrain_optimizer,
                 output_dir=self.paths.output_dir, progress=progress,
             )
             model = self.spec(num_classes=self.data.num_classes("upstream"))
             load_weights(model, self._checkpoint)
-            self._model = replace_head(model, self.num_classes, seed=t.seed).eval()
+            # Kept in its fine-tuning mode (train, BN in eval when trainer.bn_eval): the cost model
+            # reads the modes, and a training step saves e.g. dropout masks that eval would not.
+            self._model = _finetune_mode(replace_head(model, self.num_classes, seed=t.seed), t.bn_eval)
             self._checkpoint_sha256 = file_sha256(self._checkpoint)
         return self._model
 
@@ -168,16 +181,29 @@ class Workload:
 
     # --- one trial -----------------------------------------------------------------------------
     def _features(self, prefix: nn.Module, cut: str, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix features at `cut`. A cut not cached yet starts from the deepest cached cut before
+        it (the prefix blocks are frozen, so block i's output is the same for every plan): a
+        study whose trials cut at many places pays for each block once, not once per cut."""
         if self.trainer.feature_cache == "off":
             self.features.clear()
-        key = {
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "head_seed": self.trainer.seed,
-            "cut": cut,
-            "data": self.data.key("downstream"),
-            "part": part,
-        }
-        return self.features.get(key, prefix, lambda: self.data.loader("downstream", part))
+        blocks = list(prefix.children())
+        n = len(blocks)
+
+        def key(i: int) -> dict[str, Any]:
+            return {"checkpoint_sha256": self.checkpoint_sha256, "head_seed": self.trainer.seed,
+                    "cut_index": i, "data": self.data.key("downstream"), "part": part}
+
+        start = max((i for i in range(n) if self.features.contains(key(i))), default=0)
+        if start == 0:
+            def batches():
+                return self.data.loader("downstream", part)
+        else:
+            xs, ys = self.features.get(key(start), None, None)
+
+            def batches():
+                bs = self.data.batch_size
+                return ((xs[j:j + bs], ys[j:j + bs]) for j in range(0, len(xs), bs))
+        return self.features.get(key(n), nn.Sequential(*blocks[start:]), batches)
 
     def finetune(self, plan: Any, *, max_epochs: int | None = None, progress: bool | None = None) -> FineTuneResult:
         from autorank.cost import measure_saved_bytes
@@ -214,13 +240,14 @@ class Workload:
 
         acc, val_loss = evaluate(suffix, DataLoader(TensorDataset(x_val, y_val), batch_size=bs))
 
-        # What one training step at the device's batch shape saves for backward. The frozen prefix
-        # records no graph, so the suffix on B cached features saves what the whole model would.
+        # What the model saves for backward in one training step at the device's batch shape (the
+        # figure predict_saved_bytes predicts; the loss's own few bytes are in the peak's transient
+        # term). The frozen prefix records no graph, so the suffix on B cached features saves what
+        # the whole model would.
         idx = torch.arange(bs) % len(x_train)
-        xb, yb = x_train[idx], y_train[idx]  # fresh storages: a view would count all of x_train
+        xb = x_train[idx]  # fresh storage: a view would count all of x_train
         module.train()
-        saved = measure_saved_bytes(lambda: F.cross_entropy(suffix(xb), yb).backward(), suffix)
-        suffix.zero_grad(set_to_none=True)
+        saved = measure_saved_bytes(lambda: suffix(xb), suffix)
         return FineTuneResult(
             val_accuracy=acc, train_loss=train_loss, measured_activation_bytes=saved.activation_bytes,
             train_wall_s=train_wall_s, epochs=epochs, features_wall_s=features_wall_s, cut=cut,
