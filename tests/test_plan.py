@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from autorank.cost import measure_saved_bytes
-from autorank.plan import (Choice, Plan, apply_plan, candidate_layers, model_fingerprint, remove_plan,
-                           trained_region)
+from autorank.plan import (Choice, Plan, apply_plan, candidate_layers, finetune_mode, model_fingerprint,
+                           remove_plan, trained_region)
 from autorank.shortcut import ASIConv2d, ASILinear, FrozenBatchNorm2d, FrozenConv2d, HOSVDConv2d, PackedReLU
 
 
@@ -160,3 +160,22 @@ def test_apply_twice_replaces_and_loaded_plan_applies(tmp_path):
     remove_plan(m)
     assert applied_plan(m) is None and type(m[6]) is nn.Conv2d and type(m[8]) is nn.ReLU
     assert all(p.requires_grad for p in m.parameters())
+
+
+@pytest.mark.parametrize("bn_eval", [True, False])
+def test_finetune_mode_train_with_bn_eval(bn_eval):
+    model = tiny_cnn().append(nn.Dropout(0.5))
+    apply_plan(model, PLANS["asi_lean"])
+    model.eval()
+    assert finetune_mode(model, bn_eval=bn_eval) is model
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 4  # frozen-BN companions keep their BatchNorm as base_layer, set too
+    assert all(m.training != bn_eval for m in bns)
+    others = [m for m in model.modules() if not isinstance(m, nn.BatchNorm2d)]
+    assert others and all(m.training for m in others)
+    # dropout is live: two forwards differ; BN running stats untouched when bn_eval
+    stats = [m.running_mean.clone() for m in bns]
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(stats, bns)) == bn_eval

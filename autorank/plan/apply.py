@@ -140,6 +140,20 @@ def remove_plan(model: nn.Module) -> nn.Module:
     return model
 
 
+def finetune_mode(model: nn.Module, bn_eval: bool = True) -> nn.Module:
+    """Put `model` in its fine-tuning mode and return it: `model.train()` (dropout active), then,
+    when bn_eval, every BatchNorm layer back in eval mode (running statistics used and frozen).
+
+    This is the mode the cost model and the workload's fine-tuning assume; a plan applied or not
+    makes no difference (a FrozenBatchNorm2d's base_layer is a BatchNorm and is set too)."""
+    model.train()
+    if bn_eval:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return model
+
+
 def applied_plan(model: nn.Module) -> Plan | None:
     """The plan currently applied to `model`, if any."""
     state = getattr(model, _STATE_ATTR, None)
