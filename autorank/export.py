@@ -51,13 +51,91 @@ def select(records: list[TrialRecord], *, max_mb: float | None = None, max_flops
     return best_of(ok)
 
 
+class StorageError(ValueError):
+    """The study could not be read from its storage (bad URL, unreachable, missing, not a study)."""
+
+
+def _sqlite_path(storage: str) -> Path | None:
+    """The database file of a sqlite URL (None for another backend or an in-memory db)."""
+    if not storage.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url  # optuna's own dependency
+
+    try:
+        db = make_url(storage).database
+    except Exception as e:
+        raise StorageError(f"cannot parse storage URL {storage!r}: {e}; expected e.g. "
+                           "sqlite:///outputs/optuna.db") from e
+    return Path(db) if db and db != ":memory:" else None
+
+
+def read_records(storage: str, study_name: str) -> list[TrialRecord]:
+    """All trials of the study, read once from its storage. StorageError with what to do when
+    the storage cannot be read; a sqlite file that does not exist is refused (sqlite would create
+    an empty database there and the study would merely be 'not found')."""
+    path = _sqlite_path(storage)
+    if storage.startswith("sqlite:") and path is None:
+        raise StorageError(f"storage {storage!r} names no database file: use sqlite:///path/to/optuna.db")
+    if path is not None and not path.is_file():
+        raise StorageError(f"no sqlite database at {path} (from {storage!r}): check the path; the run "
+                           "folder's optuna.db is the default (sqlite:/// + a relative path, sqlite:////"
+                           " + an absolute one)")
+    try:
+        return records_from_storage(storage, study_name)
+    except KeyError as e:
+        try:
+            import optuna
+
+            names = ", ".join(repr(n) for n in optuna.get_all_study_names(storage)) or "none"
+        except Exception:
+            names = "unknown"
+        raise StorageError(f"study {study_name!r} not found in {storage} (studies there: {names}): "
+                           "pass one of them to --study") from e
+    except Exception as e:  # sqlalchemy ArgumentError/OperationalError/DatabaseError, missing driver
+        raise StorageError(f"cannot read the study from storage {storage!r}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}; check the URL (e.g. "
+                           "sqlite:///outputs/optuna.db) and that the database is reachable") from e
+
+
+def model_fingerprint_from_meta(meta: dict) -> dict | None:
+    """Fingerprint of the model the plan's meta.model names, if it is one of autorank's
+    torch-only factories (autorank.workload.models). The module file is loaded on its own
+    (autorank.plan.build_model_from_factory) rather than imported as autorank.workload.models:
+    importing the package autorank.workload would pull in Lightning, seconds of import for one
+    fingerprint; and only the trusted factory module is ever loaded, since the name comes from the
+    study's storage. None when there is no such factory or it cannot be built."""
+    from autorank.plan import build_model_from_factory, model_fingerprint
+
+    spec = meta.get("model") if isinstance(meta, dict) else None
+    if not isinstance(spec, dict) or not spec.get("factory"):
+        return None
+    try:
+        model = build_model_from_factory(str(spec["factory"]), dict(spec.get("kwargs") or {}), trusted_only=True)
+    except Exception as e:
+        print(f"warning: plan meta names model {spec['factory']!r} which cannot be built here ({e}); "
+              "the plan keeps its own fingerprint, if any", file=sys.stderr)
+        return None
+    return model_fingerprint(model)
+
+
 def export(storage: str, study_name: str, out: str | Path, *, max_mb: float | None = None,
-           max_flops: float | None = None, trial: int | None = None) -> tuple[TrialRecord, Path]:
+           max_flops: float | None = None, trial: int | None = None,
+           records: list[TrialRecord] | None = None) -> tuple[TrialRecord, Path]:
+    """Select (see `select`) and write the plan. `records`: the study's trials already read from
+    storage (read_records); None reads them here. The plan is stamped with the fingerprint of the
+    model its meta names when that can be built with torch alone, else keeps its own."""
     from autorank.plan import Plan
 
-    rec = select(records_from_storage(storage, study_name), max_mb=max_mb, max_flops=max_flops,
-                 trial=trial)
+    if records is None:
+        records = read_records(storage, study_name)
+    rec = select(records, max_mb=max_mb, max_flops=max_flops, trial=trial)
     plan = Plan.from_dict(rec.plan)
+    fp = model_fingerprint_from_meta(plan.meta)
+    if fp is not None:
+        if plan.fingerprint is not None and plan.fingerprint.get("sha256") != fp["sha256"]:
+            print(f"warning: trial {rec.number}'s plan carries a fingerprint of another model than "
+                  "its meta.model builds; the exported plan takes the meta.model's", file=sys.stderr)
+        plan.fingerprint = fp
     plan.meta.update({"exported_from": {"storage": storage, "study": study_name, "trial": rec.number},
                       "val_accuracy": rec.val_accuracy})
     return rec, plan.save(out)
@@ -75,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="plan.yaml", help="plan file to write (.yaml or .json)")
     a = ap.parse_args(argv)
     try:
-        records = records_from_storage(a.storage, a.study)
-    except KeyError as e:
-        print(f"error: study {a.study!r} not found in {a.storage}: {e}", file=sys.stderr)
+        records = read_records(a.storage, a.study)
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if a.list:
         for r in sorted(pareto_front(records), key=lambda r: r.predicted_peak_bytes):
@@ -86,10 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         rec, path = export(a.storage, a.study, a.out, max_mb=a.max_mb, max_flops=a.max_flops,
-                           trial=a.trial)
+                           trial=a.trial, records=records)
     except NoPlanFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"error: cannot write {a.out}: {e}", file=sys.stderr)
+        return 2
     print(f"trial {rec.number}: accuracy {rec.val_accuracy:.4f}, predicted peak {rec.peak_mb:.2f} MB, "
           f"{rec.flops / 1e9:.3f} GFLOPs/step -> {path}")
     return 0

@@ -179,3 +179,98 @@ def test_finetune_mode_train_with_bn_eval(bn_eval):
     with torch.no_grad():
         assert not torch.equal(model(x), model(x))
     assert all(torch.equal(a, m.running_mean) for a, m in zip(stats, bns)) == bn_eval
+
+
+# ------------------------------------------------------------- atomic_write, base weights in/out
+
+def test_atomic_write_keeps_suffix_and_cleans_up(tmp_path):
+    from autorank.plan import atomic_write
+
+    seen = []
+    path = tmp_path / "sub" / "fig.png"
+    assert atomic_write(path, lambda tmp: seen.append(tmp) or tmp.write_bytes(b"new")) == path
+    assert path.read_bytes() == b"new"
+    assert seen[0].parent == path.parent and seen[0].name.endswith(".png") and seen[0] != path
+    assert list(path.parent.iterdir()) == [path]
+
+    def half_then_fail(tmp):
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer died")
+
+    with pytest.raises(RuntimeError, match="writer died"):
+        atomic_write(path, half_then_fail)
+    assert path.read_bytes() == b"new" and list(path.parent.iterdir()) == [path]
+
+
+def test_save_base_weights_removes_the_plan_and_puts_it_back(tmp_path):
+    from autorank.plan import applied_plan, save_base_weights
+
+    model = tiny_cnn()
+    plain = set(model.state_dict())
+    apply_plan(model, PLANS["asi_lean"])
+    assert any("base_layer" in k for k in model.state_dict())  # the bug: keys of the wrapped model
+    path = save_base_weights(model, tmp_path / "w" / "weights.pt")
+    state = torch.load(path, weights_only=True)
+    assert set(state) == plain
+    assert applied_plan(model) is PLANS["asi_lean"]
+    assert isinstance(model[6], ASIConv2d) and isinstance(model[1], nn.BatchNorm2d)
+    assert list(path.parent.iterdir()) == [path]
+    fresh = tiny_cnn(width=8)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    fresh.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 8, 8)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+
+
+def test_load_base_weights_fails_loudly_except_for_the_head(tmp_path):
+    from autorank.plan import applied_plan, classifier_head, load_base_weights
+
+    src = tiny_cnn(classes=10)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.mul_(2.0)
+    torch.save(src.state_dict(), tmp_path / "up.pt")
+    model = apply_plan(tiny_cnn(classes=5), PLANS["asi_lean"])  # loading works with a plan applied
+    head_before = model[14].weight.detach().clone()
+    assert classifier_head(model) == "14"
+    assert load_base_weights(model, tmp_path / "up.pt") == ["14.weight", "14.bias"]
+    assert applied_plan(model) is PLANS["asi_lean"] and isinstance(model[6], ASIConv2d)
+    assert torch.equal(model[6].base_layer.weight, src[6].weight)
+    assert torch.equal(model[14].weight, head_before)  # the head keeps its fresh values
+
+    with pytest.raises(ValueError, match=r"other shape: 14.weight \[10, 16\] vs model \[5, 16\]"):
+        load_base_weights(tiny_cnn(classes=5), tmp_path / "up.pt", skip_mismatched_head=False)
+    with pytest.raises(ValueError, match=r"other shape: 0.weight \[4, 3, 3, 3\]"):
+        load_base_weights(tiny_cnn(), tiny_cnn(width=4).state_dict())
+    state = tiny_cnn().state_dict()
+    del state["3.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing 1 keys: 3.weight; unexpected 1 keys: extra.weight"):
+        load_base_weights(tiny_cnn(), state)
+    # a model saved with its plan applied (the old device script): refused, with the reason
+    wrapped = apply_plan(tiny_cnn(), PLANS["asi_lean"]).state_dict()
+    with pytest.raises(ValueError, match="saved while a plan was applied"):
+        load_base_weights(tiny_cnn(), wrapped)
+    # a Lightning checkpoint: state_dict with a model. prefix
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in src.state_dict().items()}, "epoch": 3}
+    fresh = tiny_cnn(classes=10)
+    assert load_base_weights(fresh, ckpt) == []
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), src.state_dict().values()))
+    with pytest.raises(ValueError, match="not a state dict"):
+        load_base_weights(fresh, {"w": 3})
+
+
+def test_build_model_from_factory_trusts_only_autorank_factories():
+    from autorank.plan import build_model_from_factory
+
+    m = build_model_from_factory("autorank.workload.models:small_cnn", {"num_classes": 3, "width": 4})
+    assert [mm for mm in m.modules() if isinstance(mm, nn.Linear)][-1].out_features == 3
+    with pytest.raises(ValueError, match="not one of autorank's"):
+        build_model_from_factory("os:system", {"command": "true"})
+    with pytest.raises(ValueError, match="has no function"):
+        build_model_from_factory("autorank.workload.models:nope")
+    assert isinstance(build_model_from_factory("torch.nn:Identity", trusted_only=False), nn.Identity)

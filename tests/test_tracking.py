@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from mlflow.tracking import MlflowClient
 
 from autorank.search.study import run_study
@@ -61,3 +63,65 @@ def test_study_logged_to_mlflow(tmp_path):
     assert sorted(row["trial"] for row in table) == sorted(r.number for r in res.front)
     assert all(row["state"] == "complete" and row["on_front"] for row in table)
     assert str(tmp_path / "mlruns" / "art") in parent.info.artifact_uri
+
+
+def test_front_files_are_written_atomically(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from autorank.tracking import front
+
+    recs = [SimpleNamespace(number=i, state=s, on_front=i == 0, val_accuracy=0.5 + i / 10,
+                            peak_mb=(1 + i), predicted_peak_bytes=(1 + i) * 2**20,
+                            predicted_activation_bytes=10, measured_activation_bytes=10,
+                            flops=1e9 * (i + 1), step_time_s=1.0, wall_s=0.1, source="t",
+                            choices={"l0": "full", "l1": "frozen"})
+            for i, s in enumerate(["complete", "complete", "infeasible"])]
+    csv_p, json_p, png, html = (tmp_path / n for n in ("front.csv", "front.json", "front.png", "front.html"))
+    front.write_table(recs, csv_p, json_p)
+    front.plot_png(recs, 3 * 2**20, png)
+    front.plot_html(recs, 3 * 2**20, html)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(json_p.read_text())[0]["choices"] == "l0=full"
+    assert csv_p.read_text().splitlines()[0].startswith("trial,state,on_front")
+    assert "plotly" in html.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["front.csv", "front.html", "front.json", "front.png"]
+
+    # a writer that dies half-way leaves the previous files whole and no temp file behind
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    import csv as csv_mod
+
+    class Dying(csv_mod.DictWriter):
+        def writerows(self, rows):
+            super().writerows(rows[:1])
+            raise OSError("disk full")
+
+    monkeypatch.setattr(front.csv, "DictWriter", Dying)
+    with pytest.raises(OSError, match="disk full"):
+        front.write_table(recs[:1], csv_p, json_p)
+    import matplotlib.figure
+
+    def dying_savefig(self, fname, **kw):
+        open(fname, "wb").write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", dying_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        front.plot_png(recs[:1], 2**20, png)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_profile_save_removes_its_temp_file_on_error(tmp_path, monkeypatch):
+    from autorank.search.profile import Profile
+
+    path = tmp_path / "profile.json"
+    path.write_text("old")
+    prof = Profile.__new__(Profile)
+    monkeypatch.setattr(Profile, "to_json", lambda self: "new")
+    monkeypatch.setattr("autorank.plan.plan.os.replace", lambda *a: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(OSError, match="boom"):
+        prof.save(path)
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+    monkeypatch.undo()
+    monkeypatch.setattr(Profile, "to_json", lambda self: "new")
+    prof.save(path)
+    assert path.read_text() == "new" and list(tmp_path.iterdir()) == [path]

@@ -8,17 +8,23 @@ from autorank.plan.apply import (
     remove_plan,
     trained_region,
 )
-from autorank.plan.plan import Choice, Plan, check_fingerprint, model_fingerprint
+from autorank.plan.plan import Choice, Plan, atomic_write, check_fingerprint, model_fingerprint
+from autorank.plan.weights import build_model_from_factory, classifier_head, load_base_weights, save_base_weights
 
 __all__ = [
     "Choice",
     "Plan",
     "apply_plan",
     "applied_plan",
+    "build_model_from_factory",
+    "atomic_write",
     "candidate_layers",
     "check_fingerprint",
+    "classifier_head",
     "finetune_mode",
+    "load_base_weights",
     "model_fingerprint",
     "remove_plan",
+    "save_base_weights",
     "trained_region",
 ]

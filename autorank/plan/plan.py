@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch.nn as nn
 import yaml
@@ -102,6 +102,28 @@ class Choice:
         if arg:
             raise ValueError(f"cannot parse choice {text!r}: {kind} takes no argument")
         return cls(kind)
+
+
+def atomic_write(path, write_fn: Callable[[Path], Any]) -> Path:
+    """Write `path` atomically: `write_fn(tmp)` writes a temp file in the same folder (its name
+    ends with path's suffix, so writers that pick a format by suffix - savefig - still work),
+    which is flushed to disk and renamed over `path` with os.replace. A failure (an exception,
+    Ctrl-C) leaves the old file as it was and removes the temp file. Creates the parent folder.
+    Returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _shortcut_base(module: nn.Module) -> nn.Module:
@@ -227,19 +249,7 @@ class Plan:
             text = json.dumps(d, indent=2) + "\n"
         else:
             text = yaml.safe_dump(d, sort_keys=False, default_flow_style=None, width=100)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write(path, lambda tmp: tmp.write_text(text))
 
     @classmethod
     def load(cls, path) -> Plan:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from autorank.plan.plan import atomic_write
 from autorank.search.space import SearchSpace, level_key, parse_choice_key
 
 PROFILE_VERSION = 1
@@ -140,12 +139,9 @@ class Profile:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        """Written atomically (autorank.plan.plan.atomic_write: the temp file is removed on error)."""
+        text = self.to_json()
+        atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def _tensor_sha(t: Tensor) -> str:

@@ -8,6 +8,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from autorank.plan.plan import atomic_write  # torch + yaml only: one atomic-write helper
+
 MB = 2**20
 COLUMNS = ("trial", "state", "on_front", "val_accuracy", "peak_mb", "predicted_peak_bytes",
            "predicted_activation_bytes", "measured_activation_bytes", "train_flops", "step_time_s",
@@ -29,12 +31,17 @@ def rows(records: Sequence) -> list[dict]:
 
 
 def write_table(records: Sequence, csv_path: Path, json_path: Path) -> None:
+    """front.csv and front.json, each written atomically (a reader never sees half a file)."""
     data = rows(records)
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(COLUMNS))
-        w.writeheader()
-        w.writerows(data)
-    json_path.write_text(json.dumps(data, indent=1))
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(COLUMNS))
+            w.writeheader()
+            w.writerows(data)
+
+    atomic_write(csv_path, write_csv)
+    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 def _split(records):
@@ -69,7 +76,7 @@ def plot_html(records: Sequence, budget_bytes: int, path: Path, title: str = "")
     fig.update_layout(title=title or "accuracy vs predicted peak training memory",
                       xaxis_title="predicted peak training memory (MB)",
                       yaxis_title="validation accuracy")
-    fig.write_html(str(path), include_plotlyjs="cdn")
+    atomic_write(path, lambda tmp: fig.write_html(str(tmp), include_plotlyjs="cdn"))
 
 
 def plot_png(records: Sequence, budget_bytes: int, path: Path, title: str = "") -> None:
@@ -97,5 +104,7 @@ def plot_png(records: Sequence, budget_bytes: int, path: Path, title: str = "") 
     ax.set_title(title or "accuracy vs peak memory")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)

@@ -1,0 +1,168 @@
+"""Base-model weights in and out, with or without a plan applied (torch only).
+
+A plan swaps modules for wrappers that hold the original as `base_layer`, so a state dict taken
+while a plan is applied has keys like `0.base_layer.weight` that a plain model does not take.
+`save_base_weights` takes the plain model's state dict (plan removed, then put back);
+`load_base_weights` loads into the plain model and fails loudly on any key that does not fit,
+except - on purpose, and reported - a classifier head of another shape (an upstream checkpoint
+loaded into a model built for the downstream classes keeps its fresh head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from autorank.plan.plan import _original_modules, atomic_write
+
+
+def classifier_head(model: nn.Module) -> str | None:
+    """Name of the last nn.Linear of the model as it is without a plan (the classifier head that
+    a downstream task replaces), or None."""
+    names = [n for n, m in _original_modules(model) if isinstance(m, nn.Linear)]
+    return names[-1] if names else None
+
+
+def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    from autorank.plan.apply import applied_plan, apply_plan, remove_plan
+
+    plan = applied_plan(model)
+    if plan is None:
+        return model.state_dict()
+    remove_plan(model)
+    try:
+        return model.state_dict()
+    finally:
+        apply_plan(model, plan, strict=False)
+
+
+def _read_state(path_or_state_dict) -> tuple[dict, str]:
+    if isinstance(path_or_state_dict, Mapping):
+        state, where = path_or_state_dict, "the state dict"
+    else:
+        where = str(path_or_state_dict)
+        state = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):  # Lightning checkpoint
+        state = state["state_dict"]
+        if state and all(str(k).startswith("model.") for k in state):
+            state = {k.removeprefix("model."): v for k, v in state.items()}
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where} holds a {type(state).__name__}, not a state dict "
+                         "(save one with torch.save(model.state_dict(), path))")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{where} is not a state dict: {bad[0]!r} is not a tensor")
+    return dict(state), where
+
+
+def load_base_weights(model: nn.Module, path_or_state_dict, *, skip_mismatched_head: bool = True) -> list[str]:
+    """Load a state dict (a path read with torch.load(weights_only=True), a Lightning checkpoint's
+    `state_dict` with its `model.` prefix, or a mapping) into `model`, in place.
+
+    Every key must match the model without a plan (a plan applied to `model` is removed for the
+    load and put back: the wrappers share the base layers' tensors). A missing or unexpected key,
+    or a tensor of another shape, is a ValueError naming them - except, when
+    skip_mismatched_head, the classifier head's (last nn.Linear's) tensors of another shape:
+    those are skipped and the head keeps its current values. Returns the skipped keys."""
+    from autorank.plan.apply import applied_plan, apply_plan, remove_plan
+
+    state, where = _read_state(path_or_state_dict)
+    plan = applied_plan(model)
+    if plan is not None:
+        remove_plan(model)
+    try:
+        own = model.state_dict()
+        head = classifier_head(model)
+        shape_diff = [k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape)]
+        skipped = [k for k in shape_diff if skip_mismatched_head and head is not None
+                   and k.startswith(head + ".")]
+        wrong = [k for k in shape_diff if k not in skipped]
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if wrong or missing or unexpected:
+            parts = []
+            if wrong:
+                parts.append("other shape: " + ", ".join(
+                    f"{k} {list(state[k].shape)} vs model {list(own[k].shape)}" for k in wrong[:5]))
+            if missing:
+                parts.append(f"missing {len(missing)} keys: {', '.join(missing[:5])}")
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)} keys: {', '.join(unexpected[:5])}")
+            hint = ""
+            if any(".base_layer." in k for k in unexpected):
+                hint = (" (keys with 'base_layer' come from a model saved while a plan was applied: "
+                        "save with autorank.plan.save_base_weights, or remove_plan before state_dict())")
+            raise ValueError(f"{where} does not fit the model: {'; '.join(parts)}{hint}")
+        for k in skipped:
+            state[k] = own[k]
+        model.load_state_dict(state, strict=True)
+    finally:
+        if plan is not None:
+            apply_plan(model, plan, strict=False)
+    return skipped
+
+
+def save_base_weights(model: nn.Module, path) -> Path:
+    """torch.save the state dict of `model` without its plan (keys as in the plain model, so
+    load_base_weights or model.load_state_dict take it), written atomically (temp file in the same
+    folder + os.replace). A plan applied to `model` is removed for the save and applied again
+    (fresh wrappers: ASI warm-start state restarts; parameters are the same tensors, so an
+    optimizer holding them stays valid). Returns the path."""
+    state = _plain_state_dict(model)
+    return atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+TRUSTED_FACTORY_MODULES = ("autorank.workload.models",)
+
+
+def build_model_from_factory(factory: str, kwargs: dict | None = None, *, trusted_only: bool = True) -> nn.Module:
+    """Build a model from a 'module:function' (or 'module.function') factory with `kwargs`.
+
+    An autorank module is loaded from its file alone, not through its package: the factories of
+    autorank.workload.models import only torch and torchvision, but importing the package
+    autorank.workload would run its __init__, which imports Lightning. trusted_only: refuse a
+    factory outside TRUSTED_FACTORY_MODULES, so that a plan file (or a study's storage) naming a
+    module does not make us import arbitrary code; pass False where the user named the factory
+    on the command line. Raises ValueError / ImportError / TypeError from the factory."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if ":" in factory:
+        module, fn = factory.split(":", 1)
+    else:
+        module, _, fn = factory.rpartition(".")
+    if not module or not fn:
+        raise ValueError(f"model factory {factory!r} is not 'module:function'")
+    if trusted_only and module not in TRUSTED_FACTORY_MODULES:
+        raise ValueError(f"model factory {factory!r} is not one of autorank's ({', '.join(TRUSTED_FACTORY_MODULES)}); "
+                         "name it explicitly to trust it")
+    if module.startswith("autorank."):
+        import autorank
+
+        path = Path(autorank.__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+        if not path.is_file():
+            raise ImportError(f"no module file {path} for {module}")
+        name = f"_autorank_factory_{module.replace('.', '_')}"
+        mod = sys.modules.get(name)
+        if mod is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod  # dataclasses need the module registered
+            try:
+                spec.loader.exec_module(mod)
+            except BaseException:
+                del sys.modules[name]
+                raise
+    else:
+        mod = importlib.import_module(module)
+    fn_obj = getattr(mod, fn, None)
+    if not callable(fn_obj):
+        raise ValueError(f"model factory {factory!r}: {module} has no function {fn!r}")
+    model = fn_obj(**dict(kwargs or {}))
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model factory {factory!r} returned a {type(model).__name__}, not an nn.Module")
+    return model
