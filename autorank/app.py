@@ -14,11 +14,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from autorank.errors import ConfigError
+from autorank.units import MB
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-MB = 2**20
 
 
-class UsageError(Exception):
+class UsageError(ConfigError):
     """A mistake in how autorank was called: printed without a traceback, exit status 2."""
 
 
@@ -61,6 +63,7 @@ def run(cfg: DictConfig) -> Any:
     workload = Workload.from_config(cfg)
     device = workload.device
     search = instantiate(cfg.search)
+    _check_space(search, workload)
     sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
     tracker = instantiate(cfg.tracking) if cfg.get("tracking") is not None else None
     budget_mb = device.budget_bytes / MB
@@ -74,6 +77,33 @@ def run(cfg: DictConfig) -> Any:
                         cache_dir=cfg.paths.cache_dir, progress=True)
     _summary(result, device, tracker)
     return result
+
+
+def _check_space(search: Any, workload: Any) -> None:
+    """Load the search space and resolve it on a fresh (untrained) model now, so that a bad
+    search.space fails before pretraining rather than after."""
+    space = getattr(search, "space", None)
+    if space is None:
+        return
+    from autorank.search.space import load_space
+
+    load_space(space).resolve(workload.spec(num_classes=workload.num_classes))
+
+
+def config_error(exc: BaseException) -> ConfigError | None:
+    """The ConfigError behind `exc` (hydra wraps what a _target_ raises in InstantiationException,
+    the cause chained as __cause__), or None: then `exc` is a bug and keeps its traceback."""
+    from hydra.errors import InstantiationException
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ConfigError):
+            return exc
+        if not isinstance(exc, InstantiationException):
+            return None
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _summary(result: Any, device: Any, tracker: Any) -> None:
@@ -134,13 +164,17 @@ def _short_plan(choices: dict[str, str]) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    from autorank.search.knapsack import BudgetTooSmall
-    from autorank.workload.data import DatasetMissing
+    from hydra.errors import InstantiationException
 
+    # ConfigError covers UsageError, BudgetTooSmall, DatasetMissing and every bad config value
+    # (autorank/errors.py); any other exception is a bug and keeps its traceback.
     try:
         run(cfg)
-    except (UsageError, BudgetTooSmall, DatasetMissing) as e:
-        print(f"autorank: error: {e}", file=sys.stderr)
+    except (ConfigError, InstantiationException) as e:
+        err = config_error(e)
+        if err is None:
+            raise
+        print(f"autorank: error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -17,7 +18,6 @@ from hydra.utils import instantiate
 from autorank.app import CONF_DIR, UsageError, device_names, run
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUPS = ["device", "model", "data", "trainer", "search", "sampler", "tracking", "paths"]
 # Small and fast: a 6 k-parameter CNN on 16 px digits.
 SMALL = ["model=small_cnn", "data.input_size=16", "data.batch_size=32", "trainer.max_epochs=2",
          "trainer.pretrain_epochs=2"]
@@ -34,23 +34,109 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
-def test_every_option_composes_and_instantiates(tmp_path, group, option):
-    prefix = "+" if group == "device" else ""
-    cfg = _compose(tmp_path, [f"{prefix}{group}={option}"] + ([] if group == "device" else ["+device=rpi4"]))
+# device, model, data, trainer and paths: tests/test_configs_workload.py. Here: what the app adds.
+SAMPLERS = {"gp": "GPSampler", "nsga2": "NSGAIISampler", "random": "RandomSampler", "tpe": "TPESampler"}
+
+
+def _instantiate(cfg, node):
     from hydra.core.hydra_config import HydraConfig
 
     HydraConfig.instance().set_config(cfg)
-    obj = instantiate(cfg[group])
-    assert obj is not None
-    if group == "device":
-        assert obj.name == option
-        assert obj.budget_bytes == (obj.ram_mb - obj.reserved_mb) * 2**20
+    return instantiate(node)
 
 
-def test_device_budget_override(tmp_path):
-    cfg = _compose(tmp_path, ["+device=rpi4", "device.budget_mb=900"])
-    assert instantiate(cfg.device).budget_bytes == 900 * 2**20
+def test_the_app_groups_have_these_options():
+    assert _options("search") == ["knapsack", "optuna"]
+    assert _options("sampler") == sorted(SAMPLERS)
+    assert _options("tracking") == ["mlflow"]
+
+
+def test_search_options(tmp_path):
+    from autorank.search.runners import KnapsackSearch, OptunaSearch
+
+    cfg = _compose(tmp_path, ["+device=rpi4"])
+    opt = _instantiate(cfg, cfg.search)  # optuna is the default
+    assert type(opt) is OptunaSearch and opt.name == "optuna" and opt.space == "default"
+    assert (opt.n_trials, opt.n_trials_total, opt.timeout, opt.warm_start) == (24, True, None, True)
+    assert opt.storage == f"sqlite:///{tmp_path}/outputs/optuna.db" and opt.study_name is None
+    cfg = _compose(tmp_path, ["+device=rpi4", "search.n_trials=7", "search.space=last4",
+                              "search.storage=sqlite:///x.db", "search.study_name=s1"])
+    opt = _instantiate(cfg, cfg.search)
+    assert (opt.n_trials, opt.space, opt.storage, opt.study_name) == (7, "last4", "sqlite:///x.db", "s1")
+    cfg = _compose(tmp_path, ["+device=rpi4", "search=knapsack"])
+    ks = _instantiate(cfg, cfg.search)
+    assert type(ks) is KnapsackSearch and ks.name == "knapsack" and ks.space == "default"
+    assert ks.n_calibration_batches == 2 and ks.max_epochs is None
+
+
+def _first_suggestion(sampler) -> float:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=sampler)
+    return study.ask().suggest_float("x", 0.0, 1.0)
+
+
+@pytest.mark.parametrize("option", sorted(SAMPLERS))
+def test_sampler_options_are_the_named_class_and_seeded(tmp_path, option):
+    cfg = _compose(tmp_path, ["+device=rpi4", f"sampler={option}", "seed=7"])
+    assert cfg.sampler.seed == 7  # seed: ${seed}
+    a, b = _instantiate(cfg, cfg.sampler), _instantiate(cfg, cfg.sampler)
+    assert type(a).__name__ == SAMPLERS[option]
+    other = _instantiate(cfg, {**cfg.sampler, "seed": 8})
+    # the seed reaches the sampler: the same seed gives the same first suggestion, another differs
+    assert _first_suggestion(a) == _first_suggestion(b) != _first_suggestion(other)
+
+
+def test_sampler_default_is_tpe(tmp_path):
+    cfg = _compose(tmp_path, ["+device=rpi4"])
+    s = _instantiate(cfg, cfg.sampler)
+    assert type(s).__name__ == "TPESampler" and cfg.sampler.seed == cfg.seed == 0
+
+
+def test_tracking_option(tmp_path):
+    from autorank.tracking import MlflowTracker
+
+    cfg = _compose(tmp_path, ["+device=rpi4"])
+    t = _instantiate(cfg, cfg.tracking)
+    assert type(t) is MlflowTracker and t.experiment == "autorank" and t.run_name is None
+    assert t.uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert t.artifact_location == f"{tmp_path}/mlruns/artifacts"
+    cfg = _compose(tmp_path, ["+device=rpi4", "tracking.uri=http://127.0.0.1:5000"])
+    assert _instantiate(cfg, cfg.tracking).uri == "http://127.0.0.1:5000"
+
+
+def test_default_workload_binds_on_rpi4(tmp_path):
+    """Issue 3 section 1: with the DEFAULT model and data (mcunet_like x0.5, 128 px, batch 128) on
+    rpi4, training every conv/linear layer plainly does not fit the budget; ASI on the default
+    space's layers does."""
+    from autorank.cost import predict_peak_training_bytes
+    from autorank.plan import Choice, Plan, candidate_layers
+    from autorank.search.space import load_space
+
+    cfg = _compose(tmp_path, ["+device=rpi4"])
+    assert cfg.model.build._target_.endswith("mcunet_like") and cfg.model.build.width_mult == 0.5
+    assert (cfg.data.input_size, cfg.data.batch_size) == (128, 128)
+    device = _instantiate(cfg, cfg.device)
+    assert device.budget_bytes == 324 * 2**20
+    spec, data = _instantiate(cfg, cfg.model), _instantiate(cfg, cfg.data)
+    model = spec(num_classes=data.num_classes("downstream"))
+    x = torch.zeros(cfg.data.batch_size, 3, cfg.data.input_size, cfg.data.input_size)
+    assert data.input_size == 128 and data.batch_size == 128
+    names = candidate_layers(model)
+    every = Plan(layers={n: Choice.full() for n in names}, bn="frozen", lean=True)
+    peak_every = predict_peak_training_bytes(model, x, every).total_bytes
+    assert peak_every > device.budget_bytes
+    space = load_space(cfg.search.space)
+    picked = space.resolve(model)
+    assert picked == names[:8] + names[-4:]
+    # ASI at low ranks on every layer of the default space (rank 2 per mode: HOSVD at a low
+    # explained-variance level keeps a few components per mode)
+    modules = dict(model.named_modules())
+    asi = Plan(layers={n: Choice.asi([2] * (4 if isinstance(modules[n], torch.nn.Conv2d) else 2))
+                       for n in picked}, bn=space.bn, lean=space.lean)
+    peak_asi = predict_peak_training_bytes(model, x, asi).total_bytes
+    assert peak_asi < device.budget_bytes < peak_every
 
 
 def test_device_profiles_listed():
@@ -88,6 +174,59 @@ def test_cli_missing_dataset_fails_clearly(tmp_path):
              *SMALL, "search=knapsack")
     assert p.returncode == 2, p.stderr[-2000:]
     assert "nowhere" in p.stderr and "Traceback" not in p.stderr
+
+
+def _bad_space(tmp_path: Path) -> str:
+    path = tmp_path / "wide.yaml"
+    path.write_text("last: 2\nlevels: [0.5, 1.5]\n")  # an explained-variance level above 1
+    return str(path)
+
+
+def _narrow_checkpoint(tmp_path: Path) -> str:
+    from autorank.workload.models import small_cnn
+
+    path = tmp_path / "narrow.pt"
+    torch.save(small_cnn(num_classes=5, width=4).state_dict(), path)  # the model has width 8
+    return str(path)
+
+
+# Each stops before pretraining (the bad value is read first): a few seconds of imports each.
+@pytest.mark.parametrize("make_args,expect", [
+    (lambda t: [f"model.checkpoint={t}/none.pt"], ["model.checkpoint=", "none.pt", "does not exist"]),
+    (lambda t: [f"model.checkpoint={_narrow_checkpoint(t)}"], ["narrow.pt", "does not fit the model"]),
+    (lambda t: ["search.space=nosuchspace"], ["nosuchspace", "not found", "default"]),
+    (lambda t: [f"search.space={_bad_space(t)}"], ["'wide'", "levels must lie in (0, 1]", "1.5"]),
+    (lambda t: ["device.budget_mb=-5"], ["rpi4", "-5", "not positive"]),
+    (lambda t: ["trainer.feature_cache=ram"], ["trainer.feature_cache", "'ram'"]),
+], ids=["missing_checkpoint", "checkpoint_misfit", "unknown_space", "invalid_space",
+        "negative_budget", "bad_feature_cache"])
+def test_cli_bad_value_is_one_clear_line(tmp_path, make_args, expect):
+    args = make_args(tmp_path)
+    space = [] if any(a.startswith("search.space=") for a in args) else ["search.space=small"]
+    p = _cli(tmp_path, "+device=rpi4", *SMALL, *space, *args, timeout=120)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "InstantiationException" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("autorank: error:")]
+    assert len(errors) == 1, p.stderr[-3000:]
+    for word in expect:
+        assert word in errors[0], (word, errors[0])
+    assert "pretraining" not in p.stdout + p.stderr and not (tmp_path / ".cache").exists()
+
+
+def test_a_bug_keeps_its_traceback():
+    """Only config errors are shortened: anything else is re-raised by the unwrapping."""
+    from hydra.errors import InstantiationException
+
+    from autorank.app import config_error
+    from autorank.errors import ConfigError
+
+    cause = ConfigError("device 'x': training budget -5 MB is not positive")
+    wrapped = InstantiationException("Error in call to target")
+    wrapped.__cause__ = cause
+    assert config_error(wrapped) is cause
+    bug = InstantiationException("Error in call to target")
+    bug.__cause__ = TypeError("unexpected keyword")
+    assert config_error(bug) is None and config_error(KeyError("k")) is None
 
 
 @pytest.mark.slow

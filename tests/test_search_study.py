@@ -46,7 +46,7 @@ class FakeWorkload:
         acc = 0.5 + sum(ACC[c] * (i + 1) for i, c in enumerate(choices[n] for n in LAYERS)) / 6
         act = FakeCost().peak(choices).activation_bytes
         return SimpleNamespace(val_accuracy=acc, train_loss=0.1, measured_activation_bytes=act,
-                               train_wall_s=0.01, epochs=1)
+                               measured_flops=FakeCost().flops(choices), train_wall_s=0.01, epochs=1)
 
 
 DEVICE = SimpleNamespace(name="fakedev", budget_bytes=BASE + 5000, step_time_s=lambda f: f / 1e9)
@@ -154,3 +154,25 @@ def test_cost_model_mismatch_warns(tmp_path):
     st = optuna.load_study(study_name="s", storage=kw["storage"])
     assert "5.0% off" in st.trials[0].user_attrs["autorank"]["cost_model_mismatch"][0]
     assert res.trials[0].measured_activation_bytes > res.trials[0].predicted_activation_bytes
+
+
+def test_flops_mismatch_is_flagged_and_agreement_is_not(tmp_path):
+    space, kw = study_kwargs(tmp_path)
+    res = run_study(FakeWorkload(), DEVICE, space, n_trials=1, **kw)
+    trained = [r for r in res.trials if r.measured_flops is not None]
+    assert trained and all(r.measured_flops == r.flops > 0 for r in trained)  # next to the prediction
+    st = optuna.load_study(study_name="s", storage=kw["storage"])
+    assert not any("cost_model_mismatch" in t.user_attrs.get("autorank", {}) for t in st.trials)
+
+    class Off(FakeWorkload):
+        def finetune(self, plan, **k):
+            r = super().finetune(plan, **k)
+            r.measured_flops = int(r.measured_flops * 1.03)
+            return r
+
+    space, kw = study_kwargs(tmp_path / "off")
+    with pytest.warns(UserWarning, match="measured FLOPs"):
+        run_study(Off(), DEVICE, space, n_trials=1, **kw)
+    st = optuna.load_study(study_name="s", storage=kw["storage"])
+    msgs = [m for t in st.trials for m in t.user_attrs.get("autorank", {}).get("cost_model_mismatch", [])]
+    assert msgs and all("measured FLOPs" in m and "3.0% off" in m for m in msgs)

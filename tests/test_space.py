@@ -14,8 +14,11 @@ def test_first_last_spread_pick_the_named_layers():
     sp = SearchSpace(name="t", first=3, last=2, spread=3)
     got = sp.resolve(model)
     middle = names[3:-2]
-    assert got == names[:3] + [middle[0], middle[len(middle) // 2], middle[-1]] + names[-2:] or \
-        got == names[:3] + [middle[0], middle[round((len(middle) - 1) / 2)], middle[-1]] + names[-2:]
+    # space.py's spacing: middle[round(i * (len(middle) - 1) / (k - 1))] for i in 0..k-1
+    # mcunet_like x0.5: 43 conv/linear layers, 38 between the first 3 and the last 2; the middle
+    # pick is round(37 / 2) = 18 (Python rounds half to even), not len(middle) // 2 = 19
+    assert len(names) == 43 and len(middle) == 38
+    assert got == names[:3] + [middle[0], middle[18], middle[37]] + names[-2:]
     assert len(got) == 8 and got == [n for n in names if n in got]  # forward order, no repeats
 
 

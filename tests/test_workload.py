@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import json
 import os
 import pickle
 import struct
@@ -208,6 +209,9 @@ def test_checkpoint_cached_and_reused(tmp_path, monkeypatch):
     second = make_workload(tmp_path)
     second.prepare(progress=False)
     assert calls == [1]  # the second workload loaded the file, it did not train
+    sidecar = path.with_suffix(".json")  # written atomically: no temp file left beside it
+    assert json.loads(sidecar.read_text())["key"]["epochs"] == 2
+    assert sorted(q.name for q in path.parent.iterdir()) == sorted([path.name, sidecar.name])
     assert second.checkpoint_path == path and os.stat(path).st_mtime_ns == mtime
     assert second.checkpoint_sha256 == first.checkpoint_sha256
     for (n, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
@@ -269,6 +273,53 @@ def test_finetune_learns_downstream_digits(tmp_path, shared_cache):
     assert predict_saved_bytes(wl.model, wl.example_input(), plan).activation_bytes == full.activation_bytes
     # the base model is untouched by the trial
     assert all(not hasattr(m, "base_layer") for m in wl.model.modules())
+
+
+def test_finetune_measures_the_step_flops_train_step_flops_predicts(tmp_path, shared_cache):
+    from autorank.cost import train_step_flops
+
+    wl = make_workload(tmp_path, shared_cache, max_epochs=1)
+    B = wl.input_shape[0]  # 32 images of 3 x 16 x 16, width 8, 5 classes
+    # fc only: the prefix (conv1..pool) runs forward; fc forward and its grad_weight (no
+    # grad_input: its input needs none), 2*B*in*out each.
+    fc = Plan(layers={"fc": Choice.full()})
+    r = wl.finetune(fc)
+    prefix = 2 * B * (16 * 16 * 8 * 3 * 9 + 8 * 8 * 16 * 8 * 9 + 4 * 4 * 32 * 16 * 9)
+    assert r.extra["measured_prefix_flops"] == prefix == 12_976_128
+    assert r.measured_flops == prefix + 2 * (2 * B * 32 * 5)
+    assert r.measured_flops == train_step_flops(wl.model, wl.example_input(), fc)
+    # a cut inside the network, an ASI layer (its QR/compression ops counted too) and the head
+    for plan in (Plan(layers={"conv2": Choice.full(), "conv3": Choice.full(), "fc": Choice.full()}),
+                 Plan(layers={"conv3": Choice.asi([8, 4, 2, 2]), "fc": Choice.full()})):
+        r = wl.finetune(plan)
+        predicted = train_step_flops(wl.model, wl.example_input(), plan)
+        assert 0 < r.extra["measured_prefix_flops"] < r.measured_flops
+        assert abs(r.measured_flops - predicted) <= 0.01 * predicted, (plan.layers, r.measured_flops, predicted)
+
+
+def test_bad_feature_cache_is_a_config_error(tmp_path):
+    from autorank.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'ram'"):
+        make_workload(tmp_path, feature_cache="ram")
+
+
+def test_checkpoint_errors_are_config_errors(tmp_path):
+    from autorank.errors import ConfigError
+
+    wl = make_workload(tmp_path)
+    wl.spec.checkpoint = str(tmp_path / "nope.pt")
+    with pytest.raises(FileNotFoundError, match="nope.pt") as e:  # still a FileNotFoundError
+        wl.prepare(progress=False)
+    assert isinstance(e.value, ConfigError)
+    torch.save(small_cnn(num_classes=5, width=4).state_dict(), tmp_path / "narrow.pt")
+    wl = make_workload(tmp_path)
+    wl.spec.checkpoint = str(tmp_path / "narrow.pt")
+    with pytest.raises(ConfigError, match=r"narrow.pt does not fit the model.*conv1.weight"):
+        wl.prepare(progress=False)
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="text.pt"):
+        base_mod.load_weights(small_cnn(num_classes=5), tmp_path / "text.pt")
 
 
 def test_finetune_cached_features_reused_across_trials(tmp_path, shared_cache):

@@ -21,12 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from autorank.errors import ConfigError
 from autorank.search.profile import Profile, peak_parts
+from autorank.units import MB
 
-MB = 2**20
 
-
-class BudgetTooSmall(ValueError):
+class BudgetTooSmall(ConfigError):
     """The budget is below the smallest possible plan; `min_peak_bytes` says what that is."""
 
     def __init__(self, budget_bytes: int, min_peak_bytes: int, min_choices: Mapping[str, str]):

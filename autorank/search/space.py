@@ -29,6 +29,9 @@ from typing import Any
 import yaml
 from torch import nn
 
+from autorank.errors import ConfigError, ConfigFileNotFound
+from autorank.plan import candidate_layers
+
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 BASE_CHOICES = ("frozen", "full", "asi")
 
@@ -43,17 +46,12 @@ def parse_choice_key(key: str) -> tuple[str, float | None]:
         return "asi", float(key[4:])
     if key in ("frozen", "full"):
         return key, None
-    raise ValueError(f"unknown choice {key!r}: expected frozen, full or asi@<level>")
+    raise ConfigError(f"unknown choice {key!r}: expected frozen, full or asi@<level>")
 
 
 def conv_linear_layers(model: nn.Module) -> list[str]:
     """Conv and linear module names in forward (registration) order."""
-    try:  # the plan package owns the definition; fall back while it is not there
-        from autorank.plan import candidate_layers
-
-        return list(candidate_layers(model))
-    except ImportError:
-        return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return list(candidate_layers(model))
 
 
 @dataclass(frozen=True)
@@ -72,13 +70,13 @@ class SearchSpace:
     def __post_init__(self) -> None:
         for c in list(self.choices) + [c for cs in self.overrides.values() for c in cs]:
             if c not in BASE_CHOICES:
-                raise ValueError(f"space {self.name!r}: unknown choice {c!r} (use {BASE_CHOICES})")
+                raise ConfigError(f"space {self.name!r}: unknown choice {c!r} (use {BASE_CHOICES})")
         if self.spread < 0 or self.first < 0:
-            raise ValueError(f"space {self.name!r}: first and spread must be >= 0")
+            raise ConfigError(f"space {self.name!r}: first and spread must be >= 0")
         if self.layers is None and (self.last is None or self.last < 1):
-            raise ValueError(f"space {self.name!r}: give `layers` or `last` >= 1")
+            raise ConfigError(f"space {self.name!r}: give `layers` or `last` >= 1")
         if any(not 0.0 < lv <= 1.0 for lv in self.levels):
-            raise ValueError(f"space {self.name!r}: levels must lie in (0, 1], got {self.levels}")
+            raise ConfigError(f"space {self.name!r}: levels must lie in (0, 1], got {self.levels}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SearchSpace":
@@ -86,7 +84,7 @@ class SearchSpace:
         known = {"name", "last", "first", "spread", "layers", "choices", "levels", "overrides", "bn", "lean"}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"search space: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"search space: unknown keys {sorted(unknown)}; known: {sorted(known)}")
         if d.get("layers") is not None:
             d["layers"] = tuple(d["layers"])
         for k in ("choices", "levels"):
@@ -103,7 +101,7 @@ class SearchSpace:
             p = SPACES_DIR / f"{path}.yaml"
         if not p.exists():
             avail = sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))
-            raise FileNotFoundError(f"search space {str(path)!r} not found (available: {avail})")
+            raise ConfigFileNotFound(f"search space {str(path)!r} not found (available: {avail})")
         d = yaml.safe_load(p.read_text()) or {}
         d.setdefault("name", p.stem)
         return cls.from_dict(d)
@@ -127,14 +125,14 @@ class SearchSpace:
         if self.layers is not None:
             missing = [n for n in self.layers if n not in names]
             if missing:
-                raise ValueError(f"space {self.name!r}: layers {missing} are not conv/linear "
+                raise ConfigError(f"space {self.name!r}: layers {missing} are not conv/linear "
                                  f"layers of the model (last ones: {names[-8:]})")
             return [n for n in names if n in self.layers]
         if self.last > len(names):
-            raise ValueError(f"space {self.name!r}: last={self.last} but the model has only "
+            raise ConfigError(f"space {self.name!r}: last={self.last} but the model has only "
                              f"{len(names)} conv/linear layers")
         if self.last + self.first > len(names):
-            raise ValueError(f"space {self.name!r}: first={self.first} + last={self.last} exceed the "
+            raise ConfigError(f"space {self.name!r}: first={self.first} + last={self.last} exceed the "
                              f"model's {len(names)} conv/linear layers")
         head, tail = names[:self.first], names[len(names) - self.last:]
         middle = names[self.first:len(names) - self.last]

@@ -36,8 +36,8 @@ from optuna.trial import TrialState
 from autorank.search.knapsack import BudgetTooSmall, knapsack
 from autorank.search.profile import Profile, peak_parts
 from autorank.search.space import SearchSpace, level_key
+from autorank.units import MB  # re-exported: export.py, runners.py import it from here
 
-MB = 2**20
 DIRECTIONS = ("maximize", "minimize", "minimize")
 OBJECTIVE_NAMES = ("val_accuracy", "peak_mb", "train_flops")
 MISMATCH_TOLERANCE = 0.01

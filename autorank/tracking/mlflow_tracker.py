@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-MB = 2**20
+from autorank.units import MB
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

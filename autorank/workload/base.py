@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import time
 import warnings
 from pathlib import Path
@@ -20,9 +21,10 @@ import lightning as L
 import torch
 from torch import nn
 
+from autorank.errors import ConfigError, ConfigFileNotFound
 from autorank.workload.data import ImageData
 from autorank.workload.features import key_hash
-from autorank.workload.models import ModelSpec, classifier_name
+from autorank.workload.models import ModelSpec
 from autorank.workload.module import PlanModule, evaluate
 
 log = logging.getLogger(__name__)
@@ -52,20 +54,20 @@ def pretrain_key(spec: ModelSpec, data: ImageData, epochs: int, lr: float, momen
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a state dict (torch.load weights_only=True) into `model`; a classifier head of another
-    size is skipped (the workload replaces the head for the downstream task anyway)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint
-        state = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
-    head = classifier_name(model)
-    own = model.state_dict()
-    skip = [k for k, v in state.items() if k.startswith(head + ".") and k in own and own[k].shape != v.shape]
-    for k in skip:
-        own_v = own[k]
-        state[k] = own_v
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    """Load a state dict (torch.load weights_only=True) into `model` with
+    autorank.plan.load_base_weights (the one implementation, torch only); a classifier head of
+    another size is skipped (the workload replaces the head for the downstream task anyway).
+    A file that is no state dict or does not fit the model is a ConfigError naming the path."""
+    from autorank.plan import load_base_weights
+
+    try:
+        load_base_weights(model, Path(path))
+    except ValueError as e:  # its message names the path and the keys that do not fit
+        raise ConfigError(str(e)) from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # torch.load: not a torch file
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(f"checkpoint {path} is not a weights file torch.load(weights_only=True) "
+                          f"reads: {type(e).__name__}: {first}") from e
     return model
 
 
@@ -148,7 +150,7 @@ def base_checkpoint(
     if spec.checkpoint:
         path = Path(spec.checkpoint).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"model.checkpoint={path} does not exist")
+            raise ConfigFileNotFound(f"model.checkpoint={path} does not exist")
         return path
     key = pretrain_key(spec, data, epochs, lr, momentum, seed, batch_size, optimizer)
     path = Path(cache_dir) / "checkpoints" / f"{spec.name}-{key_hash(key)}.pt"
@@ -163,6 +165,9 @@ def base_checkpoint(
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps({"key": key, **stats}, indent=2, sort_keys=True, default=str))
+    sidecar = path.with_suffix(".json")
+    tmp = Path(f"{sidecar}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, **stats}, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, sidecar)
     log.info("base model: upstream val accuracy %.3f after %.1f s", stats["upstream_val_accuracy"], stats["pretrain_wall_s"])
     return path

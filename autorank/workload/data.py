@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from autorank.errors import ConfigFileNotFound
+
 TASKS = ("upstream", "downstream")
 PARTS = ("train", "val")
 
 
-class DatasetMissing(FileNotFoundError):
+class DatasetMissing(ConfigFileNotFound):
     """A data set is not on disk and cannot be fetched here; the message says how to get it."""
 
 

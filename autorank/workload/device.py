@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MB = 2**20
+from autorank.errors import ConfigError
+from autorank.units import MB
 
 
 @dataclass
@@ -28,9 +29,9 @@ class DeviceProfile:
 
     def __post_init__(self) -> None:
         if self.ram_mb <= 0 or self.reserved_mb < 0 or self.gflops_fp32 <= 0:
-            raise ValueError(f"device {self.name!r}: ram_mb, gflops_fp32 must be > 0, reserved_mb >= 0")
+            raise ConfigError(f"device {self.name!r}: ram_mb, gflops_fp32 must be > 0, reserved_mb >= 0")
         if self.effective_budget_mb <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"device {self.name!r}: training budget {self.effective_budget_mb} MB is not positive "
                 f"(ram_mb={self.ram_mb}, reserved_mb={self.reserved_mb}, budget_mb={self.budget_mb})"
             )

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autorank.plan import finetune_mode
+
 
 class TrainingFailed(RuntimeError):
     """Fine-tuning diverged (NaN/inf loss) or could not run; `reason` says why."""
@@ -47,10 +49,8 @@ class PlanModule(L.LightningModule):
 
     def train(self, mode: bool = True) -> PlanModule:
         super().train(mode)
-        if mode and self.bn_eval:
-            for m in self.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+        if mode:
+            finetune_mode(self.model, bn_eval=self.bn_eval)
         return self
 
     def on_train_epoch_start(self) -> None:

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from autorank.errors import ConfigError
+from autorank.plan import finetune_mode
 from autorank.workload.base import base_checkpoint, file_sha256, load_weights, make_trainer
 from autorank.workload.data import ImageData
 from autorank.workload.device import DeviceProfile
@@ -70,16 +72,11 @@ class FineTuneResult:
     epochs: int
     features_wall_s: float = 0.0  # prefix features (0 on a cache hit)
     cut: str = ""  # first block of the trained suffix
+    # FLOPs of one real training step of the whole model at the device's batch shape (frozen
+    # prefix forward + trained suffix forward and backward), counted by autorank.cost's corrected
+    # FlopCounterMode on real tensors: what train_step_flops(model, example_input, plan) predicts.
+    measured_flops: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _finetune_mode(model: nn.Module, bn_eval: bool) -> nn.Module:
-    model.train()
-    if bn_eval:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-    return model
 
 
 def _as(cls, value):
@@ -104,7 +101,7 @@ class Workload:
         self.trainer, self.paths = _as(TrainerConfig, trainer), _as(Paths, paths)
         cache = self.trainer.feature_cache
         if cache not in ("memory", "disk", "off"):
-            raise ValueError(f"trainer.feature_cache must be memory, disk or off, got {cache!r}")
+            raise ConfigError(f"trainer.feature_cache must be memory, disk or off, got {cache!r}")
         self.features = FeatureCache(Path(self.paths.cache_dir) / "features" if cache == "disk" else None)
         self._model: nn.Module | None = None
         self._checkpoint: Path | None = None
@@ -138,7 +135,7 @@ class Workload:
             load_weights(model, self._checkpoint)
             # Kept in its fine-tuning mode (train, BN in eval when trainer.bn_eval): the cost model
             # reads the modes, and a training step saves e.g. dropout masks that eval would not.
-            self._model = _finetune_mode(replace_head(model, self.num_classes, seed=t.seed), t.bn_eval)
+            self._model = finetune_mode(replace_head(model, self.num_classes, seed=t.seed), t.bn_eval)
             self._checkpoint_sha256 = file_sha256(self._checkpoint)
         return self._model
 
@@ -206,7 +203,7 @@ class Workload:
         return self.features.get(key(n), nn.Sequential(*blocks[start:]), batches)
 
     def finetune(self, plan: Any, *, max_epochs: int | None = None, progress: bool | None = None) -> FineTuneResult:
-        from autorank.cost import measure_saved_bytes
+        from autorank.cost import flop_counter, measure_saved_bytes
         from autorank.plan import apply_plan
 
         base = self.prepare()
@@ -244,12 +241,43 @@ class Workload:
         # figure predict_saved_bytes predicts; the loss's own few bytes are in the peak's transient
         # term). The frozen prefix records no graph, so the suffix on B cached features saves what
         # the whole model would.
+        #
+        # FLOPs of that same step, counted on real tensors (a measurement, not the meta-device
+        # shortcut the prediction takes). Like with like: the study's objective and its prediction,
+        # train_step_flops(model, example_input, plan), are the whole model's step as the device
+        # runs it (the device has no feature cache): the frozen prefix's forward (no backward: it
+        # records no graph) plus the suffix's forward and backward. So the prefix's forward is
+        # counted here too, on one real downstream batch at the device's batch shape, and the
+        # suffix's step is the one whose saved bytes are measured. The loss is elementwise and
+        # counts 0, as output.sum() does in the prediction.
         idx = torch.arange(bs) % len(x_train)
         xb = x_train[idx]  # fresh storage: a view would count all of x_train
+        yb = y_train[idx]
         module.train()
-        saved = measure_saved_bytes(lambda: suffix(xb), suffix)
+        prefix_flops = self._prefix_forward_flops(prefix)
+        outs: list[torch.Tensor] = []
+        with flop_counter() as counter:
+            saved = measure_saved_bytes(lambda: outs.append(suffix(xb)) or outs[-1], suffix)
+            F.cross_entropy(outs[0], yb).backward()
+        outs.clear()
+        suffix.zero_grad(set_to_none=True)
         return FineTuneResult(
             val_accuracy=acc, train_loss=train_loss, measured_activation_bytes=saved.activation_bytes,
             train_wall_s=train_wall_s, epochs=epochs, features_wall_s=features_wall_s, cut=cut,
-            extra={"val_loss": val_loss},
+            measured_flops=prefix_flops + int(counter.get_total_flops()),
+            extra={"val_loss": val_loss, "measured_prefix_flops": prefix_flops},
         )
+
+    def _prefix_forward_flops(self, prefix: nn.Module) -> int:
+        """FLOPs of the frozen prefix's forward on one real downstream batch at input_shape."""
+        from autorank.cost import flop_counter
+
+        if len(prefix) == 0:
+            return 0
+        x, _ = next(iter(self.data.loader("downstream", "train")))
+        x = x[torch.arange(self.input_shape[0]) % len(x)]
+        if tuple(x.shape) != self.input_shape:
+            raise RuntimeError(f"downstream batch {tuple(x.shape)} is not the device batch {self.input_shape}")
+        with torch.no_grad(), flop_counter() as counter:  # frozen: the same FLOPs with or without grad
+            prefix(x)
+        return int(counter.get_total_flops())
