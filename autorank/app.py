@@ -152,7 +152,7 @@ def _summary(result: Any, device: Any, tracker: Any) -> None:
 
 
 def _short_plan(choices: dict[str, str]) -> str:
-    """One code per candidate layer in forward order: '.' frozen, 'F' full, '.8' ASI at eps 0.8."""
+    """One code per candidate layer in forward order: '-' frozen, 'F' full, '.8' ASI at eps 0.8."""
     def code(c: str) -> str:
         if c == "frozen":
             return "-"

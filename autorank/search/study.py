@@ -191,7 +191,10 @@ def default_study_name(device_name: str, space: SearchSpace, key: Mapping[str, A
 
 
 def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> list[tuple[str, dict]]:
-    """(source, choices) to enqueue first: the knapsack plan, uniform-level plans, and the plainly
+    """(source, choices) to enqueue first: the knapsack plan; plain backprop of every candidate
+    (the baseline a user would try first: recorded infeasible from its prediction when it does
+    not fit, never trained); uniform-level plans at the lowest, middle and highest ASI level (each
+    trains every candidate, the expensive kind of trial, so not all levels); and the plainly
     trained last k layers that fit (k = 1..N)."""
     names = profile.layer_names
     out: list[tuple[str, dict]] = []
@@ -200,7 +203,10 @@ def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> li
         out.append(("knapsack", res.choices))
     except BudgetTooSmall as e:
         warnings.warn(f"no knapsack warm start: {e}", stacklevel=2)
-    for lv in profile.space.get("levels", []):
+    if all("full" in profile.layer(n).choices for n in names):
+        out.append(("full every candidate", {n: "full" for n in names}))
+    levels = sorted(profile.space.get("levels", []))
+    for lv in sorted({levels[0], levels[len(levels) // 2], levels[-1]} if levels else set()):
         key = level_key(lv)
         ch = {n: key for n in names if key in profile.layer(n).choices}
         if ch:
