@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from autorank.plan.plan import atomic_write  # torch + yaml only: one atomic-write helper
+from autorank.units import MB
 
-from autorank.units import MB  # noqa: E402
 COLUMNS = ("trial", "state", "on_front", "val_accuracy", "peak_mb", "predicted_peak_bytes",
            "predicted_activation_bytes", "measured_activation_bytes", "train_flops", "step_time_s",
            "wall_s", "source", "choices")
