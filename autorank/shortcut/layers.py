@@ -58,6 +58,7 @@ class ASIFactorizer:
         self.ranks = ranks
         self.seed = int(seed)
         self.restarts = 0  # starts drawn so far (each shape change draws a new one)
+        self.cold_start_iters = 2  # extra iterations on a cold start (see __call__)
         self.state: list[torch.Tensor | None] | None = None
         self.state_key = None
         self.record = False  # keep (core, factors) of the last step for tests / debugging
@@ -80,9 +81,16 @@ class ASIFactorizer:
         ranks = clip_ranks(self.ranks, shape)
         cdtype = compute_dtype(x.dtype)
         key = (shape, cdtype, x.device)
+        xc = x.detach().to(cdtype)
         if self.state is None or self.state_key != key:
             self.state, self.state_key = self._start(shape, ranks, cdtype, x.device), key
-        core, qs = subspace_iteration_step(x.detach().to(cdtype), ranks, self.state)
+            # A cold start from a random subspace: a few extra iterations on this first batch, so
+            # that the first steps' gradients are not taken in a nearly random subspace (with
+            # short fine-tuning runs, tens of steps, that costs accuracy). Warm steps do one.
+            for _ in range(self.cold_start_iters):
+                _, qs = subspace_iteration_step(xc, ranks, self.state)
+                self.state = [q if q is not None else u for q, u in zip(qs, self.state)]
+        core, qs = subspace_iteration_step(xc, ranks, self.state)
         factors = [None if q is None else q.to(x.dtype) for q in qs]
         self.state = [q if q is not None else u for q, u in zip(qs, self.state)]
         core = core.to(x.dtype)

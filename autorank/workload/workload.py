@@ -227,7 +227,10 @@ class Workload:
             return FineTuneResult(acc, loss, 0, 0.0, 0, features_wall_s, cut)
 
         g = torch.Generator().manual_seed(t.seed)
-        loader = DataLoader(TensorDataset(x_train, y_train), batch_size=bs, shuffle=True, generator=g)
+        # drop_last: every step at the device's batch shape, the one the memory is predicted for
+        # (and ASI's warm-started subspaces are per shape: a short last batch would restart them).
+        loader = DataLoader(TensorDataset(x_train, y_train), batch_size=bs, shuffle=True, generator=g,
+                            drop_last=len(x_train) >= bs)
         module = PlanModule(suffix, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, bn_eval=t.bn_eval)
         trainer = make_trainer(epochs, t.accelerator, self.paths.output_dir, progress)
         t1 = time.perf_counter()
