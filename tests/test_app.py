@@ -107,7 +107,7 @@ def test_tracking_option(tmp_path):
 
 
 def test_default_workload_binds_on_rpi4(tmp_path):
-    """Issue 3 section 1: with the DEFAULT model and data (mcunet_like x0.5, 128 px, batch 128) on
+    """Issue 3 section 1: with the DEFAULT model and data (mcunet_like x0.5, 112 px, batch 128) on
     rpi4, training every conv/linear layer plainly does not fit the budget; ASI on the default
     space's layers does."""
     from autorank.cost import predict_peak_training_bytes
@@ -116,13 +116,13 @@ def test_default_workload_binds_on_rpi4(tmp_path):
 
     cfg = _compose(tmp_path, ["+device=rpi4"])
     assert cfg.model.build._target_.endswith("mcunet_like") and cfg.model.build.width_mult == 0.5
-    assert (cfg.data.input_size, cfg.data.batch_size) == (128, 128)
+    assert (cfg.data.input_size, cfg.data.batch_size) == (112, 128)
     device = _instantiate(cfg, cfg.device)
     assert device.budget_bytes == 324 * 2**20
     spec, data = _instantiate(cfg, cfg.model), _instantiate(cfg, cfg.data)
     model = spec(num_classes=data.num_classes("downstream"))
     x = torch.zeros(cfg.data.batch_size, 3, cfg.data.input_size, cfg.data.input_size)
-    assert data.input_size == 128 and data.batch_size == 128
+    assert data.input_size == 112 and data.batch_size == 128
     names = candidate_layers(model)
     every = Plan(layers={n: Choice.full() for n in names}, bn="frozen", lean=True)
     peak_every = predict_peak_training_bytes(model, x, every).total_bytes

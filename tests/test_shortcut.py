@@ -421,3 +421,26 @@ def test_zero_input_gives_zero_weight_grad():
     layer = ASIConv2d(base, low)
     out = grads(layer, base, torch.zeros_like(x))
     assert float(out[2].abs().max()) == 0.0 and torch.isfinite(out[1]).all()
+
+
+def test_cold_start_iterations_make_the_first_step_accurate():
+    """On a cold start the layer runs extra subspace iterations, so its very first gradient is
+    taken in a subspace close to the dominant one rather than a nearly random one: on an input
+    with a decaying spectrum the first-step gradient error drops well below the one-iteration
+    figure."""
+    torch.manual_seed(0)
+    decay = [torch.logspace(0, -2, s, dtype=torch.float64) for s in (16, 24, 12, 12)]
+    core = torch.randn(16, 24, 12, 12, dtype=torch.float64)
+    for n, d in enumerate(decay):  # scale mode n's fibres: a smoothly decaying spectrum per mode
+        core = core * d.view(*[-1 if k == n else 1 for k in range(4)])
+    fs = [torch.linalg.qr(torch.randn(s, s, dtype=torch.float64))[0] for s in (16, 24, 12, 12)]
+    x = tucker_reconstruct(core, fs)
+    base = nn.Conv2d(24, 8, 3, padding=1).double()
+    exact = torch.autograd.grad(base(x).pow(2).sum(), base.weight)[0]
+    errs = {}
+    for iters in (0, 2):
+        layer = ASIConv2d(base, [6, 8, 5, 5], seed=1)
+        layer.factorizer.cold_start_iters = iters
+        g = torch.autograd.grad(layer(x).pow(2).sum(), base.weight)[0]
+        errs[iters] = float((g - exact).norm() / exact.norm())
+    assert errs[2] < 0.8 * errs[0], errs  # measured: 0.074 vs 0.099

@@ -20,6 +20,7 @@ elementwise work (BN, activations, adds). Two faults are fixed here through its 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -161,7 +162,7 @@ def train_step_flops(model: nn.Module, example_input: torch.Tensor, plan=None) -
     from autorank.cost.meta import fell_back, meta_tensor, shadow
 
     try:
-        with shadow(model, plan) as m:
+        with shadow(model, plan) as m, _warm_steps(m):
             x = meta_tensor(example_input).requires_grad_(example_input.requires_grad)
             return _count(m, x, lean=True)
     except Exception as exc:  # noqa: BLE001 - any failure on meta: trace real tensors
@@ -171,4 +172,23 @@ def train_step_flops(model: nn.Module, example_input: torch.Tensor, plan=None) -
         from autorank.plan import apply_plan
 
         apply_plan(model, plan)
-    return _count(model, example_input)
+    with _warm_steps(model):
+        return _count(model, example_input)
+
+
+@contextlib.contextmanager
+def _warm_steps(model: nn.Module):
+    """Count a steady-state step: an ASI layer's first step after a (re)start runs extra
+    subspace iterations (autorank.shortcut ASIFactorizer.cold_start_iters), a one-off that is not
+    the per-step cost."""
+    saved = []
+    for m in model.modules():
+        f = getattr(m, "factorizer", None)
+        if f is not None and hasattr(f, "cold_start_iters"):
+            saved.append((f, f.cold_start_iters))
+            f.cold_start_iters = 0
+    try:
+        yield
+    finally:
+        for f, n in saved:
+            f.cold_start_iters = n
