@@ -1,91 +1,81 @@
-"""Measure the default workload: pretraining, one trial's fine-tuning, the feature cache's speed-up
-and whether training every layer fits the device budget.
+"""Measure a workload (by default the app's default one): pretraining, whether training every
+layer plainly fits the device budget, one trial's fine-tuning, and the feature cache's speed-up
+(the same trial with and without cached prefix features, median of --repeats).
 
-    python -m autorank.workload.bench [--input-size 112] [--batch-size 128] [--device rpi4]
+    python -m autorank.workload.bench                          # the defaults of conf/config.yaml
+    python -m autorank.workload.bench model=mobilenet_v2 data.input_size=96 --repeats 3
+
+Overrides are Hydra's, as for `python -m autorank`; `+device=rpi4` is added when no device is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import copy
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-import yaml
 
-from autorank.workload.data import DigitsData
-from autorank.workload.device import DeviceProfile
-from autorank.workload.models import ModelSpec, mobilenet_v2
-from autorank.workload.workload import Paths, TrainerConfig, Workload
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
+from autorank.units import MB
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--input-size", type=int, default=96)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--device", default="rpi4")
-    ap.add_argument("--pretrain-epochs", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=5)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.input_size=96")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--last", type=int, default=4, help="the trial trains the last N conv/linear layers")
+    ap.add_argument("--root", default=None, help="paths.root (cache of checkpoints); default: a temp dir")
     args = ap.parse_args()
-    from autorank.cost import measure_saved_bytes
-    from autorank.plan import Choice, Plan
 
-    dev_cfg = yaml.safe_load((CONF / "device" / f"{args.device}.yaml").read_text())
-    dev_cfg.pop("_target_")
-    device = DeviceProfile(**dev_cfg)
-    cache = args.cache_dir or tempfile.mkdtemp(prefix="autorank-bench-")
-    trainer = TrainerConfig(pretrain_epochs=args.pretrain_epochs, max_epochs=args.epochs)
-    wl = Workload(device, ModelSpec(functools.partial(mobilenet_v2)), DigitsData(args.input_size, args.batch_size),
-                  trainer, Paths(output_dir=cache, cache_dir=cache))
-    print(f"torch threads {torch.get_num_threads()}; {device.summary()}; input {wl.input_shape}")
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from autorank.app import CONF_DIR
+    from autorank.cost import predict_peak_training_bytes
+    from autorank.plan import Choice, Plan, candidate_layers
+    from autorank.workload.workload import Workload
+
+    root = args.root or tempfile.mkdtemp(prefix="autorank-bench-")
+    overrides = list(args.overrides)
+    if not any(o.lstrip("+").startswith("device=") for o in overrides):
+        overrides.append("+device=rpi4")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.root={root}", f"paths.output_dir={root}/out", *overrides])
+    wl = Workload(instantiate(cfg.device), instantiate(cfg.model), instantiate(cfg.data),
+                  instantiate(cfg.trainer), instantiate(cfg.paths))
+    device = wl.device
+    print(f"torch threads {torch.get_num_threads()}; {device.name} budget {device.budget_bytes / MB:.0f} MB; "
+          f"input {wl.input_shape}")
 
     t0 = time.perf_counter()
     wl.prepare(progress=False)
     print(f"pretraining (or cache load): {time.perf_counter() - t0:.1f} s, checkpoint {wl.checkpoint_path}")
 
-    # every layer trained plainly, at the device batch: saved activations vs the budget
-    from autorank.plan import apply_plan, candidate_layers
-    import copy
+    names = candidate_layers(wl.model)
+    every = Plan(layers={n: Choice.full() for n in names}, bn="train", lean=False)
+    peak = predict_peak_training_bytes(wl.model, wl.example_input(), every)
+    print(f"plain backprop of every layer: predicted peak {peak.total_bytes / MB:.0f} MB "
+          f"(activations {peak.activation_bytes / MB:.0f} MB) vs budget {device.budget_bytes / MB:.0f} MB")
 
-    every = Plan(layers={n: Choice.full() for n in candidate_layers(wl.model)}, bn="train", lean=False)
-    model = apply_plan(copy.deepcopy(wl.model), every).train()
-    x = torch.randn(8, *wl.input_shape[1:])
-    saved = measure_saved_bytes(lambda: model(x).sum(), model).activation_bytes * wl.input_shape[0] // 8
-    print(f"train every layer: saved activations {saved / 2**20:.0f} MB at batch {wl.input_shape[0]} "
-          f"(extrapolated from 8) vs budget {device.effective_budget_mb:.0f} MB")
-    try:
-        from autorank.cost import predict_peak_training_bytes
-
-        peak = predict_peak_training_bytes(wl.model, wl.example_input(), every)
-        print(f"predicted peak, every layer: {peak.total_bytes / 2**20:.0f} MB")
-    except ImportError:
-        pass
-
-    last = Plan(layers={"features.17.conv.0.0": Choice.asi([16, 64, 4, 4]), "features.17.conv.2": Choice.full(),
-                        "features.18.0": Choice.full(), "classifier.1": Choice.full()})
-    r = wl.finetune(last)  # first trial: computes the features
-    print(f"first trial: features {r.features_wall_s:.2f} s, fit {r.train_wall_s:.2f} s, acc {r.val_accuracy:.3f}, "
-          f"saved {r.measured_activation_bytes / 2**20:.1f} MB")
+    last = Plan(layers={n: Choice.full() for n in names[-args.last:]})
+    r = wl.finetune(last)  # the first trial computes (and caches) the prefix features
+    print(f"first trial (last {args.last} layers, {r.epochs} epochs): features {r.features_wall_s:.2f} s, "
+          f"fit {r.train_wall_s:.2f} s, acc {r.val_accuracy:.3f}")
     cached, uncached = [], []
     for _ in range(args.repeats):
         t = time.perf_counter()
-        wl.finetune(last)
+        wl.finetune(copy.deepcopy(last))
         cached.append(time.perf_counter() - t)
         wl.trainer.feature_cache = "off"
         t = time.perf_counter()
-        wl.finetune(last)
+        wl.finetune(copy.deepcopy(last))
         uncached.append(time.perf_counter() - t)
         wl.trainer.feature_cache = "memory"
     c, u = statistics.median(cached), statistics.median(uncached)
-    print(f"trial (last 4 layers, {args.epochs} epochs) median of {args.repeats}: cached {c:.2f} s, "
-          f"without cache {u:.2f} s, speed-up {u / c:.1f}x")
+    print(f"trial median of {args.repeats}: with cached features {c:.2f} s, without {u:.2f} s, "
+          f"speed-up {u / c:.1f}x")
 
 
 if __name__ == "__main__":
