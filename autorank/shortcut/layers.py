@@ -140,6 +140,19 @@ class _ShortcutMixin:
 
     factorizer: ASIFactorizer | HOSVDFactorizer
 
+    def _route(self, x: torch.Tensor, shortcut_fn, frozen_fn, *frozen_args) -> torch.Tensor:
+        """The shortcut only when the weight needs a gradient; the frozen path (exact grad_input,
+        nothing saved) when only the input or bias does; the plain layer when nothing does."""
+        base = self.base_layer
+        w, b = base.weight, base.bias
+        if not torch.is_grad_enabled():
+            return base(x)
+        if w.requires_grad:
+            return shortcut_fn.apply(x, w, b, self)
+        if x.requires_grad or (b is not None and b.requires_grad):
+            return frozen_fn.apply(x, w, b, *frozen_args)
+        return base(x)
+
     def record_factors(self, on: bool = True):
         """Keep the last (core, factors) so tests can rebuild the input the gradient used."""
         self.factorizer.record = on
@@ -190,15 +203,7 @@ class _ShortcutConv2d(_ShortcutMixin, nn.Module):
         self.factorizer = factorizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        w, b = base.weight, base.bias
-        if not torch.is_grad_enabled():
-            return base(x)
-        if w.requires_grad:
-            return ShortcutConv2dFn.apply(x, w, b, self)
-        if x.requires_grad or (b is not None and b.requires_grad):
-            return FrozenConv2dFn.apply(x, w, b, self.geometry)
-        return base(x)
+        return self._route(x, ShortcutConv2dFn, FrozenConv2dFn, self.geometry)
 
 
 class _ShortcutLinear(_ShortcutMixin, nn.Module):
@@ -210,15 +215,7 @@ class _ShortcutLinear(_ShortcutMixin, nn.Module):
         self.factorizer = factorizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        w, b = base.weight, base.bias
-        if not torch.is_grad_enabled():
-            return base(x)
-        if w.requires_grad:
-            return ShortcutLinearFn.apply(x, w, b, self)
-        if x.requires_grad or (b is not None and b.requires_grad):
-            return FrozenLinearFn.apply(x, w, b)
-        return base(x)
+        return self._route(x, ShortcutLinearFn, FrozenLinearFn)
 
 
 class ASIConv2d(_ShortcutConv2d):
