@@ -162,6 +162,10 @@ def run(a: argparse.Namespace) -> int:
     skipped = load_weights(model, a.checkpoint)
     if skipped:
         print(f"classifier head of another shape in the checkpoint, kept fresh on purpose: {', '.join(skipped)}")
+    elif not a.keep_head:
+        # The search fine-tuned a fresh head (the checkpoint's head belongs to the upstream task):
+        # the same seeded initialisation as autorank.workload.models.replace_head.
+        print(f"classifier head {fresh_head(model, a.seed)}: fresh (seed {a.seed}); --keep-head keeps the checkpoint's")
     x, y, xv, yv = load_data(a.data)
 
     # The fine-tuning mode the search costed: train mode (dropout live), BN in eval mode.
@@ -257,7 +261,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="module:function (default: the plan's meta.model)")
     ap.add_argument("--model-kwargs", default=None, help="JSON kwargs for --model")
     ap.add_argument("--out", default=None, help="save the fine-tuned base-model state dict here")
+    ap.add_argument("--keep-head", action="store_true",
+                    help="keep the checkpoint's classifier head (default: a fresh one, as the search trained)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the fresh head (the search's trainer.seed)")
     return ap.parse_args(argv)
+
+
+def fresh_head(model: torch.nn.Module, seed: int) -> str:
+    """Re-initialise the last nn.Linear in place, seeded, without touching the global RNG."""
+    name = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    lin = model.get_submodule(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = torch.nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(new.weight)
+        if lin.bias is not None:
+            lin.bias.copy_(new.bias)
+    return name
 
 
 def main(argv=None) -> int:

@@ -277,3 +277,20 @@ def test_finetune_on_device_bad_input_as_a_process(tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith(f"error: plan file {tmp_path / 'nope.yaml'} does not exist")
     assert "Traceback" not in r.stderr
+
+
+def test_finetune_on_device_fresh_head_equals_the_searchs_head():
+    """The search fine-tunes a fresh, seeded head (autorank.workload.models.replace_head); the
+    device script re-initialises the checkpoint's head the same way (unless --keep-head)."""
+    import copy
+
+    from autorank.workload.models import mcunet_like, replace_head
+
+    mod = _load_script()
+    model = mcunet_like(**KW)
+    ref = replace_head(copy.deepcopy(model), model.classifier[1].out_features, seed=3)
+    before = torch.get_rng_state()
+    assert mod.fresh_head(model, 3) == "classifier.1"
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG is untouched
+    assert torch.equal(model.classifier[1].weight, ref.classifier[1].weight)
+    assert torch.equal(model.classifier[1].bias, ref.classifier[1].bias)
