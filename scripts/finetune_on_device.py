@@ -165,7 +165,8 @@ def run(a: argparse.Namespace) -> int:
     elif not a.keep_head:
         # The search fine-tuned a fresh head (the checkpoint's head belongs to the upstream task):
         # the same seeded initialisation as autorank.workload.models.replace_head.
-        print(f"classifier head {fresh_head(model, a.seed)}: fresh (seed {a.seed}); --keep-head keeps the checkpoint's")
+        seed = a.seed if a.seed is not None else int(plan.meta.get("seed", 0))
+        print(f"classifier head {fresh_head(model, seed)}: fresh (seed {seed}); --keep-head keeps the checkpoint's")
     x, y, xv, yv = load_data(a.data)
 
     # The fine-tuning mode the search costed: train mode (dropout live), BN in eval mode.
@@ -263,7 +264,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="save the fine-tuned base-model state dict here")
     ap.add_argument("--keep-head", action="store_true",
                     help="keep the checkpoint's classifier head (default: a fresh one, as the search trained)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the fresh head (the search's trainer.seed)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="seed of the fresh head (default: the plan's meta.seed, the search's trainer.seed, else 0)")
     return ap.parse_args(argv)
 
 

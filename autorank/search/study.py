@@ -442,7 +442,12 @@ def default_plan_meta(workload) -> dict[str, Any]:
     module, _, fn = k["factory"].rpartition(".")
     kwargs = dict(k.get("kwargs") or {})
     kwargs["num_classes"] = int(workload.num_classes)
-    return {"model": {"factory": f"{module}:{fn}", "kwargs": kwargs}}
+    meta: dict[str, Any] = {"model": {"factory": f"{module}:{fn}", "kwargs": kwargs}}
+    trainer = getattr(workload, "trainer", None)
+    if trainer is not None:  # the device script fine-tunes as the search did
+        meta["lr"] = float(trainer.lr)
+        meta["seed"] = int(trainer.seed)
+    return meta
 
 
 def _set_attrs(trial, attrs: Mapping[str, Any]) -> None:
