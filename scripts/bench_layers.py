@@ -120,6 +120,20 @@ def flops_of(layer, x) -> int:
     return int(counter.get_total_flops())
 
 
+def predicted_bytes(base, x, ranks, kind):
+    """The cost model's prediction (autorank.cost.predict_saved_bytes) for plain and ASI, to put
+    beside the measurement; None without the project's cost model."""
+    try:
+        from autorank.cost import predict_saved_bytes
+        from autorank.plan import Choice, Plan
+    except ImportError:  # pragma: no cover - standalone fallback
+        return None
+    model = nn.Sequential(base)
+    xx = x.detach().requires_grad_(True)
+    return {m: predict_saved_bytes(model, xx, Plan({"0": c}, lean=False)).activation_bytes
+            for m, c in (("plain", Choice.full()), ("asi", Choice.asi(ranks)))}
+
+
 def bench(px, batch, device, repeats, eps):
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -139,6 +153,7 @@ def bench(px, batch, device, repeats, eps):
             t = time_step(layer, x, repeats, device)
             nbytes = saved_activation_bytes(lambda: layer(x.detach().requires_grad_(True)), layer)
             res[m] = (t, nbytes, flops_of(layer, x))
+        res["predicted"] = predicted_bytes(base, x, ranks, kind)
         rows.append((net, name, tuple(x.shape), ranks, res))
         base.zero_grad(set_to_none=True)
         print(f"  done {net} {name} {px}px", file=sys.stderr, flush=True)
@@ -149,14 +164,17 @@ def markdown(rows, methods, header) -> str:
     out = [header, "",
            "| net | layer | input | ASI ranks | " + " | ".join(f"{m} ms (x plain)" for m in methods)
            + " | " + " | ".join(f"{m} saved MiB" for m in methods) + " | "
-           + " | ".join(f"{m} GFLOP" for m in methods) + " |",
-           "|" + "---|" * (4 + 3 * len(methods))]
+           + " | ".join(f"{m} GFLOP" for m in methods) + " | predicted = measured (plain, asi) |",
+           "|" + "---|" * (5 + 3 * len(methods))]
     for net, name, shape, ranks, res in rows:
         tp = res["plain"][0]
         times = " | ".join(f"{res[m][0] * 1e3:.1f} ({res[m][0] / tp:.2f}x)" for m in methods)
         mem = " | ".join(f"{res[m][1] / 2**20:.3f}" for m in methods)
         fl = " | ".join(f"{res[m][2] / 1e9:.3f}" for m in methods)
-        out.append(f"| {net} | {name} | {'x'.join(map(str, shape))} | {ranks} | {times} | {mem} | {fl} |")
+        pred = res.get("predicted")
+        check = "n/a" if pred is None else ", ".join(
+            "yes" if pred[m] == res[m][1] else f"no ({pred[m]} vs {res[m][1]} B)" for m in ("plain", "asi"))
+        out.append(f"| {net} | {name} | {'x'.join(map(str, shape))} | {ranks} | {times} | {mem} | {fl} | {check} |")
     return "\n".join(out)
 
 
