@@ -126,6 +126,21 @@ def _unpack_factors(mask, stored):
     return [next(it) if m else None for m in mask]
 
 
+def _save_compressed(ctx, x, weight, bias, layer) -> None:
+    """Factorise x with the layer's factorizer and save (weight, core, stored factors): the only
+    tensors a shortcut layer keeps for backward."""
+    core, factors = layer.factorizer(x)
+    ctx.has_bias = bias is not None
+    ctx.mask, stored = _pack_factors(factors)
+    ctx.save_for_backward(weight, core, *stored)
+
+
+def _load_compressed(ctx):
+    """(weight, core, factors) saved by _save_compressed."""
+    weight, core, *stored = ctx.saved_tensors
+    return weight, core, _unpack_factors(ctx.mask, stored)
+
+
 class ShortcutConv2dFn(torch.autograd.Function):
     """y = conv(x); saves the Tucker core and factors of x (from ``layer.factorizer``) + weight."""
 
@@ -133,21 +148,18 @@ class ShortcutConv2dFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer):
         geom = layer.geometry
         y = geom.conv(x, weight, bias)
-        core, factors = layer.factorizer(x)
-        ctx.geom, ctx.x_shape, ctx.has_bias = geom, x.shape, bias is not None
-        ctx.mask, stored = _pack_factors(factors)
-        ctx.save_for_backward(weight, core, *stored)
+        ctx.geom, ctx.x_shape = geom, x.shape
+        _save_compressed(ctx, x, weight, bias, layer)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        weight, core, *stored = ctx.saved_tensors
+        weight, core, factors = _load_compressed(ctx)
         geom = ctx.geom
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = geom.grad_input(gy, weight, ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            factors = _unpack_factors(ctx.mask, stored)
             gw = conv_weight_grad(core, factors, gy, weight.shape, geom)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum((0, 2, 3))
@@ -158,20 +170,17 @@ class ShortcutLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
         y = F.linear(x, weight, bias)
-        core, factors = layer.factorizer(x)
-        ctx.has_bias = bias is not None
-        ctx.mask, stored = _pack_factors(factors)
-        ctx.save_for_backward(weight, core, *stored)
+        _save_compressed(ctx, x, weight, bias, layer)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        weight, core, *stored = ctx.saved_tensors
+        weight, core, factors = _load_compressed(ctx)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = gy @ weight
         if ctx.needs_input_grad[1]:
-            gw = linear_weight_grad(core, _unpack_factors(ctx.mask, stored), gy)
+            gw = linear_weight_grad(core, factors, gy)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.reshape(-1, gy.shape[-1]).sum(0)
         return gx, gw, gb, None
