@@ -176,6 +176,19 @@ class _Tracer(TorchFunctionMode):
         self.mark(out, flag)
         return out
 
+    def batch_norm_rule(self, func, x, args, kwargs) -> None:
+        if func is F.batch_norm:
+            b = _BN_SIG.bind(*args, **kwargs)
+            b.apply_defaults()
+            training, running_mean = b.arguments["training"], b.arguments["running_mean"]
+        else:  # torch.batch_norm(input, weight, bias, running_mean, running_var, training, ...)
+            training, running_mean = args[5], args[3]
+        self.save(x)
+        if training or running_mean is None:
+            stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+            c = x.shape[1]
+            self.save_fresh(2 * c * torch.empty((), dtype=stat).element_size())
+
     def rule(self, func, name, args, kwargs, out) -> None:
         x = args[0] if args else None
         if name in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
@@ -192,17 +205,7 @@ class _Tracer(TorchFunctionMode):
             if self.need(x):
                 self.save(w)
         elif name == "batch_norm":
-            if func is F.batch_norm:
-                b = _BN_SIG.bind(*args, **kwargs)
-                b.apply_defaults()
-                training, running_mean = b.arguments["training"], b.arguments["running_mean"]
-            else:  # torch.batch_norm(input, weight, bias, running_mean, running_var, training, ...)
-                training, running_mean = args[5], args[3]
-            self.save(x)
-            if training or running_mean is None:
-                stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-                c = x.shape[1]
-                self.save_fresh(2 * c * torch.empty((), dtype=stat).element_size())
+            self.batch_norm_rule(func, x, args, kwargs)
         elif name in _SAVE_RESULT:
             self.save(out if isinstance(out, torch.Tensor) else out[0])
         elif name in ("hardtanh", "relu6", "hardtanh_", "relu6_"):
