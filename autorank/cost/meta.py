@@ -134,9 +134,9 @@ def real_tensors_only():
 
 
 def run_planned(model: nn.Module, plan, example_input: torch.Tensor, fn):
-    """fn(planned model, x): on a meta shadow of `model` with `plan` applied (x a meta tensor
-    like example_input), or, where the shadow cannot run it (META_FAILURES) and inside
-    real_tensors_only(), on a real deep copy with example_input itself. `model` is never changed."""
+    """fn(planned model, x) on a meta shadow of `model` with `plan` applied (x: a meta tensor
+    like example_input); on a real deep copy with example_input itself where the shadow cannot
+    run it (META_FAILURES), and always inside real_tensors_only(). `model` is never changed."""
     if _REAL_ONLY[0]:
         return fn(real_copy(model, plan), example_input)
     try:
