@@ -18,7 +18,12 @@ for name in list(sys.modules):
     if name.split(".")[0] in BLOCKED:
         del sys.modules[name]
 
-import autorank.shortcut, autorank.plan, autorank.cost
+import importlib, importlib.util
+import autorank.shortcut, autorank.plan, autorank.cost, autorank.io, autorank.errors, autorank.units
+# the rest of the torch-only core, where this tree has it yet (issue 7: models, the device runner)
+for name in ("autorank.models", "autorank.device"):
+    if importlib.util.find_spec(name) is not None:
+        importlib.import_module(name)
 from autorank.plan import Plan, Choice, apply_plan
 from autorank.cost import predict_saved_bytes, measure_saved_bytes, train_step_flops, predict_peak_training_bytes
 

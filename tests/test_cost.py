@@ -197,18 +197,11 @@ def test_peak_prediction_bounds_cuda_measurement():
 
 # -- the meta-device fast path gives what real tensors give -----------------------------------------
 def _real(fn, model, x, plan):
-    """fn traced on real tensors (the meta shadow disabled)."""
-    from autorank.cost import meta
+    """fn traced on real tensors (the meta shadow off)."""
+    from autorank.cost.meta import real_tensors_only
 
-    def refuse(*args, **kwargs):
-        raise meta.NeedsData
-
-    orig = meta.meta_copy
-    meta.meta_copy, meta._SHADOWS = refuse, type(meta._SHADOWS)()
-    try:
+    with real_tensors_only():
         return fn(model, x, plan)
-    finally:
-        meta.meta_copy = orig
 
 
 @pytest.mark.parametrize("model_name,kind,mode", [("mcunet_like", k, m) for k, m in ALL if not k.startswith("hosvd")]
@@ -258,3 +251,64 @@ def test_hosvd_plans_fall_back_to_real_tensors():
     flops = train_step_flops(model, x, plan)
     assert meta.FALLBACKS["needs data"] == before + 1
     assert flops == _real(train_step_flops, model, x, plan)
+
+
+# -- the cost model knows autorank's layers by their interface, and hides no bug -------------------
+class _ScaleByMax(nn.Module):
+    """Reads a value in its forward (x.max()): cannot run on the meta device."""
+
+    def forward(self, x):
+        return x * float(x.detach().abs().max() > 0)
+
+
+def test_a_module_that_reads_values_is_traced_on_real_tensors():
+    from autorank.cost import meta
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _ScaleByMax(), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    x = torch.randn(2, 3, 8, 8)
+    before = sum(meta.FALLBACKS.values())
+    predicted = predict_saved_bytes(model, x)
+    assert sum(meta.FALLBACKS.values()) == before + 1
+    assert predicted.activation_bytes == measure_saved_bytes(lambda: model(x), model).activation_bytes
+
+
+def test_a_bug_in_a_layer_is_raised_not_hidden_behind_a_fallback():
+    from autorank.cost import meta
+    from autorank.shortcut import ShortcutLayer
+
+    class Broken(ShortcutLayer):  # a rename left behind: saved_bytes reads a missing attribute
+        def forward(self, x):
+            return self.base_layer(x)
+
+        def saved_bytes(self, input_shape, dtype=torch.float32):
+            return self.mask_bytes_per_element * math.prod(input_shape)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Broken(nn.ReLU()))
+    before = sum(meta.FALLBACKS.values())
+    with pytest.raises(AttributeError, match="mask_bytes_per_element"):
+        predict_peak_training_bytes(model, torch.randn(2, 3, 8, 8))
+    assert sum(meta.FALLBACKS.values()) == before
+
+
+def test_only_shortcut_layers_are_opaque():
+    """A module that merely looks like a shortcut layer (a `saved_bytes` method, a `factorizer`)
+    is traced op by op: its claim of 0 bytes is not taken."""
+
+    class LooksLikeOne(nn.Module):
+        factorizer = None
+
+        def __init__(self):
+            super().__init__()
+            self.base_layer = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.base_layer(x)
+
+        def saved_bytes(self, input_shape, dtype=torch.float32):
+            return 0
+
+    model = nn.Sequential(nn.Linear(8, 8), LooksLikeOne())
+    x = torch.randn(4, 8)
+    predicted = predict_saved_bytes(model, x)
+    assert predicted.activation_bytes == measure_saved_bytes(lambda: model(x), model).activation_bytes == 2 * 4 * 8 * 4
+    assert predicted.per_module["1.base_layer"] == 4 * 8 * 4  # its Linear's input, traced

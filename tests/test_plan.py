@@ -1,6 +1,8 @@
 """Plans: file round trip, apply/remove round trip, requires_grad, mismatches refused."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -72,7 +74,7 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("autorank.plan.plan.os.replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
         Plan({"9": Choice.full()}).save(path)
     assert path.read_text() == good
@@ -200,6 +202,26 @@ def test_atomic_write_keeps_suffix_and_cleans_up(tmp_path):
     with pytest.raises(RuntimeError, match="writer died"):
         atomic_write(path, half_then_fail)
     assert path.read_bytes() == b"new" and list(path.parent.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_write_gives_ordinary_permissions(tmp_path, umask):
+    """Like open(path, "w"): mode 0o666 minus the umask (not mkstemp's 0o600), for a new file
+    and for one written over an old file."""
+    from autorank.plan import atomic_write
+
+    old = os.umask(umask)
+    try:
+        path = atomic_write(tmp_path / "plan.yaml", lambda tmp: tmp.write_text("a: 1\n"))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+        path.chmod(0o600)
+        Plan({"14": Choice.full()}).save(path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+        ref = tmp_path / "ref"
+        ref.write_text("x")  # what open() gives under this umask
+        assert stat.S_IMODE(ref.stat().st_mode) == stat.S_IMODE(path.stat().st_mode)
+    finally:
+        os.umask(old)
 
 
 def test_save_base_weights_removes_the_plan_and_puts_it_back(tmp_path):

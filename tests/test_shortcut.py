@@ -444,3 +444,38 @@ def test_cold_start_iterations_make_the_first_step_accurate():
         g = torch.autograd.grad(layer(x).pow(2).sum(), base.weight)[0]
         errs[iters] = float((g - exact).norm() / exact.norm())
     assert errs[2] < 0.8 * errs[0], errs  # measured: 0.074 vs 0.099
+
+
+# --- the one interface (ShortcutLayer / TuckerLayer) ----------------------------------------------
+@pytest.mark.parametrize("make, base", [
+    (lambda b: ASIConv2d(b, [2, 3, 4, 4]), nn.Conv2d(6, 8, 3)),
+    (lambda b: HOSVDConv2d(b, 0.8), nn.Conv2d(6, 8, 3)),
+    (lambda b: ASILinear(b, [2, 3]), nn.Linear(6, 4)),
+    (lambda b: HOSVDLinear(b, 0.8), nn.Linear(6, 4)),
+    (FrozenBatchNorm2d, nn.BatchNorm2d(6)),
+    (PackedReLU, nn.ReLU6()),
+    (FrozenConv2d, nn.Conv2d(6, 8, 3)),
+    (FrozenLinear, nn.Linear(6, 4)),
+])
+def test_every_layer_is_a_shortcut_layer_around_its_base(make, base):
+    from autorank.shortcut import ShortcutLayer, TuckerLayer
+
+    layer = make(base)
+    assert isinstance(layer, ShortcutLayer) and layer.get_base_layer() is base is layer.base_layer
+    tucker = isinstance(layer, (ASIConv2d, ASILinear, HOSVDConv2d, HOSVDLinear))
+    assert isinstance(layer, TuckerLayer) == tucker
+    if not tucker:
+        assert layer.state_bytes((2, 6, 5, 5)) == 0
+
+
+def test_tucker_layers_say_which_ranks_an_input_gets():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5, dtype=DT)
+    asi, hosvd = ASIConv2d(nn.Conv2d(6, 8, 3), [2, 9, 4, 4]), HOSVDConv2d(nn.Conv2d(6, 8, 3), 0.7)
+    assert not asi.needs_data and asi.ranks_for(x) == [2, 9, 4, 4]
+    assert hosvd.needs_data and hosvd.ranks_for(x) == hosvd_ranks(x, 0.7)
+    # 4*6*4*4 core + factors 4x2, 5x4, 5x4 (channels: rank 9 >= 6, kept whole) in fp64
+    assert asi.saved_bytes(x.shape, DT) == 8 * (2 * 6 * 4 * 4 + 4 * 2 + 5 * 4 + 5 * 4)
+    assert asi.state_bytes(x.shape, DT) == 8 * (4 * 2 + 5 * 4 + 5 * 4)
+    assert hosvd.state_bytes(x.shape, DT) == 0
+    assert asi.trains_weight and not asi.requires_grad_(False).trains_weight

@@ -117,7 +117,7 @@ def test_profile_save_removes_its_temp_file_on_error(tmp_path, monkeypatch):
     path.write_text("old")
     prof = Profile.__new__(Profile)
     monkeypatch.setattr(Profile, "to_json", lambda self: "new")
-    monkeypatch.setattr("autorank.plan.plan.os.replace", lambda *a: (_ for _ in ()).throw(OSError("boom")))
+    monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(OSError, match="boom"):
         prof.save(path)
     assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]

@@ -1,14 +1,11 @@
-"""Workload: model cutting, data loaders on data the tests make, the cached base checkpoint, the
-feature cache and fine-tuning one plan. small_cnn, tiny inputs, each test in its own tmp_path."""
+"""Workload: model cutting, the cached base checkpoint, the feature cache and fine-tuning one plan
+(the data options: test_data.py). small_cnn, tiny inputs, each test in its own tmp_path."""
 
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import os
-import pickle
-import struct
 
 import numpy as np
 import pytest
@@ -17,7 +14,7 @@ from torch import nn
 
 from autorank.plan import Choice, Plan, apply_plan
 from autorank.workload import base as base_mod
-from autorank.workload.data import CIFAR10Data, DatasetMissing, DigitsData, FashionMNISTData, ImageFolderData
+from autorank.workload.data import DigitsData
 from autorank.workload.device import DeviceProfile
 from autorank.workload.features import FeatureCache
 from autorank.workload.models import (
@@ -95,89 +92,6 @@ def test_device_budget():
     assert dev.step_time_s(4e9) == pytest.approx(2.0)
     with pytest.raises(ValueError):
         DeviceProfile("d", ram_mb=512, reserved_mb=700, gflops_fp32=2.0)
-
-
-# --- data ----------------------------------------------------------------------------------------
-
-
-def test_digits_split_is_deterministic_and_disjoint():
-    a, b = DigitsData(input_size=12, batch_size=16), DigitsData(input_size=12, batch_size=16)
-    up_x, up_y = a.tensors("upstream", "train")
-    down_x, down_y = a.tensors("downstream", "train")
-    val_x, _ = a.tensors("downstream", "val")
-    assert len(up_x) + len(a.tensors("upstream", "val")[0]) + len(down_x) + len(val_x) == 1797
-    assert torch.equal(val_x, b.tensors("downstream", "val")[0])
-    assert sorted(up_y.unique().tolist()) == sorted(down_y.unique().tolist()) == [0, 1, 2, 3, 4]
-    assert abs(len(val_x) / (len(val_x) + len(down_x)) - 0.2) < 0.01
-    x, y = next(iter(a.train_dataloader()))
-    assert x.shape == (16, 3, 12, 12) and x.min() >= -1 and x.max() <= 1
-    assert torch.equal(x[:, 0], x[:, 2])  # grayscale repeated
-
-
-def _write_idx(path, array: np.ndarray) -> None:
-    magic = 0x0800 + {1: 1, 3: 3}[array.ndim]  # unsigned byte, ndim
-    with gzip.open(path, "wb") as f:
-        f.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape))
-        f.write(array.astype(np.uint8).tobytes())
-
-
-def test_fashion_mnist_from_package_files(tmp_path):
-    src = tmp_path / "pkg"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 40), ("t10k", 20)):
-        _write_idx(src / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
-        _write_idx(src / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    data = FashionMNISTData(root=str(tmp_path / "data"), source_dir=str(src), input_size=20, batch_size=8)
-    x, y = data.tensors("downstream", "train")
-    assert x.shape == (20, 1, 28, 28) and x.dtype == torch.uint8
-    assert len(data.tensors("downstream", "val")[1]) == 10  # the t10k images of classes 5-9
-    assert (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
-    xb, _ = next(iter(data.val_dataloader()))
-    assert xb.shape == (8, 3, 20, 20)
-
-
-def test_fashion_mnist_missing_says_apt_get(tmp_path):
-    data = FashionMNISTData(root=str(tmp_path / "data"), source_dir=str(tmp_path / "none"))
-    with pytest.raises(DatasetMissing, match=r"apt-get install -y dataset-fashion-mnist"):
-        data.setup()
-
-
-def test_cifar10_from_batches(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name, n in (("data_batch_1", 30), ("test_batch", 10)):
-        d = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
-        with open(folder / name, "wb") as f:
-            pickle.dump(d, f)
-    data = CIFAR10Data(root=str(tmp_path), input_size=16, batch_size=4)
-    assert data.tensors("upstream", "train")[0].shape == (15, 3, 32, 32)
-    assert len(data.tensors("downstream", "val")[1]) == 5
-    x, _ = next(iter(data.train_dataloader()))
-    assert x.shape == (4, 3, 16, 16)
-
-
-def test_cifar10_missing_names_folder(tmp_path):
-    with pytest.raises(DatasetMissing, match=str(tmp_path / "cifar-10-batches-py")):
-        CIFAR10Data(root=str(tmp_path)).setup()
-
-
-def test_image_folder(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in ("ant", "bee", "cat", "dog"):
-        (tmp_path / c).mkdir()
-        for i in range(5):
-            Image.fromarray(rng.integers(0, 255, (10, 14, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
-    data = ImageFolderData(root=str(tmp_path), input_size=8, batch_size=4, val_fraction=0.2)
-    assert data.classes("upstream") == [0, 1] and data.classes("downstream") == [2, 3]
-    assert data.class_names == ["ant", "bee", "cat", "dog"]
-    x, y = data.tensors("downstream", "train")
-    assert x.shape == (8, 3, 8, 8) and sorted(y.tolist()) == [0] * 4 + [1] * 4
-    with pytest.raises(DatasetMissing):
-        ImageFolderData(root=str(tmp_path / "nope")).setup()
 
 
 # --- base model, feature cache, fine-tuning ------------------------------------------------------

@@ -21,12 +21,19 @@ elementwise work (BN, activations, adds). Two faults are fixed here through its 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode
+
+# The TorchDispatchMode inside FlopCounterMode, without its per-module bookkeeping: torch has no
+# public way to count without module hooks (see _TotalCounter; the meta-path test compares the
+# total with the public FlopCounterMode's, so a change in torch fails there, not silently).
+from torch.utils.flop_counter import _FlopCounterMode
+
+from autorank.cost.meta import run_planned
+from autorank.shortcut import ASIFactorizer, TuckerLayer
 
 aten = torch.ops.aten
 
@@ -159,21 +166,11 @@ def train_step_flops(model: nn.Module, example_input: torch.Tensor, plan=None) -
     Counted on a meta-device shadow of the model (FlopCounterMode reads shapes only; torch.geqrf,
     which has no meta kernel, gets shape-only outputs: autorank.cost.meta.FastMeta); a model that needs values
     (HOSVD_eps ranks) or fails on meta is counted on a real deep copy."""
-    from autorank.cost.meta import fell_back, meta_tensor, shadow
+    def count(m: nn.Module, x: torch.Tensor) -> int:
+        with _warm_steps(m):
+            return _count(m, x, lean=x.is_meta)
 
-    try:
-        with shadow(model, plan) as m, _warm_steps(m):
-            x = meta_tensor(example_input).requires_grad_(example_input.requires_grad)
-            return _count(m, x, lean=True)
-    except Exception as exc:  # noqa: BLE001 - any failure on meta: trace real tensors
-        fell_back(exc)
-    model = copy.deepcopy(model)
-    if plan is not None:
-        from autorank.plan import apply_plan
-
-        apply_plan(model, plan)
-    with _warm_steps(model):
-        return _count(model, example_input)
+    return run_planned(model, plan, example_input, count)
 
 
 @contextlib.contextmanager
@@ -183,8 +180,8 @@ def _warm_steps(model: nn.Module):
     the per-step cost."""
     saved = []
     for m in model.modules():
-        f = getattr(m, "factorizer", None)
-        if f is not None and hasattr(f, "cold_start_iters"):
+        if isinstance(m, TuckerLayer) and isinstance(m.factorizer, ASIFactorizer):
+            f = m.factorizer
             saved.append((f, f.cold_start_iters))
             f.cold_start_iters = 0
     try:

@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from autorank.cost.meta import storage_key
+
 
 @dataclasses.dataclass
 class SavedBytes:
@@ -20,11 +22,6 @@ class SavedBytes:
     n_tensors: int
     by_dtype: dict[str, int]
     n_storages: int = 0
-
-
-def _storage_key(t: torch.Tensor) -> tuple:
-    s = t.untyped_storage()
-    return (str(s.device), s.data_ptr(), s.nbytes())
 
 
 def measure_saved_bytes(fn: Callable[[], object], model: nn.Module | Iterable[torch.Tensor] | None = None) -> SavedBytes:
@@ -40,14 +37,14 @@ def measure_saved_bytes(fn: Callable[[], object], model: nn.Module | Iterable[to
     resident: set[tuple] = set()
     if model is not None:
         tensors = list(model.parameters()) + list(model.buffers()) if isinstance(model, nn.Module) else list(model)
-        resident = {_storage_key(t) for t in tensors if t.numel() > 0}
+        resident = {storage_key(t) for t in tensors if t.numel() > 0}
     seen: dict[tuple, tuple[torch.UntypedStorage, bool, str]] = {}
     n_tensors = 0
 
     def pack(t: torch.Tensor):
         nonlocal n_tensors
         n_tensors += 1
-        key = _storage_key(t)
+        key = storage_key(t)
         if key not in seen and t.untyped_storage().nbytes() > 0:
             is_param = isinstance(t, nn.Parameter) or key in resident
             seen[key] = (t.untyped_storage(), is_param, str(t.dtype).removeprefix("torch."))
@@ -57,7 +54,7 @@ def measure_saved_bytes(fn: Callable[[], object], model: nn.Module | Iterable[to
         # every module that runs has its own parameters and buffers resident
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if t.numel() > 0:
-                resident.add(_storage_key(t))
+                resident.add(storage_key(t))
 
     handle = nn.modules.module.register_module_forward_pre_hook(note_module)
     try:

@@ -9,9 +9,9 @@ flags: `_signature`); a plan is applied to it for one trace and removed after (r
 restores it exactly).
 
 What cannot run on meta: anything that reads values. HOSVD_eps layers choose their ranks from
-the data (`needs_data`); callers then fall back to a real-tensor trace. The same fallback is
-taken on any error in a meta trace, so a module the meta device cannot run costs time, never
-a wrong answer.
+the data (`needs_data`); `run_planned` then traces a real-tensor copy instead. It does the same
+when an op has no meta kernel or reads values (META_FAILURES), so a module the meta device cannot
+run costs time, never a wrong answer; any other error is a bug and propagates.
 """
 
 from __future__ import annotations
@@ -26,9 +26,13 @@ import weakref
 
 import torch
 import torch.nn as nn
+
+# torch documents TorchDispatchMode under this private module and has no public alias for it
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_STATE_ATTR = "_autorank_plan_state"  # autorank.plan.apply's marker of an applied plan
+from autorank.plan import applied_plan, apply_plan, remove_plan
+from autorank.shortcut import TuckerLayer
+
 _SHADOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 aten = torch.ops.aten
@@ -43,7 +47,17 @@ def _signature(model: nn.Module) -> tuple:
         (id(t), t.requires_grad, tuple(t.shape), t.dtype, t.stride(), t.storage_offset(), t.device)
         for t in itertools.chain(model.parameters(), model.buffers())
     )
-    return mods, tensors, id(getattr(model, _STATE_ATTR, None))
+    return mods, tensors, id(applied_plan(model))
+
+
+def storage_key(t: torch.Tensor) -> tuple:
+    """The storage t keeps alive (tensors sharing it share the key). Meta storages have no
+    address: the StorageImpl's identity stands in (torch has no public name for it; callers
+    hold the tensors, so it is never reused while a key is in use)."""
+    s = t.untyped_storage()
+    if s.device.type == "meta":
+        return ("meta", s._cdata, s.nbytes())
+    return (str(s.device), s.data_ptr(), s.nbytes())
 
 
 def meta_tensor(t: torch.Tensor, storages: dict | None = None) -> torch.Tensor:
@@ -72,8 +86,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 def needs_data(model: nn.Module) -> bool:
     """Whether a trace must see real values: HOSVD_eps layers pick their ranks from the data."""
-    return any(hasattr(m, "factorizer") and hasattr(m, "eps") and not hasattr(m, "ranks")
-               for m in model.modules())
+    return any(isinstance(m, TuckerLayer) and m.needs_data for m in model.modules())
 
 
 FALLBACKS: collections.Counter = collections.Counter()  # reason -> real-tensor traces taken
@@ -91,6 +104,49 @@ class NeedsData(Exception):
     """Raised inside a shadow trace that must run on real tensors instead."""
 
 
+# What a shadow trace may raise where a real-tensor trace would not: NeedsData, an op without a
+# meta kernel (NotImplementedError), an op that reads values ("cannot be called on meta
+# tensors", data-dependent shapes: RuntimeError). Anything else (an AttributeError after a
+# rename, a TypeError) is a bug, and is not hidden behind a slower trace.
+META_FAILURES = (NeedsData, NotImplementedError, RuntimeError)
+
+
+def real_copy(model: nn.Module, plan=None) -> nn.Module:
+    """A deep copy of `model` with `plan` applied (the real-tensor path)."""
+    model = copy.deepcopy(model)
+    if plan is not None:
+        apply_plan(model, plan)
+    return model
+
+
+_REAL_ONLY = [0]  # > 0 inside real_tensors_only()
+
+
+@contextlib.contextmanager
+def real_tensors_only():
+    """Within: predictions trace a real-tensor deep copy, never a meta shadow (the reference
+    path, slower: to check the fast path against it, or to debug it)."""
+    _REAL_ONLY[0] += 1
+    try:
+        yield
+    finally:
+        _REAL_ONLY[0] -= 1
+
+
+def run_planned(model: nn.Module, plan, example_input: torch.Tensor, fn):
+    """fn(planned model, x) on a meta shadow of `model` with `plan` applied (x: a meta tensor
+    like example_input); on a real deep copy with example_input itself where the shadow cannot
+    run it (META_FAILURES), and always inside real_tensors_only(). `model` is never changed."""
+    if _REAL_ONLY[0]:
+        return fn(real_copy(model, plan), example_input)
+    try:
+        with shadow(model, plan) as m:
+            return fn(m, meta_tensor(example_input).requires_grad_(example_input.requires_grad))
+    except META_FAILURES as exc:
+        fell_back(exc)
+    return fn(real_copy(model, plan), example_input)
+
+
 @contextlib.contextmanager
 def shadow(model: nn.Module, plan=None):
     """A meta copy of `model` with `plan` applied (as it is for plan=None), for one trace, run
@@ -99,14 +155,12 @@ def shadow(model: nn.Module, plan=None):
     Raises NeedsData when the planned model needs real values. The shadow is cached for the
     next call unless the trace failed or it could not be restored (a plan that replaced one the
     model already had)."""
-    from autorank.plan import apply_plan, remove_plan
-
     sig = _signature(model)
     entry = _SHADOWS.pop(model, None)  # taken while in use: a nested call builds its own
     if entry is None or entry[0] != sig:
         entry = (sig, meta_copy(model))
     m = entry[1]
-    restorable = plan is None or getattr(m, _STATE_ATTR, None) is None
+    restorable = plan is None or applied_plan(m) is None
     ok = False
     try:
         if plan is not None:

@@ -30,7 +30,9 @@ import math
 import torch
 import torch.nn as nn
 
-from autorank.cost.saved import _key, _trace, real_copy
+from autorank.cost.meta import run_planned, storage_key
+from autorank.cost.saved import trace_saved_bytes
+from autorank.shortcut import TuckerLayer
 
 OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "adamw": 2}
 
@@ -63,21 +65,13 @@ def predict_peak_training_bytes(model: nn.Module, example_input: torch.Tensor, p
     opt = optimizer.lower()
     if opt not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZER_STATES)}")
-    from autorank.cost.meta import fell_back, meta_tensor, shadow
-
-    try:
-        with shadow(model, plan) as m:
-            x = meta_tensor(example_input).requires_grad_(example_input.requires_grad)
-            return _peak(m, x, _trace(m, x, example_input.is_cuda), opt, momentum)
-    except Exception as exc:  # noqa: BLE001 - any failure on meta: trace real tensors
-        fell_back(exc)
-    m = real_copy(model, plan)
-    return _peak(m, example_input, _trace(m, example_input, example_input.is_cuda), opt, momentum)
+    return run_planned(model, plan, example_input,
+                       lambda m, x: _peak(m, x, trace_saved_bytes(m, x, example_input.is_cuda), opt, momentum))
 
 
 def _peak(model: nn.Module, example_input: torch.Tensor, saved, opt: str, momentum: float) -> PeakMemory:
     """The parts, from the planned model (real or meta: only shapes are read) and its trace."""
-    storages = {_key(t): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
+    storages = {storage_key(t): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
     weights = sum(storages.values())
     trained = [p for p in model.parameters() if p.requires_grad]
     grads = sum(p.numel() * p.element_size() for p in trained)
@@ -97,7 +91,7 @@ def _peak(model: nn.Module, example_input: torch.Tensor, saved, opt: str, moment
         e = _elem(dtype)
         in_b, o_b = math.prod(in_shape) * e, math.prod(out_shape) * e
         extra = 0
-        if hasattr(module, "factorizer") and hasattr(module, "state_bytes"):
+        if isinstance(module, TuckerLayer):
             state += int(module.state_bytes(in_shape, dtype))
             extra = math.prod(in_shape) * max(e, 4)
         transient = max(transient, in_b + 2 * o_b + extra)

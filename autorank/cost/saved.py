@@ -23,13 +23,12 @@ What autograd saves (torch 2.14, checked against saved_tensors_hooks):
   sigmoid, tanh, softmax, log_softmax: result;  silu, gelu, hardswish, hardsigmoid: input
   mul              each tensor operand whose partner requires grad
   add, sub, views, reshape, flatten, cat, mean, sum: nothing
-Modules with a `saved_bytes(input_shape, dtype)` method (ASI/HOSVD layers and the lean
-companions of autorank.shortcut) are opaque: their own formula is used, as a fresh storage.
+autorank.shortcut's layers (ShortcutLayer: ASI/HOSVD layers and the lean companions) are opaque:
+their own `saved_bytes` formula is used, as a fresh storage.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import itertools
@@ -40,7 +39,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from autorank.cost.meta import tensors_in
+from autorank.cost.meta import run_planned, storage_key, tensors_in
+from autorank.shortcut import ShortcutLayer, TuckerLayer
+from autorank.shortcut.tucker import clip_ranks, compute_dtype
 
 
 @dataclasses.dataclass
@@ -65,15 +66,6 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _key(t: torch.Tensor) -> tuple:
-    """The storage t keeps alive. Meta storages have no address: the StorageImpl's identity
-    stands in (the tracer holds every saved tensor, so it is never reused)."""
-    s = t.untyped_storage()
-    if s.device.type == "meta":
-        return ("meta", s._cdata, s.nbytes())
-    return (str(s.device), s.data_ptr(), s.nbytes())
-
-
 _NOTHING = {
     "add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__",
     "neg", "__neg__", "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze",
@@ -91,11 +83,12 @@ class _Tracer(TorchFunctionMode):
         super().__init__()
         self.cuda = cuda  # the device the step runs on (a meta trace stands in for it)
         self.needs = WeakIdKeyDictionary()  # tensor -> would it require grad
-        self.resident = {_key(t) for t in itertools.chain(model.parameters(), model.buffers()) if t.numel()}
+        self.resident = {storage_key(t) for t in itertools.chain(model.parameters(), model.buffers()) if t.numel()}
         self.saved: dict[tuple, tuple[int, str, torch.Tensor | None]] = {}
         self.fresh = itertools.count()
         self.stack: list[str] = []
-        self.opaque = 0
+        self.opaque = 0  # > 0 inside a ShortcutLayer (or our own rank SVDs): ops not traced
+        self.opened: set[int] = set()  # ids of the ShortcutLayers that made the trace opaque
         self.conv_input_bytes = 0
         self.unknown: list[str] = []
         self.region_shapes: list[tuple] = []
@@ -114,7 +107,7 @@ class _Tracer(TorchFunctionMode):
     def save(self, t: torch.Tensor) -> None:
         if t.untyped_storage().nbytes() == 0:
             return
-        key = _key(t)
+        key = storage_key(t)
         if key in self.resident or key in self.saved:
             return
         self.saved[key] = (t.untyped_storage().nbytes(), self.where(), t)  # held: no pointer reuse
@@ -130,16 +123,16 @@ class _Tracer(TorchFunctionMode):
     def pre_hook(self, name):
         def hook(module, args):
             self.stack.append(name)
-            if hasattr(module, "saved_bytes") and self.opaque == 0:
+            if isinstance(module, ShortcutLayer) and self.opaque == 0:
                 self.opaque += 1
-                module._autorank_opaque = True
+                self.opened.add(id(module))
         return hook
 
     def post_hook(self, name):
         def hook(module, args, out):
             x = args[0] if args else None
-            if getattr(module, "_autorank_opaque", False):
-                del module._autorank_opaque
+            if id(module) in self.opened:
+                self.opened.discard(id(module))
                 self.opaque -= 1
                 flag = self.need(x) or any(p.requires_grad for p in module.parameters())
                 if flag:
@@ -150,25 +143,18 @@ class _Tracer(TorchFunctionMode):
             self.stack.pop()
         return hook
 
-    def opaque_rule(self, module: nn.Module, x: torch.Tensor) -> None:
-        base = getattr(module, "base_layer", None)
-        shortcut = hasattr(module, "factorizer") and isinstance(base, (nn.Conv2d, nn.Linear))
-        if not shortcut:  # lean companions: their formula, a fresh storage
+    def opaque_rule(self, module: ShortcutLayer, x: torch.Tensor) -> None:
+        if not isinstance(module, TuckerLayer):  # lean companions: their formula, a fresh storage
             self.save_fresh(int(module.saved_bytes(tuple(x.shape), x.dtype)))
             return
-        if not base.weight.requires_grad:
+        if not module.trains_weight:
             return  # a frozen weight: the wrapper runs as a frozen layer, saving only the weight
-        from autorank.shortcut.tucker import clip_ranks, compute_dtype, hosvd_ranks
-
-        # ASI ranks are fixed; HOSVD ranks depend on the data: take them from this input
-        if hasattr(module, "ranks"):
-            ranks = module.ranks
-        else:
-            self.opaque += 1  # our own SVDs are not part of the traced step
-            try:
-                ranks = hosvd_ranks(x, module.eps)
-            finally:
-                self.opaque -= 1
+        # ASI ranks are fixed; HOSVD ranks depend on the data: taken from this input
+        self.opaque += 1  # our own SVDs are not part of the traced step
+        try:
+            ranks = module.ranks_for(x)
+        finally:
+            self.opaque -= 1
         nbytes = int(module.saved_bytes(tuple(x.shape), x.dtype, ranks=ranks))
         self.conv_input_bytes += nbytes
         if clip_ranks(ranks, x.shape) == list(x.shape) and compute_dtype(x.dtype) == x.dtype:
@@ -190,6 +176,19 @@ class _Tracer(TorchFunctionMode):
         self.mark(out, flag)
         return out
 
+    def batch_norm_rule(self, func, x, args, kwargs) -> None:
+        if func is F.batch_norm:
+            b = _BN_SIG.bind(*args, **kwargs)
+            b.apply_defaults()
+            training, running_mean = b.arguments["training"], b.arguments["running_mean"]
+        else:  # torch.batch_norm(input, weight, bias, running_mean, running_var, training, ...)
+            training, running_mean = args[5], args[3]
+        self.save(x)
+        if training or running_mean is None:
+            stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+            c = x.shape[1]
+            self.save_fresh(2 * c * torch.empty((), dtype=stat).element_size())
+
     def rule(self, func, name, args, kwargs, out) -> None:
         x = args[0] if args else None
         if name in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
@@ -206,17 +205,7 @@ class _Tracer(TorchFunctionMode):
             if self.need(x):
                 self.save(w)
         elif name == "batch_norm":
-            if func is F.batch_norm:
-                b = _BN_SIG.bind(*args, **kwargs)
-                b.apply_defaults()
-                training, running_mean = b.arguments["training"], b.arguments["running_mean"]
-            else:  # torch.batch_norm(input, weight, bias, running_mean, running_var, training, ...)
-                training, running_mean = args[5], args[3]
-            self.save(x)
-            if training or running_mean is None:
-                stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-                c = x.shape[1]
-                self.save_fresh(2 * c * torch.empty((), dtype=stat).element_size())
+            self.batch_norm_rule(func, x, args, kwargs)
         elif name in _SAVE_RESULT:
             self.save(out if isinstance(out, torch.Tensor) else out[0])
         elif name in ("hardtanh", "relu6", "hardtanh_", "relu6_"):
@@ -257,8 +246,10 @@ class _Tracer(TorchFunctionMode):
             self.unknown.append(name)
 
 
-def _trace(model: nn.Module, example_input: torch.Tensor, cuda: bool) -> SavedBytesPrediction:
-    """One no_grad forward of `model` (changed: BN statistics) under the tracer."""
+def trace_saved_bytes(model: nn.Module, example_input: torch.Tensor, cuda: bool) -> SavedBytesPrediction:
+    """One no_grad forward of `model` (changed: BN statistics) under the tracer; `model` is the
+    planned model itself (a shadow or a copy: see predict_saved_bytes). cuda: the device the
+    step runs on (a meta trace stands in for it)."""
     tracer = _Tracer(model, cuda)
     handles = []
     for name, module in model.named_modules():
@@ -281,20 +272,10 @@ def _trace(model: nn.Module, example_input: torch.Tensor, cuda: bool) -> SavedBy
         activation_bytes=sum(v[0] for v in tracer.saved.values()),
         conv_input_bytes=tracer.conv_input_bytes,
         per_module=per_module,
-        input_saved=_key(x) in tracer.saved,
+        input_saved=storage_key(x) in tracer.saved,
         unknown_ops=sorted(set(tracer.unknown)),
         region_shapes=tracer.region_shapes,
     )
-
-
-def real_copy(model: nn.Module, plan=None) -> nn.Module:
-    """A deep copy of `model` with `plan` applied (the real-tensor path)."""
-    model = copy.deepcopy(model)
-    if plan is not None:
-        from autorank.plan import apply_plan
-
-        apply_plan(model, plan)
-    return model
 
 
 def predict_saved_bytes(model: nn.Module, example_input: torch.Tensor, plan=None) -> SavedBytesPrediction:
@@ -303,13 +284,6 @@ def predict_saved_bytes(model: nn.Module, example_input: torch.Tensor, plan=None
     plan=None: the model as it is (a plan may already be applied); a Plan (or path): applied
     to a copy. The model itself is never changed (BN statistics, warm-start state, RNG).
     The trace runs on a meta-device shadow of the model (shapes only, milliseconds); a model
-    that needs values (HOSVD_eps ranks) or fails on meta is traced on a real deep copy."""
-    from autorank.cost.meta import fell_back, meta_tensor, shadow
-
-    try:
-        with shadow(model, plan) as m:
-            return _trace(m, meta_tensor(example_input).requires_grad_(example_input.requires_grad),
-                          example_input.is_cuda)
-    except Exception as exc:  # noqa: BLE001 - any failure on meta: trace real tensors
-        fell_back(exc)
-    return _trace(real_copy(model, plan), example_input, example_input.is_cuda)
+    that needs values (HOSVD_eps ranks) or cannot run on meta is traced on a real deep copy."""
+    return run_planned(model, plan, example_input,
+                       lambda m, x: trace_saved_bytes(m, x, example_input.is_cuda))

@@ -8,7 +8,7 @@ from autorank.plan.apply import (
     remove_plan,
     trained_region,
 )
-from autorank.plan.plan import Choice, Plan, atomic_write, check_fingerprint, model_fingerprint
+from autorank.plan.plan import Choice, Plan, atomic_write, check_fingerprint, model_fingerprint, original_modules
 from autorank.plan.weights import build_model_from_factory, classifier_head, load_base_weights, save_base_weights
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "finetune_mode",
     "load_base_weights",
     "model_fingerprint",
+    "original_modules",
     "remove_plan",
     "save_base_weights",
     "trained_region",

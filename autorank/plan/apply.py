@@ -15,19 +15,21 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from autorank.plan.plan import Choice, Plan, _original_modules, check_fingerprint
+from autorank import shortcut
+from autorank.plan.plan import Choice, Plan, check_fingerprint, original_modules
+from autorank.shortcut import BATCH_NORMS, lean
 
-_STATE_ATTR = "_autorank_plan_state"
+_STATE_ATTR = "_autorank_plan_state"  # on a model with a plan applied: what remove_plan undoes
 _RELU_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 
 
 def candidate_layers(model: nn.Module) -> list[str]:
     """Names of the conv and linear layers, in forward (registration) order."""
-    return [name for name, m in _original_modules(model) if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [name for name, m in original_modules(model) if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
 def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in _original_modules(model) if n and next(m.children(), None) is None]
+    return [(n, m) for n, m in original_modules(model) if n and next(m.children(), None) is None]
 
 
 def trained_region(model: nn.Module, plan: Plan) -> list[str]:
@@ -48,8 +50,6 @@ def _check_names(model: nn.Module, plan: Plan) -> None:
 
 
 def _wrap(module: nn.Module, choice: Choice) -> nn.Module:
-    from autorank import shortcut
-
     if choice.kind in ("full", "frozen"):
         return module
     conv = isinstance(module, nn.Conv2d)
@@ -61,8 +61,6 @@ def _wrap(module: nn.Module, choice: Choice) -> nn.Module:
 
 
 def _lean_companion(module: nn.Module, plan: Plan, trained: bool) -> nn.Module | None:
-    from autorank.shortcut import lean
-
     if isinstance(module, nn.BatchNorm2d) and plan.bn == "frozen":
         return lean.FrozenBatchNorm2d(module)
     if isinstance(module, _RELU_TYPES):
@@ -116,7 +114,7 @@ def apply_plan(model: nn.Module, plan_or_path: Plan | str | Path, *, strict: boo
             module.requires_grad_(True)
             new = _wrap(module, plan.layers[name])
         else:
-            if plan.bn == "train" and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if plan.bn == "train" and isinstance(module, BATCH_NORMS):
                 module.requires_grad_(True)
             new = _lean_companion(module, plan, trained=False) if plan.lean and name != start else None
         if new is not None and new is not module:
@@ -149,7 +147,7 @@ def finetune_mode(model: nn.Module, bn_eval: bool = True) -> nn.Module:
     model.train()
     if bn_eval:
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, BATCH_NORMS):
                 m.eval()
     return model
 

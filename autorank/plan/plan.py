@@ -11,16 +11,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
 import yaml
 
 import autorank
+from autorank.io import atomic_write  # re-exported: autorank.plan.atomic_write
+from autorank.shortcut import ShortcutLayer
 
 FORMAT_VERSION = 1
 KINDS = ("frozen", "full", "asi", "hosvd")
@@ -104,54 +104,35 @@ class Choice:
         return cls(kind)
 
 
-def atomic_write(path, write_fn: Callable[[Path], Any]) -> Path:
-    """Write `path` atomically: `write_fn(tmp)` writes a temp file in the same folder (its name
-    ends with path's suffix, so writers that pick a format by suffix - savefig - still work),
-    which is flushed to disk and renamed over `path` with os.replace. A failure (an exception,
-    Ctrl-C) leaves the old file as it was and removes the temp file. Creates the parent folder.
-    Returns `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _shortcut_base(module: nn.Module) -> nn.Module:
-    """The original module behind a wrapper (peft-style `base_layer`), or the module itself."""
-    while hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Module):
+    """The original module behind a ShortcutLayer (peft-style `base_layer`), or the module itself."""
+    while isinstance(module, ShortcutLayer):
         module = module.base_layer
     return module
 
 
-def _original_modules(model: nn.Module):
-    """(name, module) pairs of the model as it was before any plan: wrappers are seen through
-    (their base_layer takes their name) and their internals are skipped."""
+def original_modules(model: nn.Module):
+    """(name, module) pairs of the model as it was before any plan: ShortcutLayers are seen
+    through (their base_layer takes their name) and their internals are skipped."""
     skip: set[str] = set()
     for name, module in model.named_modules():
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        if hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Module):
+        if isinstance(module, ShortcutLayer):
             skip.add(name)  # wrapper internals (base_layer, ...) are not the original model's
             yield name, _shortcut_base(module)
         else:
             yield name, module
 
 
+_original_modules = original_modules  # old name, still imported by plan/weights.py (issue 7); drop after
+
+
 def model_fingerprint(model: nn.Module) -> dict:
     """Names, types and weight shapes of the model's leaf modules (a plan applied to it is seen
     through), and their sha256. Two models take the same plans iff their fingerprints match."""
     layers = []
-    for name, module in _original_modules(model):
+    for name, module in original_modules(model):
         if name == "" or next(module.children(), None) is not None:
             continue  # only leaves: containers carry no weights of their own
         weight = getattr(module, "weight", None)

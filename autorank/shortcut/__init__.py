@@ -1,13 +1,23 @@
-"""ASI / HOSVD shortcut layers and lean companions: what runs on the device (torch only)."""
+"""ASI / HOSVD shortcut layers and lean companions: what runs on the device (torch only).
 
+Every layer here subclasses ShortcutLayer (autorank.shortcut.base): the one interface the plan and
+the cost model know them by. ASI / HOSVD layers are TuckerLayers (they save a compressed input).
+"""
+
+from .base import BATCH_NORMS, ShortcutLayer, TuckerLayer
+from .layers import ASIConv2d, ASIFactorizer, ASILinear, HOSVDConv2d, HOSVDFactorizer, HOSVDLinear
 from .lean import FrozenBatchNorm2d, FrozenConv2d, FrozenLinear, PackedReLU, pack_bits, unpack_bits
-from .layers import ASIConv2d, ASILinear, HOSVDConv2d, HOSVDLinear
 from .tucker import hosvd_ranks, mode_product, tucker_core, tucker_reconstruct
 
 __all__ = [
+    "BATCH_NORMS",
+    "ShortcutLayer",
+    "TuckerLayer",
     "ASIConv2d",
+    "ASIFactorizer",
     "ASILinear",
     "HOSVDConv2d",
+    "HOSVDFactorizer",
     "HOSVDLinear",
     "FrozenBatchNorm2d",
     "PackedReLU",

@@ -18,6 +18,19 @@ from .tucker import mode_product
 _conv_bw = torch.ops.aten.convolution_backward.default
 
 
+def _pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding of the input, as nn.Conv2d pads it ('same' puts the odd
+    pixel on the right / bottom). torch keeps these in a private attribute; computed here."""
+    if conv.padding == "valid":
+        return 0, 0, 0, 0
+    if conv.padding == "same":
+        (top, bottom), (left, right) = (
+            (t // 2, t - t // 2) for t in (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)))
+        return left, right, top, bottom
+    ph, pw = (int(p) for p in conv.padding)
+    return pw, pw, ph, ph
+
+
 class ConvGeometry:
     """Stride, padding (as explicit F.pad amounts), dilation and groups of an nn.Conv2d.
 
@@ -32,7 +45,7 @@ class ConvGeometry:
         self.groups = conv.groups
         self.padding = conv.padding  # int tuple or 'same' / 'valid', for the forward
         self.mode = conv.padding_mode
-        left, right, top, bottom = (int(p) for p in conv._reversed_padding_repeated_twice)
+        left, right, top, bottom = _pads(conv)
         self.pads = (left, right, top, bottom)  # F.pad order
         self.native = self.mode == "zeros" and left == right and top == bottom
         self.native_padding = (top, left) if self.native else (0, 0)

@@ -15,29 +15,27 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .base import TuckerLayer, elem_bytes
 from .functional import (
     ConvGeometry,
     FrozenConv2dFn,
     FrozenLinearFn,
     ShortcutConv2dFn,
     ShortcutLinearFn,
-    tucker_saved_numel,
 )
 from .tucker import (
-    _check_eps,
+    check_eps,
     clip_ranks,
     compute_dtype,
     eps_rank,
+    hosvd_ranks,
     subspace_iteration_step,
     tucker_core,
     unfold,
 )
 
-__all__ = ["ASIConv2d", "ASILinear", "HOSVDConv2d", "HOSVDLinear", "ASIFactorizer", "HOSVDFactorizer"]
-
-
-def _elem_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+__all__ = ["ASIConv2d", "ASILinear", "HOSVDConv2d", "HOSVDLinear", "ASIFactorizer", "HOSVDFactorizer",
+           "TuckerConv2d", "TuckerLinear"]
 
 
 class ASIFactorizer:
@@ -49,6 +47,8 @@ class ASIFactorizer:
     dtype or device changes. A private generator (CPU) draws the start; the global RNG is never
     touched. Plain attributes, so nothing lands in a state_dict.
     """
+
+    needs_data = False  # fixed ranks: known from the input's shape alone
 
     def __init__(self, ranks: Sequence[int], seed: int = 0):
         ranks = [int(r) for r in ranks]
@@ -98,19 +98,27 @@ class ASIFactorizer:
             self.last = (core, factors)
         return core, factors
 
+    def ranks_for(self, x: torch.Tensor) -> list[int]:
+        return list(self.ranks)
+
+    def default_ranks(self) -> list[int]:
+        return self.ranks
+
     def state_bytes(self, input_shape, dtype) -> int:
         """Bytes of the warm-start factors held between steps (in the factorisation dtype)."""
         ranks = clip_ranks(self.ranks, input_shape)
         n = sum(s * r for s, r in zip(input_shape, ranks) if r < s)
-        return n * _elem_bytes(compute_dtype(dtype))
+        return n * elem_bytes(compute_dtype(dtype))
 
 
 class HOSVDFactorizer:
     """HOSVD_eps (NeurIPS 2024 baseline): a full SVD of every mode-n unfolding each step, rank =
     smallest k whose squared singular values reach eps of the total (same rule as hosvd_ranks)."""
 
+    needs_data = True  # the ranks come from the input's singular values
+
     def __init__(self, eps: float):
-        _check_eps(eps)
+        check_eps(eps)
         self.eps = float(eps)
         self.record = False
         self.last = None
@@ -134,91 +142,58 @@ class HOSVDFactorizer:
             self.last = (core, factors)
         return core, factors
 
+    def ranks_for(self, x: torch.Tensor) -> list[int]:
+        return hosvd_ranks(x, self.eps)
 
-class _ShortcutMixin:
-    """Shared by the four wrappers: debugging access to the last factorisation, byte counts."""
-
-    factorizer: ASIFactorizer | HOSVDFactorizer
-
-    def _route(self, x: torch.Tensor, shortcut_fn, frozen_fn, *frozen_args) -> torch.Tensor:
-        """The shortcut only when the weight needs a gradient; the frozen path (exact grad_input,
-        nothing saved) when only the input or bias does; the plain layer when nothing does."""
-        base = self.base_layer
-        w, b = base.weight, base.bias
-        if not torch.is_grad_enabled():
-            return base(x)
-        if w.requires_grad:
-            return shortcut_fn.apply(x, w, b, self)
-        if x.requires_grad or (b is not None and b.requires_grad):
-            return frozen_fn.apply(x, w, b, *frozen_args)
-        return base(x)
-
-    def record_factors(self, on: bool = True):
-        """Keep the last (core, factors) so tests can rebuild the input the gradient used."""
-        self.factorizer.record = on
-        if not on:
-            self.factorizer.last = None
-        return self
-
-    def last_factors(self):
-        """(core, factors) of the last factorisation (needs ``record_factors()`` first)."""
-        if self.factorizer.last is None:
-            raise RuntimeError("no factors recorded: call layer.record_factors() before the forward")
-        return self.factorizer.last
-
-    def _ranks(self, ranks):
-        if ranks is not None:
-            return ranks
-        if isinstance(self.factorizer, ASIFactorizer):
-            return self.factorizer.ranks
-        if self.factorizer.last_ranks is None:
+    def default_ranks(self) -> list[int]:
+        if self.last_ranks is None:
             raise ValueError("HOSVD ranks depend on the data: pass ranks= (e.g. hosvd_ranks(x, eps))")
-        return self.factorizer.last_ranks
+        return self.last_ranks
 
-    def _saved_shape(self, input_shape):
-        return tuple(int(s) for s in input_shape)
-
-    def saved_bytes(self, input_shape, dtype=torch.float32, ranks: Sequence[int] | None = None) -> int:
-        """Bytes the autograd node saves for an input of this shape with a trained weight:
-        core + stored factors, in the input dtype (the weight, a parameter, is not counted).
-        HOSVD layers need ``ranks`` (they depend on the data; default: the last step's ranks)."""
-        shape = self._saved_shape(input_shape)
-        ranks = clip_ranks(self._ranks(ranks), shape)
-        return tucker_saved_numel(shape, ranks) * _elem_bytes(dtype)
-
-    def state_bytes(self, input_shape, dtype=torch.float32) -> int:
-        """Bytes of state kept between steps (ASI warm-start factors; 0 for HOSVD)."""
-        if isinstance(self.factorizer, ASIFactorizer):
-            return self.factorizer.state_bytes(self._saved_shape(input_shape), dtype)
-        return 0
+    def state_bytes(self, input_shape, dtype) -> int:
+        return 0  # a fresh SVD every step: nothing kept
 
 
-class _ShortcutConv2d(_ShortcutMixin, nn.Module):
+def _route(layer: TuckerLayer, x: torch.Tensor, shortcut_fn, frozen_fn, *frozen_args) -> torch.Tensor:
+    """The shortcut only when the weight needs a gradient; the frozen path (exact grad_input,
+    nothing saved) when only the input or bias does; the plain layer when nothing does."""
+    base = layer.base_layer
+    w, b = base.weight, base.bias
+    if not torch.is_grad_enabled():
+        return base(x)
+    if w.requires_grad:
+        return shortcut_fn.apply(x, w, b, layer)
+    if x.requires_grad or (b is not None and b.requires_grad):
+        return frozen_fn.apply(x, w, b, *frozen_args)
+    return base(x)
+
+
+class TuckerConv2d(TuckerLayer):
+    """A TuckerLayer around an nn.Conv2d (ASIConv2d, HOSVDConv2d)."""
+
     def __init__(self, base: nn.Conv2d, factorizer):
-        super().__init__()
         if not isinstance(base, nn.Conv2d):
             raise TypeError(f"expected nn.Conv2d, got {type(base).__name__}")
-        self.base_layer = base
+        super().__init__(base, factorizer)
         self.geometry = ConvGeometry(base)
-        self.factorizer = factorizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._route(x, ShortcutConv2dFn, FrozenConv2dFn, self.geometry)
+        return _route(self, x, ShortcutConv2dFn, FrozenConv2dFn, self.geometry)
 
 
-class _ShortcutLinear(_ShortcutMixin, nn.Module):
+class TuckerLinear(TuckerLayer):
+    """A TuckerLayer around an nn.Linear (ASILinear, HOSVDLinear)."""
+
     def __init__(self, base: nn.Linear, factorizer):
-        super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(base).__name__}")
-        self.base_layer = base
-        self.factorizer = factorizer
+        super().__init__(base, factorizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._route(x, ShortcutLinearFn, FrozenLinearFn)
+        return _route(self, x, ShortcutLinearFn, FrozenLinearFn)
 
 
-class ASIConv2d(_ShortcutConv2d):
+class ASIConv2d(TuckerConv2d):
     """ASI conv: ranks (batch, channels, height, width), one warm-started step per mode."""
 
     def __init__(self, base: nn.Conv2d, ranks: Sequence[int], seed: int = 0):
@@ -238,7 +213,7 @@ class ASIConv2d(_ShortcutConv2d):
         return f"ranks={self.ranks}, seed={self.seed}"
 
 
-class ASILinear(_ShortcutLinear):
+class ASILinear(TuckerLinear):
     """ASI linear: one rank per input dim ((N, in), (B, L, in), (B, H, W, in), ...)."""
 
     def __init__(self, base: nn.Linear, ranks: Sequence[int], seed: int = 0):
@@ -251,7 +226,7 @@ class ASILinear(_ShortcutLinear):
     extra_repr = ASIConv2d.extra_repr
 
 
-class HOSVDConv2d(_ShortcutConv2d):
+class HOSVDConv2d(TuckerConv2d):
     """HOSVD_eps conv: full SVD per mode every step, ranks from explained variance eps."""
 
     def __init__(self, base: nn.Conv2d, eps: float):
@@ -269,7 +244,7 @@ class HOSVDConv2d(_ShortcutConv2d):
         return f"eps={self.eps}"
 
 
-class HOSVDLinear(_ShortcutLinear):
+class HOSVDLinear(TuckerLinear):
     def __init__(self, base: nn.Linear, eps: float):
         super().__init__(base, HOSVDFactorizer(eps))
 

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from .base import BATCH_NORMS, ShortcutLayer
 from .functional import ConvGeometry, FrozenConv2dFn, FrozenLinearFn
 
 __all__ = ["FrozenBatchNorm2d", "PackedReLU", "FrozenConv2d", "FrozenLinear", "pack_bits", "unpack_bits"]
@@ -62,20 +63,19 @@ class _FrozenAffineFn(torch.autograd.Function):
         return gy * scale, None
 
 
-class FrozenBatchNorm2d(nn.Module):
+class FrozenBatchNorm2d(ShortcutLayer):
     """BatchNorm with its running statistics and affine frozen: y = x * scale + shift.
 
     Always uses the running statistics (eval behaviour, whatever the train flag); never updates
     them; the affine weight/bias get no gradient. Saves no activation.
     """
 
-    def __init__(self, base: nn.modules.batchnorm._BatchNorm):
-        super().__init__()
-        if not isinstance(base, nn.modules.batchnorm._BatchNorm):
+    def __init__(self, base: nn.Module):
+        if not isinstance(base, BATCH_NORMS):
             raise TypeError(f"expected a BatchNorm module, got {type(base).__name__}")
         if base.running_mean is None or base.running_var is None:
             raise ValueError("FrozenBatchNorm2d needs running statistics (track_running_stats=True)")
-        self.base_layer = base
+        super().__init__(base)
 
     def scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel scale and shift, shaped (1, C, 1, ...) to broadcast against x."""
@@ -118,18 +118,17 @@ class _PackedClampFn(torch.autograd.Function):
         return gy * unpack_bits(packed, ctx.shape), None, None
 
 
-class PackedReLU(nn.Module):
+class PackedReLU(ShortcutLayer):
     """ReLU / ReLU6 / Hardtanh whose backward keeps a bit-packed mask (1 bit per element)."""
 
     def __init__(self, base: nn.Module):
-        super().__init__()
+        super().__init__(base)
         if isinstance(base, nn.Hardtanh):  # nn.ReLU6 is a Hardtanh(0, 6)
             self.lo, self.hi = float(base.min_val), float(base.max_val)
         elif isinstance(base, nn.ReLU):
             self.lo, self.hi = 0.0, None
         else:
             raise TypeError(f"PackedReLU wraps nn.ReLU, nn.ReLU6 or nn.Hardtanh, got {type(base).__name__}")
-        self.base_layer = base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -144,17 +143,16 @@ class PackedReLU(nn.Module):
         return f"lo={self.lo}, hi={self.hi}"
 
 
-class FrozenConv2d(nn.Module):
+class FrozenConv2d(ShortcutLayer):
     """A frozen conv inside the trained region: exact grad_input, no activation saved.
 
     The weight never gets a gradient (frozen by definition); a bias that requires grad does.
     """
 
     def __init__(self, base: nn.Conv2d):
-        super().__init__()
         if not isinstance(base, nn.Conv2d):
             raise TypeError(f"expected nn.Conv2d, got {type(base).__name__}")
-        self.base_layer = base
+        super().__init__(base)
         self.geometry = ConvGeometry(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,14 +166,13 @@ class FrozenConv2d(nn.Module):
         return 0  # only the weight, a parameter
 
 
-class FrozenLinear(nn.Module):
+class FrozenLinear(ShortcutLayer):
     """A frozen linear layer inside the trained region: exact grad_input, no activation saved."""
 
     def __init__(self, base: nn.Linear):
-        super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(base).__name__}")
-        self.base_layer = base
+        super().__init__(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.base_layer.bias

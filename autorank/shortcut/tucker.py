@@ -21,6 +21,7 @@ __all__ = [
     "hosvd_ranks",
     "tucker_core",
     "tucker_reconstruct",
+    "check_eps",
     "clip_ranks",
     "orthonormalize",
     "subspace_iteration_step",
@@ -166,7 +167,8 @@ def eps_rank(s: torch.Tensor, eps: float) -> int:
     return max(1, min(k, s.numel()))
 
 
-def _check_eps(eps: float) -> None:
+def check_eps(eps: float) -> None:
+    """ValueError unless eps (an explained-variance level) is in (0, 1]."""
     if not 0.0 < eps <= 1.0:
         raise ValueError(f"eps (explained variance) must be in (0, 1], got {eps}")
 
@@ -175,7 +177,7 @@ def _check_eps(eps: float) -> None:
 def hosvd_ranks(x: torch.Tensor, eps: float) -> list[int]:
     """HOSVD_eps ranks of x: per mode, the smallest k whose squared singular values of the mode-n
     unfolding reach eps of the total (computed in >= fp32)."""
-    _check_eps(eps)
+    check_eps(eps)
     xc = x.detach().to(compute_dtype(x.dtype))
     return [eps_rank(torch.linalg.svdvals(unfold(xc, n)), eps) for n in range(x.dim())]
 

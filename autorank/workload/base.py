@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
 import time
 import warnings
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from autorank.errors import ConfigError, ConfigFileNotFound
+from autorank.io import atomic_write
 from autorank.workload.data import ImageData
 from autorank.workload.features import key_hash
 from autorank.workload.models import ModelSpec
@@ -161,13 +161,8 @@ def base_checkpoint(
     model, stats = pretrain(spec, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed, batch_size=batch_size,
                             optimizer=optimizer,
                             accelerator=accelerator, output_dir=output_dir, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
-    sidecar = path.with_suffix(".json")
-    tmp = Path(f"{sidecar}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, **stats}, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, sidecar)
+    atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+    text = json.dumps({"key": key, **stats}, indent=2, sort_keys=True, default=str)
+    atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(text))
     log.info("base model: upstream val accuracy %.3f after %.1f s", stats["upstream_val_accuracy"], stats["pretrain_wall_s"])
     return path

@@ -1,208 +1,25 @@
-"""LightningDataModules for the `data` config group.
+"""LightningDataModules for the `data` config group: digits, Fashion-MNIST, CIFAR-10, image folders.
 
-Every option gives two tasks with disjoint classes: `upstream` (pretraining the base model) and
-`downstream` (fine-tuning with a plan, as the paper fine-tunes ImageNet models on other data).
-Images are held at their native size (uint8 or float in [0, 1]); each batch is resized to
-`input_size`, repeated to 3 channels and normalised when it is collated, so a 70,000-image set
-costs its native bytes, not 3 x input_size**2 floats per image.
+Each is an ImageData (autorank.workload.imagedata: tasks, splits, collate); the files are read by
+scikit-learn (digits) and torchvision's own readers (the others), nothing downloaded at run time
+unless asked for.
 """
 
 from __future__ import annotations
 
 import gzip
-import os
-import pickle
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 
-from autorank.errors import ConfigFileNotFound
+from autorank.io import atomic_write
+from autorank.workload.imagedata import PARTS, TASKS, BatchTransform, DatasetMissing, ImageData
 
-TASKS = ("upstream", "downstream")
-PARTS = ("train", "val")
-
-
-class DatasetMissing(ConfigFileNotFound):
-    """A data set is not on disk and cannot be fetched here; the message says how to get it."""
-
-
-class _ImageTensorDataset(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[i], self.labels[i]
-
-
-class BatchTransform:
-    """Collate: stack native-size images (N, C, h, w), scale to [0, 1], resize to input_size,
-    repeat grayscale to 3 channels, normalise to mean 0.5 / std 0.5."""
-
-    def __init__(self, input_size: int, channels: int = 3) -> None:
-        self.input_size, self.channels = int(input_size), channels
-
-    def images(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        if x.shape[1] == 1 and self.channels != 1:
-            x = x.expand(-1, self.channels, -1, -1)
-        return ((x - 0.5) / 0.5).contiguous()  # (N, 3, S, S)
-
-    def __call__(self, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*batch)
-        return self.images(torch.stack(xs)), torch.stack(ys).long()
-
-
-class ImageData(L.LightningDataModule):
-    """Base: subclasses implement `_load() -> (images, labels, val_mask or None, class_names)`.
-
-    images: (N, C, h, w) uint8 or float in [0, 1]. val_mask marks an official test split (used
-    as held-out validation); None means a deterministic stratified split with `val_fraction`.
-    `upstream_classes` / `downstream_classes`: original label ids; labels of each task are
-    remapped to 0..k-1 in the listed order. `max_per_class` caps the training images per class.
-    `task` picks what train_dataloader / val_dataloader serve (Lightning's hooks).
-    """
-
-    default_upstream: Sequence[int] | None = None
-    default_downstream: Sequence[int] | None = None
-
-    def __init__(
-        self,
-        input_size: int = 32,
-        batch_size: int = 64,
-        upstream_classes: Sequence[int] | None = None,
-        downstream_classes: Sequence[int] | None = None,
-        val_fraction: float = 0.2,
-        max_per_class: int | None = None,
-        seed: int = 0,
-        num_workers: int = 0,
-        task: str = "downstream",
-    ) -> None:
-        super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        self.input_size, self.batch_size = int(input_size), int(batch_size)
-        self.upstream_classes = list(upstream_classes) if upstream_classes is not None else None
-        self.downstream_classes = list(downstream_classes) if downstream_classes is not None else None
-        self.val_fraction, self.max_per_class = float(val_fraction), max_per_class
-        self.seed, self.num_workers, self.task = int(seed), int(num_workers), task
-        self.transform = BatchTransform(self.input_size)
-        self._splits: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.class_names: list[str] = []
-
-    # --- what subclasses provide --------------------------------------------------------------
-    def _load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[str]]:
-        raise NotImplementedError
-
-    def source_key(self) -> dict[str, Any]:
-        """Where the images come from (for cache keys); subclasses with a folder add it."""
-        return {}
-
-    # --- splitting ----------------------------------------------------------------------------
-    def key(self, task: str | None = None) -> dict[str, Any]:
-        """Everything that determines the images and labels of a task (cache keys)."""
-        return {
-            "data": type(self).__name__,
-            **self.source_key(),
-            "task": task or self.task,
-            "classes": self.classes(task or self.task),
-            "input_size": self.input_size,
-            "val_fraction": self.val_fraction,
-            "max_per_class": self.max_per_class,
-            "seed": self.seed,
-        }
-
-    def classes(self, task: str) -> list[int]:
-        up, down = self.upstream_classes, self.downstream_classes
-        if up is None:
-            up = list(self.default_upstream) if self.default_upstream is not None else None
-        if down is None:
-            down = list(self.default_downstream) if self.default_downstream is not None else None
-        if up is None or down is None:  # class count known only after loading (image folders)
-            self.setup()
-            n = len(self.class_names)
-            up = up if up is not None else list(range(n // 2))
-            down = down if down is not None else [c for c in range(n) if c not in up]
-        if set(up) & set(down):
-            raise ValueError(f"upstream and downstream classes overlap: {sorted(set(up) & set(down))}")
-        return list(up) if task == "upstream" else list(down)
-
-    def num_classes(self, task: str | None = None) -> int:
-        return len(self.classes(task or self.task))
-
-    def prepare_data(self) -> None:
-        pass
-
-    def setup(self, stage: str | None = None) -> None:
-        if self._splits is not None:
-            return
-        images, labels, val_mask, self.class_names = self._load()
-        labels = torch.as_tensor(labels).long()
-        if val_mask is None:
-            val_mask = _stratified_val_mask(labels, self.val_fraction, self.seed)
-        self._splits = {}
-        for task in TASKS:
-            for part, mask in (("train", ~val_mask), ("val", val_mask)):
-                idx = self._indices(labels, mask, task, cap=self.max_per_class if part == "train" else None)
-                remap = {c: i for i, c in enumerate(self.classes(task))}
-                y = torch.tensor([remap[int(v)] for v in labels[idx]], dtype=torch.long)
-                self._splits[(task, part)] = (images[idx], y)
-
-    def _indices(self, labels: torch.Tensor, mask: torch.Tensor, task: str, cap: int | None) -> torch.Tensor:
-        keep = []
-        for c in self.classes(task):
-            idx = torch.nonzero(mask & (labels == c)).flatten()
-            keep.append(idx[:cap] if cap is not None else idx)
-        return torch.cat(keep).sort().values if keep else torch.zeros(0, dtype=torch.long)
-
-    # --- access --------------------------------------------------------------------------------
-    def tensors(self, task: str, part: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(native-size images, remapped labels) of one task and part."""
-        self.setup()
-        assert self._splits is not None
-        return self._splits[(task, part)]
-
-    def dataset(self, task: str, part: str) -> Dataset:
-        return _ImageTensorDataset(*self.tensors(task, part))
-
-    def loader(self, task: str, part: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.dataset(task, part),
-            batch_size=batch_size or self.batch_size,
-            shuffle=shuffle,
-            generator=g if shuffle else None,
-            collate_fn=self.transform,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self.loader(self.task, "train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.loader(self.task, "val")
-
-
-def _stratified_val_mask(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """Deterministic: the same labels and seed give the same held-out set."""
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(len(labels), dtype=torch.bool)
-    for c in labels.unique():
-        idx = torch.nonzero(labels == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        mask[idx[: int(round(len(idx) * fraction))]] = True
-    return mask
+__all__ = ["BatchTransform", "CIFAR10Data", "DatasetMissing", "DigitsData", "FashionMNISTData", "ImageData",
+           "ImageFolderData", "PARTS", "TASKS"]
 
 
 # --- the options ---------------------------------------------------------------------------------
@@ -257,12 +74,8 @@ class FashionMNISTData(ImageData):
                 "Install the OS package with `apt-get install -y dataset-fashion-mnist` "
                 "(or set data.source_dir to a folder holding the four gzipped IDX files)."
             )
-        raw.mkdir(parents=True, exist_ok=True)
         for f in FASHION_MNIST_FILES:
-            tmp = raw / f"{f}.tmp{os.getpid()}"
-            with gzip.open(src / f"{f}.gz", "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-            os.replace(tmp, raw / f)
+            atomic_write(raw / f, lambda tmp: _gunzip(src / f"{f}.gz", tmp))
 
     def _load(self):
         from torchvision.datasets import FashionMNIST
@@ -276,9 +89,16 @@ class FashionMNISTData(ImageData):
         return images, labels, val, list(FashionMNIST.classes)
 
 
+def _gunzip(src: Path, dst: Path) -> None:
+    with gzip.open(src, "rb") as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+
+
 class CIFAR10Data(ImageData):
-    """CIFAR-10 (torchvision layout <root>/cifar-10-batches-py). `download=True` fetches it where
-    a network exists; offline, a missing folder is a clear error. Classes 0-4 up, 5-9 down."""
+    """CIFAR-10 through torchvision's reader (the python version in <root>/cifar-10-batches-py:
+    data_batch_1..5, test_batch, batches.meta, md5-checked). `download=True` fetches it where a
+    network exists; offline, missing files are a one-line DatasetMissing. Classes 0-4 up, 5-9
+    down; the official test batch is val."""
 
     default_upstream = (0, 1, 2, 3, 4)
     default_downstream = (5, 6, 7, 8, 9)
@@ -287,56 +107,57 @@ class CIFAR10Data(ImageData):
         super().__init__(**kwargs)
         self.root, self.download = str(root), bool(download)
 
+    @staticmethod
+    def reader() -> type:
+        """The torchvision dataset class that reads the files (a subclass may name another with
+        the same layout)."""
+        from torchvision.datasets import CIFAR10
+
+        return CIFAR10
+
     def source_key(self) -> dict[str, Any]:
         return {"root": self.root}
 
     def prepare_data(self) -> None:
-        folder = Path(self.root) / "cifar-10-batches-py"
-        if (folder / "data_batch_1").exists():
+        reader = self.reader()
+        folder = Path(self.root) / reader.base_folder
+        names = [n for n, _ in reader.train_list + reader.test_list] + [reader.meta["filename"]]
+        missing = [n for n in names if not (folder / n).is_file()]
+        if not missing:
             return
         if self.download:
-            from torchvision.datasets import CIFAR10
-
             try:
-                CIFAR10(self.root, train=True, download=True)
+                reader(self.root, train=True, download=True)
                 return
-            except Exception as e:  # offline: say where the files belong
+            except (OSError, RuntimeError) as e:  # offline (URLError is an OSError), bad archive
                 raise DatasetMissing(f"CIFAR-10 download failed ({e}); put the python batches in {folder}") from e
         raise DatasetMissing(
-            f"CIFAR-10 not found in {folder} (expected data_batch_1..5 and test_batch, the python "
-            "version from https://www.cs.toronto.edu/~kriz/cifar.html); set data.download=true where "
-            "a network exists, or data.root to the folder that holds cifar-10-batches-py"
+            f"CIFAR-10 not found in {folder} (missing {', '.join(missing)}; expected data_batch_1..5, "
+            "test_batch and batches.meta, the python version from https://www.cs.toronto.edu/~kriz/cifar.html); "
+            "set data.download=true where a network exists, or data.root to the folder that holds cifar-10-batches-py"
         )
 
     def _load(self):
         self.prepare_data()
-        folder = Path(self.root) / "cifar-10-batches-py"
-        xs, ys, val = [], [], []
-        files = sorted(folder.glob("data_batch_*")) + [folder / "test_batch"]
-        for f in files:
-            if not f.exists():
-                continue
-            with open(f, "rb") as fh:
-                d = pickle.load(fh, encoding="latin1")
-            xs.append(torch.from_numpy(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)))
-            ys.append(torch.as_tensor(d["labels"]))
-            val.append(torch.full((len(d["labels"]),), f.name == "test_batch"))
-        meta = folder / "batches.meta"
-        names = [str(i) for i in range(10)]
-        if meta.exists():
-            with open(meta, "rb") as fh:
-                names = pickle.load(fh, encoding="latin1")["label_names"]
-        val_mask = torch.cat(val)
-        return torch.cat(xs), torch.cat(ys), (val_mask if val_mask.any() else None), names
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm")
+        reader = self.reader()
+        try:
+            parts = [reader(self.root, train=t, download=False) for t in (True, False)]
+        except RuntimeError as e:  # torchvision: "not found or corrupted" (an md5 mismatch)
+            raise DatasetMissing(f"CIFAR-10 in {Path(self.root) / reader.base_folder} is corrupted ({e}); "
+                                 "fetch the python version again (data.download=true)") from e
+        # torchvision holds (N, 32, 32, 3) views of the files' (N, 3, 32, 32) arrays: back to those
+        images = torch.cat([torch.from_numpy(np.ascontiguousarray(p.data.transpose(0, 3, 1, 2))) for p in parts])
+        labels = torch.tensor(parts[0].targets + parts[1].targets)
+        val = torch.zeros(len(labels), dtype=torch.bool)
+        val[len(parts[0].targets) :] = True
+        return images, labels, val, list(parts[0].classes)
 
 
 class ImageFolderData(ImageData):
-    """Any folder of class subfolders (root/<class>/<image>). Classes are the sorted subfolder
-    names; by default the first half is upstream and the rest downstream. Images are read once
-    with PIL, converted to RGB and resized to `input_size` (uint8 in memory)."""
+    """Any folder of class subfolders (root/<class>/.../<image>), read by torchvision's
+    ImageFolder (its image suffixes; empty class folders allowed). Classes are the sorted
+    subfolder names; by default the first half is upstream and the rest downstream. Images are
+    read once, converted to RGB and resized to `input_size` (uint8 in memory)."""
 
     def __init__(self, root: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -346,23 +167,23 @@ class ImageFolderData(ImageData):
         return {"root": str(Path(self.root).resolve())}
 
     def _load(self):
-        from PIL import Image
+        from torchvision import transforms
+        from torchvision.datasets import ImageFolder
 
         root = Path(self.root)
         if not root.is_dir():
             raise DatasetMissing(f"image folder {root} does not exist (expected {root}/<class>/<image>)")
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        size = (self.input_size, self.input_size)
+        resize = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR),
+                                     transforms.PILToTensor()])  # PIL's bilinear resize -> uint8 (3, S, S)
+        try:
+            folder = ImageFolder(str(root), transform=resize, allow_empty=True)
+        except FileNotFoundError:  # no class folder at all
+            folder = None
+        classes = list(folder.classes) if folder is not None else []
         if len(classes) < 2:
             raise DatasetMissing(f"image folder {root} needs at least 2 class subfolders, found {classes}")
-        xs, ys = [], []
-        for c, name in enumerate(classes):
-            for f in sorted((root / name).iterdir()):
-                if f.suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
-                with Image.open(f) as im:
-                    im = im.convert("RGB").resize((self.input_size, self.input_size), Image.BILINEAR)
-                    xs.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1))
-                ys.append(c)
-        if not xs:
-            raise DatasetMissing(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-        return torch.stack(xs), torch.tensor(ys), None, classes
+        if not folder.samples:
+            raise DatasetMissing(f"no images ({', '.join(folder.extensions)}) under {root}")
+        images = torch.stack([folder[i][0] for i in range(len(folder))])
+        return images, torch.tensor(folder.targets), None, classes

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+
+from autorank.io import atomic_write
 
 
 def key_hash(key: dict[str, Any]) -> str:
@@ -68,10 +69,8 @@ class FeatureCache:
         value = compute_features(prefix, batches())
         self._memory[h] = value
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"features": value[0], "labels": value[1], "key": json.dumps(key, sort_keys=True, default=str)}, tmp)
-            os.replace(tmp, path)
+            entry = {"features": value[0], "labels": value[1], "key": json.dumps(key, sort_keys=True, default=str)}
+            atomic_write(path, lambda tmp: torch.save(entry, tmp))
         return value
 
     def clear(self) -> None:

@@ -1,0 +1,199 @@
+"""The base of the `data` options: a LightningDataModule holding images at their native size.
+
+Every option gives two tasks with disjoint classes: `upstream` (pretraining the base model) and
+`downstream` (fine-tuning with a plan, as the paper fine-tunes ImageNet models on other data).
+Images are held at their native size (uint8 or float in [0, 1]); each batch is resized to
+`input_size`, repeated to 3 channels and normalised when it is collated, so a 70,000-image set
+costs its native bytes, not 3 x input_size**2 floats per image. The options: data.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from autorank.errors import ConfigFileNotFound
+
+TASKS = ("upstream", "downstream")
+PARTS = ("train", "val")
+
+
+class DatasetMissing(ConfigFileNotFound):
+    """A data set is not on disk and cannot be fetched here; the message says how to get it."""
+
+
+class _ImageTensorDataset(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+
+class BatchTransform:
+    """Collate: stack native-size images (N, C, h, w), scale to [0, 1], resize to input_size,
+    repeat grayscale to 3 channels, normalise to mean 0.5 / std 0.5."""
+
+    def __init__(self, input_size: int, channels: int = 3) -> None:
+        self.input_size, self.channels = int(input_size), channels
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        if x.shape[1] == 1 and self.channels != 1:
+            x = x.expand(-1, self.channels, -1, -1)
+        return ((x - 0.5) / 0.5).contiguous()  # (N, 3, S, S)
+
+    def __call__(self, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*batch)
+        return self.images(torch.stack(xs)), torch.stack(ys).long()
+
+
+class ImageData(L.LightningDataModule):
+    """Base: subclasses implement `_load() -> (images, labels, val_mask or None, class_names)`.
+
+    images: (N, C, h, w) uint8 or float in [0, 1]. val_mask marks an official test split (used
+    as held-out validation); None means a deterministic stratified split with `val_fraction`.
+    `upstream_classes` / `downstream_classes`: original label ids; labels of each task are
+    remapped to 0..k-1 in the listed order. `max_per_class` caps the training images per class.
+    `task` picks what train_dataloader / val_dataloader serve (Lightning's hooks).
+    """
+
+    default_upstream: Sequence[int] | None = None
+    default_downstream: Sequence[int] | None = None
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        batch_size: int = 64,
+        upstream_classes: Sequence[int] | None = None,
+        downstream_classes: Sequence[int] | None = None,
+        val_fraction: float = 0.2,
+        max_per_class: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        task: str = "downstream",
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self.input_size, self.batch_size = int(input_size), int(batch_size)
+        self.upstream_classes = list(upstream_classes) if upstream_classes is not None else None
+        self.downstream_classes = list(downstream_classes) if downstream_classes is not None else None
+        self.val_fraction, self.max_per_class = float(val_fraction), max_per_class
+        self.seed, self.num_workers, self.task = int(seed), int(num_workers), task
+        self.transform = BatchTransform(self.input_size)
+        self._splits: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.class_names: list[str] = []
+
+    # --- what subclasses provide --------------------------------------------------------------
+    def _load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[str]]:
+        raise NotImplementedError
+
+    def source_key(self) -> dict[str, Any]:
+        """Where the images come from (for cache keys); subclasses with a folder add it."""
+        return {}
+
+    # --- splitting ----------------------------------------------------------------------------
+    def key(self, task: str | None = None) -> dict[str, Any]:
+        """Everything that determines the images and labels of a task (cache keys)."""
+        return {
+            "data": type(self).__name__,
+            **self.source_key(),
+            "task": task or self.task,
+            "classes": self.classes(task or self.task),
+            "input_size": self.input_size,
+            "val_fraction": self.val_fraction,
+            "max_per_class": self.max_per_class,
+            "seed": self.seed,
+        }
+
+    def classes(self, task: str) -> list[int]:
+        up, down = self.upstream_classes, self.downstream_classes
+        if up is None:
+            up = list(self.default_upstream) if self.default_upstream is not None else None
+        if down is None:
+            down = list(self.default_downstream) if self.default_downstream is not None else None
+        if up is None or down is None:  # class count known only after loading (image folders)
+            self.setup()
+            n = len(self.class_names)
+            up = up if up is not None else list(range(n // 2))
+            down = down if down is not None else [c for c in range(n) if c not in up]
+        if set(up) & set(down):
+            raise ValueError(f"upstream and downstream classes overlap: {sorted(set(up) & set(down))}")
+        return list(up) if task == "upstream" else list(down)
+
+    def num_classes(self, task: str | None = None) -> int:
+        return len(self.classes(task or self.task))
+
+    def prepare_data(self) -> None:
+        pass
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits is not None:
+            return
+        images, labels, val_mask, self.class_names = self._load()
+        labels = torch.as_tensor(labels).long()
+        if val_mask is None:
+            val_mask = _stratified_val_mask(labels, self.val_fraction, self.seed)
+        self._splits = {}
+        for task in TASKS:
+            for part, mask in (("train", ~val_mask), ("val", val_mask)):
+                idx = self._indices(labels, mask, task, cap=self.max_per_class if part == "train" else None)
+                remap = {c: i for i, c in enumerate(self.classes(task))}
+                y = torch.tensor([remap[int(v)] for v in labels[idx]], dtype=torch.long)
+                self._splits[(task, part)] = (images[idx], y)
+
+    def _indices(self, labels: torch.Tensor, mask: torch.Tensor, task: str, cap: int | None) -> torch.Tensor:
+        keep = []
+        for c in self.classes(task):
+            idx = torch.nonzero(mask & (labels == c)).flatten()
+            keep.append(idx[:cap] if cap is not None else idx)
+        return torch.cat(keep).sort().values if keep else torch.zeros(0, dtype=torch.long)
+
+    # --- access --------------------------------------------------------------------------------
+    def tensors(self, task: str, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(native-size images, remapped labels) of one task and part."""
+        self.setup()
+        assert self._splits is not None
+        return self._splits[(task, part)]
+
+    def dataset(self, task: str, part: str) -> Dataset:
+        return _ImageTensorDataset(*self.tensors(task, part))
+
+    def loader(self, task: str, part: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.dataset(task, part),
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            generator=g if shuffle else None,
+            collate_fn=self.transform,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.task, "train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.task, "val")
+
+
+def _stratified_val_mask(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Deterministic: the same labels and seed give the same held-out set."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        mask[idx[: int(round(len(idx) * fraction))]] = True
+    return mask
