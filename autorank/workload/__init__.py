@@ -5,7 +5,7 @@ imports this package.
 """
 
 from autorank.workload.device import DeviceProfile
-from autorank.workload.models import ModelSpec, split_at_first_trained
+from autorank.models import ModelSpec, split_at_first_trained
 from autorank.workload.module import PlanModule, TrainingFailed
 from autorank.workload.workload import FineTuneResult, Paths, TrainerConfig, Workload
 
