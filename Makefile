@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv run test test-slow bench clean
+.PHONY: venv run test test-slow bench wheel clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,5 +27,9 @@ test-slow: venv
 bench: venv
 	$(BIN)/python scripts/bench_layers.py
 
+# The wheel a user installs (configs inside); tests/test_wheel.py builds and installs it too.
+wheel: venv
+	$(BIN)/pip wheel --no-deps --no-build-isolation -w dist .
+
 clean:
-	rm -rf $(VENV) outputs multirun .cache
+	rm -rf $(VENV) outputs multirun .cache build dist

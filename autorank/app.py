@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from autorank.errors import ConfigError
 from autorank.units import MB
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data: ships in the wheel
 
 
 class UsageError(ConfigError):
@@ -80,8 +80,8 @@ def run(cfg: DictConfig) -> Any:
 
 
 def _check_space(search: Any, workload: Any) -> None:
-    """Load the search space and resolve it on a fresh (untrained) model now, so that a bad
-    search.space fails before pretraining rather than after."""
+    """Load the search space (the `space` group, or an older `search.space=NAME|PATH`) and resolve
+    it on a fresh (untrained) model now, so that a bad space fails before pretraining, not after."""
     space = getattr(search, "space", None)
     if space is None:
         return

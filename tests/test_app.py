@@ -53,19 +53,22 @@ def test_the_app_groups_have_these_options():
 
 def test_search_options(tmp_path):
     from autorank.search.runners import KnapsackSearch, OptunaSearch
+    from autorank.search.space import load_space
 
     cfg = _compose(tmp_path, ["+device=rpi4"])
     opt = _instantiate(cfg, cfg.search)  # optuna is the default
-    assert type(opt) is OptunaSearch and opt.name == "optuna" and opt.space == "default"
+    assert type(opt) is OptunaSearch and opt.name == "optuna"
+    assert type(opt.space) is dict and load_space(opt.space) == load_space("default")
     assert (opt.n_trials, opt.n_trials_total, opt.timeout, opt.warm_start) == (24, True, None, True)
     assert opt.storage == f"sqlite:///{tmp_path}/outputs/optuna.db" and opt.study_name is None
-    cfg = _compose(tmp_path, ["+device=rpi4", "search.n_trials=7", "search.space=last4",
+    cfg = _compose(tmp_path, ["+device=rpi4", "search.n_trials=7", "space=last4",
                               "search.storage=sqlite:///x.db", "search.study_name=s1"])
     opt = _instantiate(cfg, cfg.search)
-    assert (opt.n_trials, opt.space, opt.storage, opt.study_name) == (7, "last4", "sqlite:///x.db", "s1")
-    cfg = _compose(tmp_path, ["+device=rpi4", "search=knapsack"])
+    assert (opt.n_trials, opt.storage, opt.study_name) == (7, "sqlite:///x.db", "s1")
+    assert load_space(opt.space).name == "last4" and load_space(opt.space).last == 4
+    cfg = _compose(tmp_path, ["+device=rpi4", "search=knapsack", "space=small"])
     ks = _instantiate(cfg, cfg.search)
-    assert type(ks) is KnapsackSearch and ks.name == "knapsack" and ks.space == "default"
+    assert type(ks) is KnapsackSearch and ks.name == "knapsack" and load_space(ks.space).name == "small"
     assert ks.n_calibration_batches == 2 and ks.max_epochs is None
 
 
@@ -127,7 +130,7 @@ def test_default_workload_binds_on_rpi4(tmp_path):
     every = Plan(layers={n: Choice.full() for n in names}, bn="frozen", lean=True)
     peak_every = predict_peak_training_bytes(model, x, every).total_bytes
     assert peak_every > device.budget_bytes
-    space = load_space(cfg.search.space)
+    space = load_space(cfg.space)
     picked = space.resolve(model)
     assert picked == names[:8] + names[-4:]
     # ASI at low ranks on every layer of the default space (rank 2 per mode: HOSVD at a low
@@ -169,6 +172,12 @@ def test_cli_unknown_device_fails(tmp_path):
     assert "commodore64" in p.stderr and "rpi4" in p.stderr
 
 
+def test_cli_unknown_space_option_lists_the_options(tmp_path):
+    p = _cli(tmp_path, "+device=rpi4", "space=nosuchspace")
+    assert p.returncode != 0
+    assert "space/nosuchspace" in p.stderr and all(n in p.stderr for n in ("default", "last4", "small"))
+
+
 def test_cli_missing_dataset_fails_clearly(tmp_path):
     p = _cli(tmp_path, "+device=rpi4", "data=image_folder", f"data.root={tmp_path}/nowhere",
              *SMALL, "search=knapsack")
@@ -183,7 +192,7 @@ def _bad_space(tmp_path: Path) -> str:
 
 
 def _narrow_checkpoint(tmp_path: Path) -> str:
-    from autorank.workload.models import small_cnn
+    from autorank.models import small_cnn
 
     path = tmp_path / "narrow.pt"
     torch.save(small_cnn(num_classes=5, width=4).state_dict(), path)  # the model has width 8
@@ -195,14 +204,15 @@ def _narrow_checkpoint(tmp_path: Path) -> str:
     (lambda t: [f"model.checkpoint={t}/none.pt"], ["model.checkpoint=", "none.pt", "does not exist"]),
     (lambda t: [f"model.checkpoint={_narrow_checkpoint(t)}"], ["narrow.pt", "does not fit the model"]),
     (lambda t: ["search.space=nosuchspace"], ["nosuchspace", "not found", "default"]),
-    (lambda t: [f"search.space={_bad_space(t)}"], ["'wide'", "levels must lie in (0, 1]", "1.5"]),
+    (lambda t: [f"space.path={t}/none.yaml"], ["none.yaml", "not found", "space.path="]),
+    (lambda t: [f"space.path={_bad_space(t)}"], ["'wide'", "levels must lie in (0, 1]", "1.5"]),
     (lambda t: ["device.budget_mb=-5"], ["rpi4", "-5", "not positive"]),
     (lambda t: ["trainer.feature_cache=ram"], ["trainer.feature_cache", "'ram'"]),
-], ids=["missing_checkpoint", "checkpoint_misfit", "unknown_space", "invalid_space",
+], ids=["missing_checkpoint", "checkpoint_misfit", "unknown_space", "missing_space_file", "invalid_space",
         "negative_budget", "bad_feature_cache"])
 def test_cli_bad_value_is_one_clear_line(tmp_path, make_args, expect):
     args = make_args(tmp_path)
-    space = [] if any(a.startswith("search.space=") for a in args) else ["search.space=small"]
+    space = [] if any(a.startswith(("search.space=", "space.path=")) for a in args) else ["space=small"]
     p = _cli(tmp_path, "+device=rpi4", *SMALL, *space, *args, timeout=120)
     assert p.returncode == 2, p.stderr[-3000:]
     assert "Traceback" not in p.stderr and "InstantiationException" not in p.stderr
@@ -232,7 +242,7 @@ def test_a_bug_keeps_its_traceback():
 @pytest.mark.slow
 def test_cli_budget_below_minimum_names_the_minimum(tmp_path):
     p = _cli(tmp_path, "+device=rpi4", "device.budget_mb=0.01", *SMALL, "search=knapsack",
-             "search.space=small")
+             "space=small")
     assert p.returncode == 2, p.stderr[-2000:]
     import re
 
@@ -245,7 +255,7 @@ def test_cli_budget_below_minimum_names_the_minimum(tmp_path):
 def test_cli_knapsack_end_to_end(tmp_path):
     from autorank.plan import Plan, apply_plan
 
-    p = _cli(tmp_path, "+device=rpi4", *SMALL, "search=knapsack", "search.space=small",
+    p = _cli(tmp_path, "+device=rpi4", *SMALL, "search=knapsack", "space=small",
              f"export.path={tmp_path}/plan.yaml")
     assert p.returncode == 0, p.stderr[-3000:]
     plan = Plan.load(tmp_path / "plan.yaml")
@@ -253,7 +263,7 @@ def test_cli_knapsack_end_to_end(tmp_path):
     # The plan applies to the cached base model with torch alone.
     ckpts = list((tmp_path / ".cache" / "autorank").rglob("*.pt"))
     assert ckpts, "the base checkpoint is cached"
-    from autorank.workload.models import small_cnn
+    from autorank.models import small_cnn
 
     import torch
 
@@ -270,7 +280,7 @@ def test_cli_knapsack_end_to_end(tmp_path):
     assert len(runs) == 1
     assert 0.0 <= runs[0].data.metrics["val_accuracy"] <= 1.0
     # Second run: checkpoint and profile come from the cache (no pretraining line).
-    p2 = _cli(tmp_path, "+device=rpi4", *SMALL, "search=knapsack", "search.space=small",
+    p2 = _cli(tmp_path, "+device=rpi4", *SMALL, "search=knapsack", "space=small",
               f"export.path={tmp_path}/plan2.yaml")
     assert p2.returncode == 0, p2.stderr[-3000:]
     assert "pretraining" not in (p2.stdout + p2.stderr)
@@ -282,7 +292,7 @@ def test_cli_knapsack_end_to_end(tmp_path):
 def test_cli_optuna_end_to_end_and_resume(tmp_path):
     import optuna
 
-    args = ["+device=rpi4", "device.budget_mb=2", *SMALL, "search.space=small",
+    args = ["+device=rpi4", "device.budget_mb=2", *SMALL, "space=small",
             "search.n_trials=8", f"export.path={tmp_path}/plan.yaml"]
     p = _cli(tmp_path, *args)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -13,12 +13,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from autorank.app import CONF_DIR
+from autorank.models import ModelSpec
 from autorank.workload.data import ImageData
 from autorank.workload.device import DeviceProfile
-from autorank.workload.models import ModelSpec
 from autorank.workload.workload import Paths, TrainerConfig
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR  # the configs inside the package (autorank/conf): what a wheel ships
 GROUPS = ("device", "model", "data", "trainer", "paths")
 
 
@@ -71,6 +72,8 @@ def test_budget_override(tmp_path):
 def test_model_options(tmp_path, name):
     spec = instantiate(compose_groups(tmp_path, model=name).model)
     assert isinstance(spec, ModelSpec) and spec.name == name and spec.checkpoint is None
+    # the name a plan file records, which the device runner builds from with torch alone
+    assert spec.key()["factory"] == f"autorank.models.{name}"
     model = spec(num_classes=7).eval()
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)

@@ -17,7 +17,7 @@ from autorank.workload import base as base_mod
 from autorank.workload.data import DigitsData
 from autorank.workload.device import DeviceProfile
 from autorank.workload.features import FeatureCache
-from autorank.workload.models import (
+from autorank.models import (
     ModelSpec,
     cut_name,
     flatten_blocks,

@@ -115,21 +115,21 @@ def save_base_weights(model: nn.Module, path) -> Path:
     return atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
-TRUSTED_FACTORY_MODULES = ("autorank.workload.models",)
+TRUSTED_FACTORY_MODULES = ("autorank.models",)
 
 
 def build_model_from_factory(factory: str, kwargs: dict | None = None, *, trusted_only: bool = True) -> nn.Module:
     """Build a model from a 'module:function' (or 'module.function') factory with `kwargs`.
 
-    An autorank module is loaded from its file alone, not through its package: the factories of
-    autorank.workload.models import only torch and torchvision, but importing the package
-    autorank.workload would run its __init__, which imports Lightning. trusted_only: refuse a
-    factory outside TRUSTED_FACTORY_MODULES, so that a plan file (or a study's storage) naming a
-    module does not make us import arbitrary code; pass False where the user named the factory
-    on the command line. Raises ValueError / ImportError / TypeError from the factory."""
+    autorank's factories (autorank.models) import only torch and torchvision. A module named by
+    a plan written before they moved there (autorank.workload.models) is read as autorank.models.
+    trusted_only: refuse a factory outside TRUSTED_FACTORY_MODULES, so that a plan file (or a
+    study's storage) naming a module does not make us import arbitrary code; pass False where the
+    user named the factory on the command line. Raises ValueError / ImportError / TypeError from
+    the factory."""
     import importlib
-    import importlib.util
-    import sys
+
+    from autorank.models import FACTORIES, FACTORY_ALIASES
 
     if ":" in factory:
         module, fn = factory.split(":", 1)
@@ -137,28 +137,14 @@ def build_model_from_factory(factory: str, kwargs: dict | None = None, *, truste
         module, _, fn = factory.rpartition(".")
     if not module or not fn:
         raise ValueError(f"model factory {factory!r} is not 'module:function'")
+    module = FACTORY_ALIASES.get(module, module)
     if trusted_only and module not in TRUSTED_FACTORY_MODULES:
         raise ValueError(f"model factory {factory!r} is not one of autorank's ({', '.join(TRUSTED_FACTORY_MODULES)}); "
                          "name it explicitly to trust it")
-    if module.startswith("autorank."):
-        import autorank
-
-        path = Path(autorank.__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
-        if not path.is_file():
-            raise ImportError(f"no module file {path} for {module}")
-        name = f"_autorank_factory_{module.replace('.', '_')}"
-        mod = sys.modules.get(name)
-        if mod is None:
-            spec = importlib.util.spec_from_file_location(name, path)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod  # dataclasses need the module registered
-            try:
-                spec.loader.exec_module(mod)
-            except BaseException:
-                del sys.modules[name]
-                raise
-    else:
-        mod = importlib.import_module(module)
+    if trusted_only and fn not in FACTORIES:
+        raise ValueError(f"model factory {factory!r}: {module} has no function {fn!r} among its "
+                         f"factories ({', '.join(FACTORIES)})")
+    mod = importlib.import_module(module)
     fn_obj = getattr(mod, fn, None)
     if not callable(fn_obj):
         raise ValueError(f"model factory {factory!r}: {module} has no function {fn!r}")

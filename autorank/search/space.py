@@ -1,6 +1,7 @@
-"""Search spaces (search_spaces/*.yaml): which layers are candidates and what each may become.
+"""Search spaces: which layers are candidates and what each may become.
 
-A space file:
+The `space` config group (autorank/conf/space/*.yaml: `space=last4`) holds the packaged ones; a
+file of your own is `space.path=/abs/my_space.yaml`. A space file:
 
     name: last8
     last: 8                  # the last 8 conv/linear layers of the model, counted from the output
@@ -24,7 +25,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 from torch import nn
@@ -32,7 +33,7 @@ from torch import nn
 from autorank.errors import ConfigError, ConfigFileNotFound
 from autorank.plan import candidate_layers
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parents[1] / "conf" / "space"  # the `space` config group
 BASE_CHOICES = ("frozen", "full", "asi")
 
 
@@ -95,14 +96,20 @@ class SearchSpace:
 
     @classmethod
     def load(cls, path: str | Path) -> "SearchSpace":
-        """A path, or the name of a file in search_spaces/ (`default`, `last4`, ...)."""
+        """A YAML file, or the name of an option of the `space` config group (`default`, `last4`, ...)."""
         p = Path(path)
         if not p.exists() and not p.suffix:
             p = SPACES_DIR / f"{path}.yaml"
         if not p.exists():
             avail = sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))
-            raise ConfigFileNotFound(f"search space {str(path)!r} not found (available: {avail})")
+            raise ConfigFileNotFound(f"search space {str(path)!r} not found (available: {avail}; "
+                                     "or a YAML file of your own: space.path=/abs/my_space.yaml)")
         d = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"search space file {p} holds a {type(d).__name__}, not a mapping of keys")
+        if d.pop("path", None) is not None:
+            raise ConfigError(f"search space file {p}: `path` belongs on the command line "
+                              "(space.path=...), not inside a space file")
         d.setdefault("name", p.stem)
         return cls.from_dict(d)
 
@@ -151,9 +158,14 @@ class SearchSpace:
         return out
 
 
-def load_space(space: "str | Path | SearchSpace | dict") -> SearchSpace:
+def load_space(space: "str | Path | SearchSpace | Mapping[str, Any]") -> SearchSpace:
+    """The search space from a SearchSpace; the composed `space` config group (a mapping: its
+    keys, or with `path` set the file it names); or a group option's name or a YAML path
+    (`search.space=last4`, the form from before the `space` group)."""
     if isinstance(space, SearchSpace):
         return space
-    if isinstance(space, dict):
-        return SearchSpace.from_dict(space)
+    if isinstance(space, Mapping):
+        d = dict(space)
+        path = d.pop("path", None)
+        return SearchSpace.load(path) if path is not None else SearchSpace.from_dict(d)
     return SearchSpace.load(space)

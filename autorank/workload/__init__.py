@@ -4,8 +4,8 @@ Imports lightning, torchvision and scikit-learn (lazily where it can); the torch
 imports this package.
 """
 
+from autorank.models import ModelSpec, split_at_first_trained
 from autorank.workload.device import DeviceProfile
-from autorank.workload.models import ModelSpec, split_at_first_trained
 from autorank.workload.module import PlanModule, TrainingFailed
 from autorank.workload.workload import FineTuneResult, Paths, TrainerConfig, Workload
 

@@ -24,7 +24,7 @@ from autorank.errors import ConfigError, ConfigFileNotFound
 from autorank.io import atomic_write
 from autorank.workload.data import ImageData
 from autorank.workload.features import key_hash
-from autorank.workload.models import ModelSpec
+from autorank.models import ModelSpec
 from autorank.workload.module import PlanModule, evaluate
 
 log = logging.getLogger(__name__)

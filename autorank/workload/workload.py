@@ -28,7 +28,7 @@ from autorank.workload.base import base_checkpoint, file_sha256, load_weights, m
 from autorank.workload.data import ImageData
 from autorank.workload.device import DeviceProfile
 from autorank.workload.features import FeatureCache
-from autorank.workload.models import ModelSpec, cut_name, replace_head, split_at_first_trained
+from autorank.models import ModelSpec, cut_name, replace_head, split_at_first_trained
 from autorank.workload.module import PlanModule, TrainingFailed, evaluate
 
 __all__ = ["FineTuneResult", "Paths", "TrainerConfig", "TrainingFailed", "Workload"]

@@ -2,8 +2,8 @@
 layer plainly fits the device budget, one trial's fine-tuning, and the feature cache's speed-up
 (the same trial with and without cached prefix features, median of --repeats).
 
-    python -m autorank.workload.bench                          # the defaults of conf/config.yaml
-    python -m autorank.workload.bench model=mobilenet_v2 data.input_size=96 --repeats 3
+    python scripts/bench_workload.py                          # the defaults of autorank/conf/config.yaml
+    python scripts/bench_workload.py model=mobilenet_v2 data.input_size=96 --repeats 3
 
 Overrides are Hydra's, as for `python -m autorank`; `+device=rpi4` is added when no device is given.
 """

@@ -1,0 +1,8 @@
+"""`python -m autorank.device PLAN CHECKPOINT DATA ...` (see autorank/device/__init__.py)."""
+
+import sys
+
+from autorank.device.runner import main
+
+if __name__ == "__main__":
+    sys.exit(main())

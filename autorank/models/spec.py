@@ -1,0 +1,49 @@
+"""What the `model` config group builds (autorank/conf/model/*.yaml): a factory and its weights."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+FACTORY_MODULE = "autorank.models"
+# Plan files and study storages written before autorank.models existed name the old module.
+FACTORY_ALIASES = {"autorank.workload.models": FACTORY_MODULE}
+
+
+def factory_path(fn: Callable[..., nn.Module]) -> str:
+    """'module.function' of a model factory; autorank's own by their public module
+    (autorank.models.mcunet_like), the name a plan file records."""
+    from autorank.models import factories
+
+    if getattr(factories, fn.__name__, None) is fn:
+        return f"{FACTORY_MODULE}.{fn.__name__}"
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+@dataclass
+class ModelSpec:
+    """What the `model` config group builds: a factory plus where the base weights come from.
+
+    `build(num_classes=..., in_channels=...)` makes a fresh network. `checkpoint`: a state-dict
+    file loaded with `torch.load(weights_only=True)` instead of pretraining upstream.
+    """
+
+    build: Callable[..., nn.Module]
+    checkpoint: str | None = None
+
+    @property
+    def name(self) -> str:
+        fn = self.build.func if isinstance(self.build, functools.partial) else self.build
+        return getattr(fn, "__name__", type(fn).__name__)
+
+    def key(self) -> dict[str, Any]:
+        """What determines the architecture (for cache keys)."""
+        fn = self.build.func if isinstance(self.build, functools.partial) else self.build
+        kwargs = dict(self.build.keywords) if isinstance(self.build, functools.partial) else {}
+        return {"factory": factory_path(fn), "kwargs": {k: kwargs[k] for k in sorted(kwargs)}}
+
+    def __call__(self, num_classes: int, in_channels: int = 3) -> nn.Module:
+        return self.build(num_classes=num_classes, in_channels=in_channels)

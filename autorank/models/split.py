@@ -1,0 +1,75 @@
+"""Cutting a model into a frozen prefix and a trained suffix (torch only).
+
+A Sequential of blocks can be cut at a block boundary: everything before the first trained layer
+is a frozen prefix whose output the workload caches (`split_at_first_trained`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+
+def _is_plain_sequential(m: nn.Module) -> bool:
+    # Subclasses of Sequential that keep its forward (torchvision's Conv2dNormActivation) may be
+    # opened too; one with its own forward may not.
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def flatten_blocks(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The model's nested plain Sequentials opened into a flat list of (qualified name, block)."""
+    if not _is_plain_sequential(model):
+        return [(prefix, model)]
+    blocks: list[tuple[str, nn.Module]] = []
+    for name, child in model.named_children():
+        blocks += flatten_blocks(child, f"{prefix}.{name}" if prefix else name)
+    return blocks
+
+
+def trained_module_names(model: nn.Module, plan_or_names: Any) -> list[str]:
+    """Names of trained layers in forward (module registration) order.
+
+    `plan_or_names`: a Plan (anything with `.layers: dict[str, Choice]`; a choice whose `kind` is
+    "frozen" is not trained) or an iterable of module names.
+    """
+    layers = getattr(plan_or_names, "layers", None)
+    if layers is not None:
+        wanted = {n for n, c in layers.items() if getattr(c, "kind", c) != "frozen"}
+    else:
+        wanted = set(plan_or_names)
+    names = [n for n, _ in model.named_modules() if n in wanted]
+    missing = wanted - set(names)
+    if missing:
+        raise KeyError(f"trained layers not in the model: {sorted(missing)}")
+    return names
+
+
+def _sequential(blocks: Iterable[tuple[str, nn.Module]]) -> nn.Sequential:
+    return nn.Sequential(OrderedDict((n.replace(".", "_") or "model", m) for n, m in blocks))
+
+
+def split_at_first_trained(model: nn.Module, plan_or_names: Any) -> tuple[nn.Sequential, nn.Sequential]:
+    """(prefix, suffix) with prefix(x) fed to suffix equal to model(x); the cut is just before the
+    block that holds the first trained module. With nothing trained the suffix is empty.
+
+    The blocks are the model's own modules (not copies): a plan applied to `model` is in the suffix.
+    """
+    blocks = flatten_blocks(model)
+    names = trained_module_names(model, plan_or_names)
+    if not names:
+        return _sequential(blocks), nn.Sequential()
+    first = names[0]
+    for i, (bname, _) in enumerate(blocks):
+        if bname == "" or first == bname or first.startswith(bname + ".") or bname.startswith(first + "."):
+            return _sequential(blocks[:i]), _sequential(blocks[i:])
+    raise KeyError(f"no block holds {first!r}")  # unreachable: named_modules found it
+
+
+def cut_name(model: nn.Module, plan_or_names: Any) -> str:
+    """Qualified name of the first block of the suffix ("" when nothing is trained)."""
+    blocks = flatten_blocks(model)
+    _, suffix = split_at_first_trained(model, plan_or_names)
+    return blocks[len(blocks) - len(suffix)][0] if len(suffix) else ""
