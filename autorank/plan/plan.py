@@ -125,7 +125,6 @@ def original_modules(model: nn.Module):
             yield name, module
 
 
-_original_modules = original_modules  # old name, still imported by plan/weights.py (issue 7); drop after
 
 
 def model_fingerprint(model: nn.Module) -> dict:

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from autorank.plan.plan import _original_modules, atomic_write
+from autorank.io import atomic_write
+from autorank.plan.plan import original_modules
 
 
 def classifier_head(model: nn.Module) -> str | None:
     """Name of the last nn.Linear of the model as it is without a plan (the classifier head that
     a downstream task replaces), or None."""
-    names = [n for n, m in _original_modules(model) if isinstance(m, nn.Linear)]
+    names = [n for n, m in original_modules(model) if isinstance(m, nn.Linear)]
     return names[-1] if names else None
 
 
