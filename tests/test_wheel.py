@@ -7,6 +7,7 @@ a dev venv's editable autorank is not what the fresh venv imports (asserted)."""
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -66,7 +67,7 @@ def test_wheel_holds_the_configs_and_imports_from_the_fresh_venv(venv):
     mod, conf, spaces, torch_version = r.stdout.splitlines()
     assert Path(mod).is_relative_to(venv) and not Path(mod).is_relative_to(ROOT)
     assert Path(conf) == Path(mod).parent / "conf" and (Path(conf) / "config.yaml").is_file()
-    assert eval(spaces) == sorted(p.stem for p in (ROOT / "autorank" / "conf" / "space").glob("*.yaml"))
+    assert ast.literal_eval(spaces) == sorted(p.stem for p in (ROOT / "autorank" / "conf" / "space").glob("*.yaml"))
     assert torch_version == torch.__version__  # the dependencies are this venv's, not reinstalled
     for group in ("device", "model", "data", "trainer", "paths", "space", "search", "sampler", "tracking"):
         shipped = sorted(p.name for p in (Path(conf) / group).glob("*.yaml"))
