@@ -143,6 +143,9 @@ def test_existing_experiment_gets_the_kind_tag_and_a_server_url(tmp_path):
     server = MlflowTracker("http://mlflow.example:5000/", experiment="old")
     server.connect = lambda: "7"  # no server here: the URL is built from the tracking URI alone
     assert server.runs_url() == "http://mlflow.example:5000/#/experiments/7/runs"
+    assert server.runs_url(run_id="abc") == "http://mlflow.example:5000/#/experiments/7/runs/abc"
+    assert server.ui_hint("s") == ("MLflow runs: http://mlflow.example:5000/#/experiments/7/runs"
+                                   "?searchFilter=tags.study_name%20%3D%20%27s%27")
 
 
 def test_profile_save_removes_its_temp_file_on_error(tmp_path, monkeypatch):

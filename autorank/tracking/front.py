@@ -94,12 +94,14 @@ def plot_png(study: optuna.Study, records: Sequence, budget_bytes: int, path: Pa
         ax = optuna.visualization.matplotlib.plot_pareto_front(
             study, targets=memory_and_accuracy, target_names=TARGET_NAMES)
     fig = ax.figure
-    for label, x, y in reference_points(records):
-        ax.scatter([x], [y], marker="D", facecolors="none", edgecolors="black", s=70)
+    refs = reference_points(records)
+    ax.scatter([x for _, x, _ in refs], [y for *_, y in refs], marker="D", facecolors="none",
+               edgecolors="black", s=70, label="reference plans")
+    for label, x, y in refs:
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
     ax.axvline(budget_bytes / MB, color="k", ls="--", label=f"budget {budget_bytes / MB:.1f} MB")
     ax.set_title(title or "accuracy vs peak memory")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.set_size_inches(8, 5)
     fig.tight_layout()
     try:

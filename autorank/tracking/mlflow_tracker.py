@@ -80,21 +80,24 @@ class MlflowTracker:
             self._client = client
         return self.experiment_id
 
-    def runs_url(self, study_name: str | None = None) -> str:
-        """The MLflow UI's runs table of this experiment (filtered to one study's runs): the
-        tracking server's own address, or `mlflow ui`'s default for a local store."""
+    def runs_url(self, study_name: str | None = None, run_id: str | None = None) -> str:
+        """The MLflow UI's runs table of this experiment, filtered to one study's runs (or one
+        run's page): at the tracking server's own address, or `mlflow ui`'s default for a local
+        store."""
         base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else LOCAL_UI
         url = f"{base}/#/experiments/{self.connect()}/runs"
+        if run_id:
+            return f"{url}/{run_id}"
         if study_name:
             url += "?searchFilter=" + quote(f"tags.study_name = '{study_name}'", safe="")
         return url
 
-    def ui_hint(self, study_name: str | None = None) -> str:
+    def ui_hint(self, study_name: str | None = None, run_id: str | None = None) -> str:
         """Where to look: the runs URL, and for a local store the command that serves it."""
+        hint = f"MLflow runs: {self.runs_url(study_name, run_id)}"
         if self.uri.startswith(("http://", "https://")):
-            return f"MLflow runs: {self.runs_url(study_name)}"
-        return (f"MLflow runs: {self.runs_url(study_name)}  (serve them first: mlflow ui "
-                f"--backend-store-uri {self.uri} --host 127.0.0.1)")
+            return hint
+        return f"{hint}  (serve them first: mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1)"
 
     def _params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -227,5 +230,5 @@ class MlflowTracker:
         for sub, p in artifacts.items():
             c.log_artifact(rid, str(p), artifact_path=sub)
         c.set_terminated(rid, "FINISHED")
-        print(self.ui_hint(), flush=True)
+        print(self.ui_hint(run_id=rid), flush=True)
         return rid
