@@ -5,9 +5,12 @@
     python -m autorank.export --storage URL --study NAME --trial 17 --out plan.yaml
     python -m autorank.export --storage URL --study NAME --list        # print the front
 
-Among the front points under the cap, the best is taken: highest accuracy; ties: less memory,
-then fewer FLOPs. `--trial N` takes trial N if it is feasible (on the front or not). Plans are the
-trials' `plan` user attrs written by autorank.search.study.
+The front is the study's own (`study.best_trials`, read by autorank.search.records). Among the
+front points under the cap, the best is taken: highest accuracy; ties: less memory, then fewer
+FLOPs. `--trial N` takes trial N if it is feasible (on the front or not). Plans are the trials'
+records written by autorank.search.trial, exported by autorank.search.planfile.export_plan (the
+study's own export path), stamped with the fingerprint of the model their fine-tuning settings
+name.
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from autorank.search.study import MB, TrialRecord, best_of, pareto_front, records_from_storage
+import optuna
+
+from autorank.search.planfile import export_plan
+from autorank.search.records import TrialRecord, best_of, front_of, records_from_storage
+from autorank.units import MB
 
 
 class NoPlanFound(ValueError):
@@ -34,7 +41,7 @@ def select(records: list[TrialRecord], *, max_mb: float | None = None, max_flops
             raise NoPlanFound(f"trial {trial} is {hit[0].state}, not a feasible trained plan"
                               + (f" ({hit[0].fail_reason})" if hit[0].fail_reason else ""))
         return hit[0]
-    front = pareto_front(records)
+    front = front_of(records)
     if not front:
         raise NoPlanFound("the study has no feasible complete trial: nothing to export")
     ok = [r for r in front
@@ -84,8 +91,6 @@ def read_records(storage: str, study_name: str) -> list[TrialRecord]:
         return records_from_storage(storage, study_name)
     except KeyError as e:
         try:
-            import optuna
-
             names = ", ".join(repr(n) for n in optuna.get_all_study_names(storage)) or "none"
         except Exception:
             names = "unknown"
@@ -97,48 +102,17 @@ def read_records(storage: str, study_name: str) -> list[TrialRecord]:
                            "sqlite:///outputs/optuna.db) and that the database is reachable") from e
 
 
-def model_fingerprint_from_meta(meta: dict) -> dict | None:
-    """Fingerprint of the model the plan's meta.model names, if it is one of autorank's
-    torch-only factories (autorank.workload.models). The module file is loaded on its own
-    (autorank.plan.build_model_from_factory) rather than imported as autorank.workload.models:
-    importing the package autorank.workload would pull in Lightning, seconds of import for one
-    fingerprint; and only the trusted factory module is ever loaded, since the name comes from the
-    study's storage. None when there is no such factory or it cannot be built."""
-    from autorank.plan import build_model_from_factory, model_fingerprint
-
-    spec = meta.get("model") if isinstance(meta, dict) else None
-    if not isinstance(spec, dict) or not spec.get("factory"):
-        return None
-    try:
-        model = build_model_from_factory(str(spec["factory"]), dict(spec.get("kwargs") or {}), trusted_only=True)
-    except Exception as e:
-        print(f"warning: plan meta names model {spec['factory']!r} which cannot be built here ({e}); "
-              "the plan keeps its own fingerprint, if any", file=sys.stderr)
-        return None
-    return model_fingerprint(model)
-
-
 def export(storage: str, study_name: str, out: str | Path, *, max_mb: float | None = None,
            max_flops: float | None = None, trial: int | None = None,
            records: list[TrialRecord] | None = None) -> tuple[TrialRecord, Path]:
-    """Select (see `select`) and write the plan. `records`: the study's trials already read from
-    storage (read_records); None reads them here. The plan is stamped with the fingerprint of the
-    model its meta names when that can be built with torch alone, else keeps its own."""
-    from autorank.plan import Plan
-
+    """Select (see `select`) and write the plan with export_plan. `records`: the study's trials
+    already read from storage (read_records); None reads them here."""
     if records is None:
         records = read_records(storage, study_name)
     rec = select(records, max_mb=max_mb, max_flops=max_flops, trial=trial)
-    plan = Plan.from_dict(rec.plan)
-    fp = model_fingerprint_from_meta(plan.meta)
-    if fp is not None:
-        if plan.fingerprint is not None and plan.fingerprint.get("sha256") != fp["sha256"]:
-            print(f"warning: trial {rec.number}'s plan carries a fingerprint of another model than "
-                  "its meta.model builds; the exported plan takes the meta.model's", file=sys.stderr)
-        plan.fingerprint = fp
-    plan.meta.update({"exported_from": {"storage": storage, "study": study_name, "trial": rec.number},
-                      "val_accuracy": rec.val_accuracy})
-    return rec, plan.save(out)
+    return rec, export_plan(rec.plan, out, meta={
+        "exported_from": {"storage": storage, "study": study_name, "trial": rec.number},
+        "val_accuracy": rec.val_accuracy})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.list:
-        for r in sorted(pareto_front(records), key=lambda r: r.predicted_peak_bytes):
+        for r in sorted(front_of(records), key=lambda r: r.predicted_peak_bytes):
             print(f"trial {r.number:4d}  acc {r.val_accuracy:.4f}  peak {r.peak_mb:9.2f} MB  "
                   f"{r.flops / 1e9:8.3f} GFLOPs/step")
         return 0

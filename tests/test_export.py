@@ -1,39 +1,67 @@
 """Export from a study's storage: by memory cap, FLOPs cap, trial; clear error when none fits."""
 
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
 import pytest
 
 from autorank.export import NoPlanFound, export, main, select
 from autorank.plan import Plan
-from autorank.search.study import pareto_front, records_from_storage, run_study
-from test_search_study import DEVICE, FakeWorkload, study_kwargs
+from autorank.search.records import records_from_storage
+from autorank.search.study import run_study
+from search_fakes import DEVICE, FakeWorkload, study_args
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
-    space, kw = study_kwargs(tmp)
-    run_study(FakeWorkload(), DEVICE, space, n_trials=16, **kw)
-    return kw["storage"], tmp
+    space, st, kw = study_args(tmp, n_trials=16)
+    run_study(FakeWorkload(), DEVICE, space, st, **kw)
+    return st.storage, tmp
+
+
+def front(storage):
+    return [r for r in records_from_storage(storage, "s") if r.on_front]
+
+
+def test_the_export_front_is_optunas(study):
+    storage, _ = study
+    best = {t.number for t in optuna.load_study(study_name="s", storage=storage).best_trials}
+    assert best and {r.number for r in front(storage)} == best
+    # non-dominated, and every feasible trial off the front is dominated by a front point
+    recs = records_from_storage(storage, "s")
+
+    def dom(a, b):
+        return all(x >= y for x, y in zip((a[0], -a[1], -a[2]), (b[0], -b[1], -b[2]))) and a != b
+
+    on = [r for r in recs if r.on_front]
+    for r in recs:
+        if r.state == "complete":
+            dominated = any(dom(o.objectives, r.objectives) for o in on)
+            assert dominated != r.on_front, r.number
 
 
 def test_export_by_memory_cap(study, tmp_path):
     storage, _ = study
-    front = pareto_front(records_from_storage(storage, "s"))
-    assert len(front) >= 2
-    peaks = sorted({r.predicted_peak_bytes for r in front})
+    fr = front(storage)
+    assert len(fr) >= 2
+    peaks = sorted({r.predicted_peak_bytes for r in fr})
     cap_mb = peaks[len(peaks) // 2] / 2**20  # a cap that excludes the biggest front points
     rec, path = export(storage, "s", tmp_path / "p.yaml", max_mb=cap_mb)
-    assert rec.on_front or rec.number in {r.number for r in front}
-    assert rec.predicted_peak_bytes <= cap_mb * 2**20
-    under = [r for r in front if r.predicted_peak_bytes <= cap_mb * 2**20]
+    assert rec.on_front and rec.predicted_peak_bytes <= cap_mb * 2**20
+    under = [r for r in fr if r.predicted_peak_bytes <= cap_mb * 2**20]
     assert rec.val_accuracy == max(r.val_accuracy for r in under)
     plan = Plan.load(path)
     assert plan.meta["choices"] == rec.choices and plan.meta["exported_from"]["trial"] == rec.number
+    assert plan.meta["val_accuracy"] == rec.val_accuracy
 
 
 def test_export_clear_error_when_nothing_fits(study, tmp_path):
     storage, _ = study
-    lo = min(r.peak_mb for r in pareto_front(records_from_storage(storage, "s")))
+    lo = min(r.peak_mb for r in front(storage))
     with pytest.raises(NoPlanFound, match=f"smallest peak is {lo:.2f} MB"):
         export(storage, "s", tmp_path / "p.yaml", max_mb=lo * 0.5)
     assert main(["--storage", storage, "--study", "s", "--max-mb", str(lo * 0.5),
@@ -44,14 +72,14 @@ def test_export_clear_error_when_nothing_fits(study, tmp_path):
 def test_export_by_flops_and_trial(study, tmp_path):
     storage, _ = study
     recs = records_from_storage(storage, "s")
-    front = pareto_front(recs)
-    cap = min(r.flops for r in front)
+    fr = [r for r in recs if r.on_front]
+    cap = min(r.flops for r in fr)
     rec = select(recs, max_flops=cap)
     assert rec.flops == cap
     infeasible = next(r for r in recs if r.state == "infeasible")
     with pytest.raises(NoPlanFound, match="infeasible"):
         select(recs, trial=infeasible.number)
-    assert select(recs, trial=front[0].number).number == front[0].number
+    assert select(recs, trial=fr[0].number).number == fr[0].number
 
 
 def test_cli(study, tmp_path, capsys):
@@ -59,22 +87,15 @@ def test_cli(study, tmp_path, capsys):
     out = tmp_path / "cli.yaml"
     assert main(["--storage", storage, "--study", "s", "--max-mb", "1000", "--out", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
-    best = max(pareto_front(records_from_storage(storage, "s")),
-               key=lambda r: (r.val_accuracy, -r.predicted_peak_bytes, -r.flops))
+    best = max(front(storage), key=lambda r: (r.val_accuracy, -r.predicted_peak_bytes, -r.flops))
     assert Plan.load(out).meta["exported_from"]["trial"] == best.number
+    assert main(["--storage", storage, "--study", "s", "--list"]) == 0
+    listed = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("trial")]
+    assert sorted(int(n) for n in listed) == sorted(r.number for r in front(storage))
 
 
-def test_export_reads_storage_once_and_refuses_bad_storage(study, tmp_path, capsys, monkeypatch):
+def test_export_refuses_bad_storage(study, tmp_path, capsys):
     storage, _ = study
-    import autorank.export as ex
-
-    calls = []
-    real = ex.records_from_storage
-    monkeypatch.setattr(ex, "records_from_storage", lambda *a: calls.append(a) or real(*a))
-    assert main(["--storage", storage, "--study", "s", "--max-mb", "1000", "--out", str(tmp_path / "a.yaml")]) == 0
-    assert calls == [(storage, "s")]
-    capsys.readouterr()
-
     missing = tmp_path / "nope" / "optuna.db"
     assert main(["--storage", f"sqlite:///{missing}", "--study", "s", "--out", str(tmp_path / "b.yaml")]) == 2
     err = capsys.readouterr().err
@@ -91,27 +112,31 @@ def test_export_reads_storage_once_and_refuses_bad_storage(study, tmp_path, caps
     assert "studies there: 's'" in err
 
 
-def test_export_stamps_fingerprint_of_the_meta_model(study, tmp_path):
-    from autorank.plan import Choice, Plan, apply_plan, candidate_layers, model_fingerprint
-    from autorank.search.study import TrialRecord
+@pytest.mark.parametrize("fmt", ["finetune", "old meta.model"])
+def test_export_stamps_fingerprint_of_the_settings_model(tmp_path, fmt):
+    from autorank.plan import Choice, apply_plan, candidate_layers, model_fingerprint
+    from autorank.plan.plan import FineTuneSettings
+    from autorank.search.records import TrialRecord
     from autorank.models import small_cnn
 
     kwargs = {"num_classes": 4, "in_channels": 3, "width": 4}
+    factory = "autorank.models:small_cnn"
     model = small_cnn(**kwargs)
     last = candidate_layers(model)[-1]
-    meta = {"model": {"factory": "autorank.workload.models:small_cnn", "kwargs": kwargs}}
+    meta = ({"finetune": FineTuneSettings(model_factory=factory, model_kwargs=kwargs).to_dict()}
+            if fmt == "finetune" else {"model": {"factory": factory, "kwargs": kwargs}})
     other = model_fingerprint(small_cnn(num_classes=4, in_channels=3, width=8))
     rec = TrialRecord(number=3, state="complete", val_accuracy=0.5, predicted_peak_bytes=1, flops=1,
                       plan=Plan({last: Choice.full()}, meta=meta, fingerprint=other).to_dict())
     _, path = export("sqlite:///unused.db", "s", tmp_path / "p.yaml", trial=3, records=[rec])
     plan = Plan.load(path)
-    assert plan.fingerprint == model_fingerprint(model) != other  # built from meta.model wins
+    assert plan.fingerprint == model_fingerprint(model) != other  # built from the settings wins
     apply_plan(small_cnn(**kwargs), plan)  # strict: fits
     with pytest.raises(ValueError, match="first mismatched layer"):
         apply_plan(small_cnn(num_classes=4, in_channels=3, width=8), plan)
 
     # no buildable factory (not autorank's, so never imported): the plan's own fingerprint stays
-    rec.plan = Plan({last: Choice.full()}, meta={"model": {"factory": "os:system", "kwargs": {}}},
+    rec.plan = Plan({last: Choice.full()}, meta={"finetune": {"model_factory": "os:system"}},
                     fingerprint=other).to_dict()
     _, path = export("sqlite:///unused.db", "s", tmp_path / "q.yaml", trial=3, records=[rec])
     assert Plan.load(path).fingerprint == other

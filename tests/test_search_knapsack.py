@@ -149,3 +149,72 @@ def test_knapsack_with_opaque_totals_never_over_budget(budget):
     res = knapsack(prof, budget, peak_int)
     assert res.predicted_peak_bytes == peak_int(res.choices) <= budget
     assert res.sensitivity >= ref[0] - 1e-9
+
+
+PLANNER_WITHOUT_OPTUNA = r"""
+import sys
+BLOCKED = {"optuna", "optuna_integration", "mlflow"}
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+from types import SimpleNamespace
+import torch
+from torch import nn
+from autorank.plan import Plan, model_fingerprint
+from autorank.plan.plan import FineTuneSettings
+from autorank.search import KnapsackSearch, SearchSpace
+
+class Tiny:
+    input_shape, num_classes, checkpoint_sha256 = (8, 3, 8, 8), 4, "tiny"
+    def __init__(self):
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1),
+                                   nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).train()
+        self.tuned = []
+    def example_input(self):
+        return torch.zeros(self.input_shape)
+    def calibration_batches(self, n):
+        g = torch.Generator().manual_seed(1)
+        return [(torch.randn(self.input_shape, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
+    def finetune_settings(self, max_epochs=None):
+        return FineTuneSettings(model_factory="tiny:model", input_shape=self.input_shape, lr=0.1, epochs=max_epochs or 2)
+    def finetune(self, plan, *, max_epochs=None, progress=None):
+        self.tuned.append(plan)
+        return SimpleNamespace(val_accuracy=0.75, train_loss=0.1, measured_activation_bytes=1, measured_flops=1,
+                               train_wall_s=0.0, epochs=1)
+
+wl = Tiny()
+device = SimpleNamespace(name="dev", budget_bytes=10 * 2**20, step_time_s=lambda f: f / 1e9)
+space = SearchSpace(name="t", last=2, levels=(0.5, 0.9))
+out = sys.argv[1]
+run = KnapsackSearch(space=space).run(wl, device, export_path=out, progress=False)
+plan = Plan.load(out)
+assert plan.layers == run.plan.layers and wl.tuned == [run.plan], (plan.layers, run.plan.layers)
+assert plan.fingerprint == model_fingerprint(wl.model)
+assert FineTuneSettings.from_plan(plan) == wl.finetune_settings()
+assert run.predicted_peak_bytes <= device.budget_bytes and plan.meta["val_accuracy"] == 0.75
+try:
+    from autorank.search import OptunaSearch
+except ImportError:
+    pass
+else:
+    raise SystemExit("optuna imported despite the blocker")
+heavy = sorted(n for n in sys.modules if n.split(".")[0] in BLOCKED)
+assert not heavy, heavy
+print("OK", sorted(plan.layers))
+"""
+
+
+def test_the_papers_planner_runs_without_optuna(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", PLANNER_WITHOUT_OPTUNA, str(tmp_path / "plan.yaml")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("OK ['")

@@ -1,121 +1,90 @@
 """The Optuna study with a fake workload: front, resume, infeasible never trained, failures."""
 
-from types import SimpleNamespace
+import dataclasses
 
 import optuna
 import pytest
 
-from autorank.plan import Plan
-from autorank.search.profile import LayerProfile, Profile, fill_peak_bytes
-from autorank.search.space import SearchSpace
-from autorank.search.study import pareto_front, records_from_storage, run_study
-
-LAYERS = ["l0", "l1", "l2"]
-CHOICES = ["frozen", "full", "asi@0.5", "asi@0.9"]
-SAVED = {"full": 4000, "asi@0.5": 300, "asi@0.9": 900}
-ACC = {"frozen": 0.0, "full": 0.3, "asi@0.5": 0.1, "asi@0.9": 0.25}
-FLOPS = {"frozen": 0, "full": 1000, "asi@0.5": 1400, "asi@0.9": 1700}
-BASE = 10_000
+from autorank.plan import Plan, model_fingerprint
+from autorank.plan.plan import FineTuneSettings
+from autorank.search.records import records_from_storage
+from autorank.search.study import run_study
+from search_fakes import DEVICE, LAYERS, FakeCost, FakeWorkload, study_args
 
 
-class FakeCost:
-    def peak(self, choices):
-        act = sum(SAVED[c] for c in choices.values() if c != "frozen")
-        return SimpleNamespace(total_bytes=BASE + act, transient_bytes=0, activation_bytes=act)
-
-    def flops(self, choices):
-        return 500 + sum(FLOPS[c] for c in choices.values())
-
-
-class FakeWorkload:
-    """Same finetune signature as autorank.workload.Workload; deterministic; counts calls."""
-
-    input_shape = (8, 3, 8, 8)
-    checkpoint_sha256 = "fake"
-    model = None
-
-    def __init__(self, fail_on=None):
-        self.calls = []
-        self.fail_on = fail_on
-
-    def finetune(self, plan, *, max_epochs=None, progress=False):
-        choices = plan.meta["choices"]
-        self.calls.append(dict(choices))
-        if self.fail_on and all(choices[k] == v for k, v in self.fail_on.items()):
-            raise RuntimeError("loss is NaN")
-        acc = 0.5 + sum(ACC[c] * (i + 1) for i, c in enumerate(choices[n] for n in LAYERS)) / 6
-        act = FakeCost().peak(choices).activation_bytes
-        return SimpleNamespace(val_accuracy=acc, train_loss=0.1, measured_activation_bytes=act,
-                               measured_flops=FakeCost().flops(choices), train_wall_s=0.01, epochs=1)
-
-
-DEVICE = SimpleNamespace(name="fakedev", budget_bytes=BASE + 5000, step_time_s=lambda f: f / 1e9)
-
-
-def make_profile():
-    layers = [LayerProfile(name=n, kind="conv", input_shape=[8, 4, 4, 4], choices=list(CHOICES),
-                           ranks={"asi@0.5": [2, 2, 2, 2], "asi@0.9": [4, 3, 3, 3]},
-                           sensitivity={"frozen": 3.0 - i, "full": 0.0, "asi@0.5": 1.0, "asi@0.9": 0.3})
-              for i, n in enumerate(LAYERS)]
-    space = SearchSpace(name="fake", last=3, levels=(0.5, 0.9))
-    prof = Profile(key="fake", space=space.to_dict(), layers=layers)
-    fill_peak_bytes(prof, FakeCost().peak)
-    return space, prof
-
-
-def study_kwargs(tmp_path, **kw):
-    space, prof = make_profile()
-    d = dict(profile=prof, cost=FakeCost(), storage=f"sqlite:///{tmp_path}/optuna.db",
-             study_name="s", run_dir=tmp_path, progress=False,
-             sampler=optuna.samplers.RandomSampler(seed=0))
-    d.update(kw)
-    return space, d
-
-
-def test_front_equals_non_dominated_feasible_from_storage_and_infeasible_never_trained(tmp_path):
-    wl = FakeWorkload()
-    space, kw = study_kwargs(tmp_path, export_path=tmp_path / "plan.yaml")
-    res = run_study(wl, DEVICE, space, n_trials=25, **kw)
-    assert len(res.trials) == 25
-    # recompute from storage, independently of run_study's records
-    st = optuna.load_study(study_name="s", storage=kw["storage"])
-    trials = st.get_trials()
+def stored_front(storage, name="s"):
+    """The front recomputed here from the stored trials: complete trials whose constraints all
+    hold and that no other such trial dominates (accuracy up, memory and FLOPs down)."""
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
     feasible = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
                 and all(v <= 0 for v in t.constraints.values())]
+
     def dom(a, b):
         return (a[0] >= b[0] and a[1] <= b[1] and a[2] <= b[2]) and (a[0] > b[0] or a[1] < b[1] or a[2] < b[2])
-    expect = {t.number for t in feasible if not any(dom(o.values, t.values) for o in feasible)}
-    assert {r.number for r in res.front} == expect == {t.number for t in st.best_trials}
-    assert expect
+
+    return {t.number for t in feasible if not any(dom(o.values, t.values) for o in feasible)}
+
+
+def test_front_is_the_non_dominated_feasible_set_and_infeasible_never_trained(tmp_path):
+    wl = FakeWorkload()
+    space, st, kw = study_args(tmp_path, n_trials=25, export_path=tmp_path / "plan.yaml")
+    res = run_study(wl, DEVICE, space, st, **kw)
+    assert len(res.trials) == 25
+    expect = stored_front(st.storage)
+    assert expect and {r.number for r in res.front} == expect
+    assert {r.number for r in res.trials if r.on_front} == expect
     # infeasible (over budget or nothing trained) never trained; every trained plan fits
     infeasible = [r for r in res.trials if r.state == "infeasible"]
     assert infeasible, "the budget must bind in this instance"
     trained_keys = [tuple(c[n] for n in LAYERS) for c in wl.calls]
     for r in infeasible:
         assert tuple(r.choices[n] for n in LAYERS) not in trained_keys
+        assert r.predicted_peak_bytes > DEVICE.budget_bytes or r.fail_reason == "plan trains no layer"
     for c in wl.calls:
         assert FakeCost().peak(c).total_bytes <= DEVICE.budget_bytes
     assert len(wl.calls) == len(set(trained_keys))  # a duplicate plan is never retrained
+    dups = [r for r in res.trials if r.duplicate_of is not None]
+    for r in dups:
+        assert r.val_accuracy == res.trials[r.duplicate_of].val_accuracy
     # warm start: knapsack first, then uniform levels and plain last layers
     assert res.trials[0].source == "knapsack"
     assert {r.source for r in res.trials[:4]} >= {"knapsack", "uniform asi@0.5", "full last 1"}
-    # export: best feasible (highest accuracy, then less memory)
+    # export: best feasible (highest accuracy, then less memory), stamped by the live model
     best = max(res.front, key=lambda r: (r.val_accuracy, -r.predicted_peak_bytes))
     assert res.best.number == best.number
-    assert Plan.load(tmp_path / "plan.yaml").meta["choices"] == best.choices
+    plan = Plan.load(tmp_path / "plan.yaml")
+    assert plan.meta["choices"] == best.choices and plan.meta["val_accuracy"] == best.val_accuracy
+    assert plan.fingerprint == model_fingerprint(wl.model)
     assert set(res.plan_files) == expect
+    assert Plan.load(res.plan_files[best.number]).to_dict() == plan.to_dict()
+
+
+def test_plans_carry_typed_finetune_settings(tmp_path):
+    wl = FakeWorkload()
+    space, st, kw = study_args(tmp_path, n_trials=4, max_epochs=7, export_path=tmp_path / "p.yaml")
+    run_study(wl, DEVICE, space, st, **kw)
+    got = FineTuneSettings.from_plan(Plan.load(tmp_path / "p.yaml"))
+    assert got == wl.finetune_settings(7) and got.epochs == 7 and got.input_shape == (8, 3, 8, 8)
+    # a plan file written before meta.finetune existed still reads back typed
+    old = Plan(meta={"model": {"factory": "m:f", "kwargs": {"width": 8}}, "lr": 0.03, "seed": 2,
+                     "input_shape": [4, 3, 16, 16]})
+    assert FineTuneSettings.from_plan(Plan.from_dict(old.to_dict())) == FineTuneSettings(
+        model_factory="m:f", model_kwargs={"width": 8}, input_shape=(4, 3, 16, 16), lr=0.03, seed=2)
+    assert FineTuneSettings.from_plan(Plan()) is None
+    with pytest.raises(ValueError, match="module:function"):
+        FineTuneSettings(model_factory="no_colon")
 
 
 def test_resume_continues_without_repeating_or_losing(tmp_path):
     wl = FakeWorkload()
-    space, kw = study_kwargs(tmp_path)
-    first = run_study(wl, DEVICE, space, n_trials=6, **kw)
+    space, st, kw = study_args(tmp_path, n_trials=6)
+    first = run_study(wl, DEVICE, space, st, **kw)
     before = {r.number: (r.choices, r.state, r.val_accuracy) for r in first.trials}
     n_calls = len(wl.calls)
     kw["sampler"] = optuna.samplers.RandomSampler(seed=0)
-    again = run_study(wl, DEVICE, space, n_trials=6, **kw)  # total reached: nothing to do
+    again = run_study(wl, DEVICE, space, st, **kw)  # total reached: nothing to do
     assert again.n_new == 0 and len(again.trials) == 6 and len(wl.calls) == n_calls
-    more = run_study(wl, DEVICE, space, n_trials=14, **kw)
+    more = run_study(wl, DEVICE, space, dataclasses.replace(st, n_trials=14), **kw)
     assert more.n_new == 8 and len(more.trials) == 14
     after = {r.number: (r.choices, r.state, r.val_accuracy) for r in more.trials}
     assert all(after[k] == v for k, v in before.items())  # nothing lost or changed
@@ -123,22 +92,34 @@ def test_resume_continues_without_repeating_or_losing(tmp_path):
     assert len(sources) == len(set(sources))  # warm starts not enqueued twice
     keys = [tuple(c[n] for n in LAYERS) for c in wl.calls]
     assert len(keys) == len(set(keys))  # no plan trained twice across the two runs
-    extra = run_study(wl, DEVICE, space, n_trials=3, n_trials_total=False, **kw)
+    extra = run_study(wl, DEVICE, space, dataclasses.replace(st, n_trials=3, n_trials_total=False), **kw)
     assert extra.n_new == 3 and len(extra.trials) == 17
 
 
 def test_failing_trial_recorded_and_study_finishes(tmp_path):
     wl = FakeWorkload(fail_on={"l0": "frozen", "l1": "frozen", "l2": "full"})
-    space, kw = study_kwargs(tmp_path)
-    res = run_study(wl, DEVICE, space, n_trials=8, **kw)
+    space, st, kw = study_args(tmp_path, n_trials=8)
+    res = run_study(wl, DEVICE, space, st, **kw)
     assert len(res.trials) == 8
     failed = [r for r in res.trials if r.state == "failed"]
     assert len(failed) == 1 and failed[0].fail_reason == "RuntimeError: loss is NaN"
-    st = optuna.load_study(study_name="s", storage=kw["storage"])
-    assert st.trials[failed[0].number].state == optuna.trial.TrialState.FAIL
+    st_ = optuna.load_study(study_name="s", storage=st.storage)
+    assert st_.trials[failed[0].number].state == optuna.trial.TrialState.FAIL
     assert any(r.state == "complete" for r in res.trials[failed[0].number + 1:])
-    assert {r.number for r in pareto_front(records_from_storage(kw["storage"], "s"))} == \
+    stored = records_from_storage(st.storage, "s")
+    assert {r.number for r in stored if r.on_front} == stored_front(st.storage) == \
         {r.number for r in res.front}
+    assert [r.state for r in stored] == [r.state for r in res.trials]
+
+
+def test_time_split_covers_the_steps(tmp_path):
+    space, st, kw = study_args(tmp_path, n_trials=5)
+    res = run_study(FakeWorkload(), DEVICE, space, st, **kw)
+    t = res.time_split_s
+    assert set(t) == {"profile", "predict", "train", "log"}
+    assert t["profile"] == 0.0  # the profile was given
+    assert t["predict"] > 0 and t["train"] > 0 and t["log"] > 0
+    assert sum(t.values()) <= res.wall_s
 
 
 def test_cost_model_mismatch_warns(tmp_path):
@@ -148,21 +129,21 @@ def test_cost_model_mismatch_warns(tmp_path):
             r.measured_activation_bytes = int(r.measured_activation_bytes * 1.05) + 1
             return r
 
-    space, kw = study_kwargs(tmp_path)
+    space, st, kw = study_args(tmp_path, n_trials=1)
     with pytest.warns(UserWarning, match="COST MODEL MISMATCH"):
-        res = run_study(Off(), DEVICE, space, n_trials=1, **kw)
-    st = optuna.load_study(study_name="s", storage=kw["storage"])
-    assert "5.0% off" in st.trials[0].user_attrs["autorank"]["cost_model_mismatch"][0]
+        res = run_study(Off(), DEVICE, space, st, **kw)
+    stored = optuna.load_study(study_name="s", storage=st.storage)
+    assert "5.0% off" in stored.trials[0].user_attrs["autorank"]["cost_model_mismatch"][0]
     assert res.trials[0].measured_activation_bytes > res.trials[0].predicted_activation_bytes
 
 
 def test_flops_mismatch_is_flagged_and_agreement_is_not(tmp_path):
-    space, kw = study_kwargs(tmp_path)
-    res = run_study(FakeWorkload(), DEVICE, space, n_trials=1, **kw)
+    space, st, kw = study_args(tmp_path, n_trials=1)
+    res = run_study(FakeWorkload(), DEVICE, space, st, **kw)
     trained = [r for r in res.trials if r.measured_flops is not None]
     assert trained and all(r.measured_flops == r.flops > 0 for r in trained)  # next to the prediction
-    st = optuna.load_study(study_name="s", storage=kw["storage"])
-    assert not any("cost_model_mismatch" in t.user_attrs.get("autorank", {}) for t in st.trials)
+    stored = optuna.load_study(study_name="s", storage=st.storage)
+    assert not any("cost_model_mismatch" in t.user_attrs.get("autorank", {}) for t in stored.trials)
 
     class Off(FakeWorkload):
         def finetune(self, plan, **k):
@@ -170,9 +151,9 @@ def test_flops_mismatch_is_flagged_and_agreement_is_not(tmp_path):
             r.measured_flops = int(r.measured_flops * 1.03)
             return r
 
-    space, kw = study_kwargs(tmp_path / "off")
+    space, st, kw = study_args(tmp_path / "off", n_trials=1)
     with pytest.warns(UserWarning, match="measured FLOPs"):
-        run_study(Off(), DEVICE, space, n_trials=1, **kw)
-    st = optuna.load_study(study_name="s", storage=kw["storage"])
-    msgs = [m for t in st.trials for m in t.user_attrs.get("autorank", {}).get("cost_model_mismatch", [])]
+        run_study(Off(), DEVICE, space, st, **kw)
+    stored = optuna.load_study(study_name="s", storage=st.storage)
+    msgs = [m for t in stored.trials for m in t.user_attrs.get("autorank", {}).get("cost_model_mismatch", [])]
     assert msgs and all("measured FLOPs" in m and "3.0% off" in m for m in msgs)

@@ -8,22 +8,26 @@ from mlflow.tracking import MlflowClient
 
 from autorank.search.study import run_study
 from autorank.tracking import MlflowTracker
-from test_search_study import DEVICE, LAYERS, FakeWorkload, study_kwargs
+from search_fakes import DEVICE, FakeWorkload, study_args
 
 
-def test_study_logged_to_mlflow(tmp_path):
+def test_study_logged_to_mlflow(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     tracker = MlflowTracker(uri, experiment="t", artifact_location=str(tmp_path / "mlruns" / "art"))
     wl = FakeWorkload(fail_on={"l0": "frozen", "l1": "frozen", "l2": "full"})
-    space, kw = study_kwargs(tmp_path, export_path=tmp_path / "plan.yaml")
+    space, st, kw = study_args(tmp_path, n_trials=12, export_path=tmp_path / "plan.yaml")
     cfg = {"seed": 0, "model": {"_target_": "x.y", "width": 8}}
-    res = run_study(wl, DEVICE, space, n_trials=12, tracker=tracker, config=cfg, **kw)
+    res = run_study(wl, DEVICE, space, st, tracker=tracker, config=cfg, **kw)
 
     c = MlflowClient(uri)
     exp = c.get_experiment_by_name("t")
+    # the UI opens the experiment on its runs table, and the tracker says where that is
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    url = f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?searchFilter=tags.study_name%20%3D%20%27s%27"
+    assert tracker.runs_url("s") == url and url in capsys.readouterr().out
     parent = c.get_run(tracker.parent_run_id)
     p = parent.data.params
-    assert p["study_name"] == "s" and p["storage"] == kw["storage"]
+    assert p["study_name"] == "s" and p["storage"] == st.storage
     assert p["sampler"] == "RandomSampler" and p["budget_bytes"] == str(DEVICE.budget_bytes)
     assert p["device.name"] == "fakedev" and p["config.model.width"] == "8"
     assert p["space.name"] == "fake"
@@ -60,30 +64,48 @@ def test_study_logged_to_mlflow(tmp_path):
     assert [a.path for a in c.list_artifacts(parent.info.run_id, "plan")] == ["plan/plan.yaml"]
     local = c.download_artifacts(parent.info.run_id, "front/front.json", str(tmp_path / "dl"))
     table = json.load(open(local))
+    html = open(c.download_artifacts(parent.info.run_id, "front/front.html", str(tmp_path / "dl"))).read()
+    assert "Infeasible Trial" in html and "Best Trial" in html  # Optuna's constraint-aware plot
+    assert f"budget {DEVICE.budget_bytes / 2**20:.1f} MB" in html and "knapsack" in html
     assert sorted(row["trial"] for row in table) == sorted(r.number for r in res.front)
     assert all(row["state"] == "complete" and row["on_front"] for row in table)
     assert str(tmp_path / "mlruns" / "art") in parent.info.artifact_uri
 
 
-def test_front_files_are_written_atomically(tmp_path, monkeypatch):
-    from types import SimpleNamespace
+def small_study():
+    """Three trials of (accuracy, peak MB, FLOPs): two feasible, one over budget."""
+    import optuna
 
+    from autorank.search.records import records_from_study
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for i, (values, over) in enumerate([((0.5, 1.0, 1e9), -1.0), ((0.6, 2.0, 2e9), -1.0),
+                                        ((0.0, 3.0, 3e9), 1.0)]):
+        t = study.ask()
+        t.set_user_attr("source", "knapsack" if i == 0 else None)
+        t.set_user_attr("autorank", {"state": "complete", "choices": {"l0": "full", "l1": "frozen"},
+                                     "val_accuracy": values[0], "predicted_peak_bytes": int(values[1] * 2**20),
+                                     "flops": int(values[2])})
+        t.set_constraint("peak_minus_budget_bytes", over)
+        study.tell(t, values)
+    return study, records_from_study(study)
+
+
+def test_front_files_are_written_atomically(tmp_path, monkeypatch):
     from autorank.tracking import front
 
-    recs = [SimpleNamespace(number=i, state=s, on_front=i == 0, val_accuracy=0.5 + i / 10,
-                            peak_mb=(1 + i), predicted_peak_bytes=(1 + i) * 2**20,
-                            predicted_activation_bytes=10, measured_activation_bytes=10,
-                            flops=1e9 * (i + 1), step_time_s=1.0, wall_s=0.1, source="t",
-                            choices={"l0": "full", "l1": "frozen"})
-            for i, s in enumerate(["complete", "complete", "infeasible"])]
+    study, recs = small_study()
+    assert [r.state for r in recs] == ["complete", "complete", "infeasible"]
+    assert [r.on_front for r in recs] == [True, True, False]
     csv_p, json_p, png, html = (tmp_path / n for n in ("front.csv", "front.json", "front.png", "front.html"))
     front.write_table(recs, csv_p, json_p)
-    front.plot_png(recs, 3 * 2**20, png)
-    front.plot_html(recs, 3 * 2**20, html)
+    front.plot_png(study, recs, int(2.5 * 2**20), png)
+    front.plot_html(study, recs, int(2.5 * 2**20), html)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(json_p.read_text())[0]["choices"] == "l0=full"
     assert csv_p.read_text().splitlines()[0].startswith("trial,state,on_front")
-    assert "plotly" in html.read_text()
+    text = html.read_text()
+    assert "plotly" in text and "budget 2.5 MB" in text and "knapsack" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["front.csv", "front.html", "front.json", "front.png"]
 
     # a writer that dies half-way leaves the previous files whole and no temp file behind
@@ -106,8 +128,24 @@ def test_front_files_are_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", dying_savefig)
     with pytest.raises(OSError, match="disk full"):
-        front.plot_png(recs[:1], 2**20, png)
+        front.plot_png(study, recs[:1], 2**20, png)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_existing_experiment_gets_the_kind_tag_and_a_server_url(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(uri)
+    exp_id = c.create_experiment("old", artifact_location=(tmp_path / "art").as_uri())
+    assert "mlflow.experimentKind" not in c.get_experiment(exp_id).tags
+    tracker = MlflowTracker(uri, experiment="old")
+    assert tracker.connect() == exp_id
+    assert c.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    server = MlflowTracker("http://mlflow.example:5000/", experiment="old")
+    server.connect = lambda: "7"  # no server here: the URL is built from the tracking URI alone
+    assert server.runs_url() == "http://mlflow.example:5000/#/experiments/7/runs"
+    assert server.runs_url(run_id="abc") == "http://mlflow.example:5000/#/experiments/7/runs/abc"
+    assert server.ui_hint("s") == ("MLflow runs: http://mlflow.example:5000/#/experiments/7/runs"
+                                   "?searchFilter=tags.study_name%20%3D%20%27s%27")
 
 
 def test_profile_save_removes_its_temp_file_on_error(tmp_path, monkeypatch):

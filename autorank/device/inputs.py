@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from autorank.plan import Plan, build_model_from_factory, load_base_weights
+from autorank.plan.plan import FineTuneSettings
 
 DEFAULT_LR = 0.01  # the workload's fine-tuning default (conf trainer.lr)
 
@@ -16,16 +17,24 @@ class BadInput(Exception):
     """Something the user passed is wrong; main prints `error: <message>` and exits 2."""
 
 
+def settings(plan: Plan) -> FineTuneSettings | None:
+    """The plan's fine-tuning settings (meta.finetune; older files: meta.model/lr/seed)."""
+    try:
+        return FineTuneSettings.from_plan(plan)
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"the plan's fine-tuning settings are malformed: {e}") from e
+
+
 def build_model(plan: Plan, factory: str | None, kwargs: dict | None) -> torch.nn.Module:
-    """--model/--model-kwargs (trusted: the user named them), else the plan's meta.model, which
+    """--model/--model-kwargs (trusted: the user named them), else the plan's model factory, which
     must be one of autorank's torch-only factories (a plan file never makes us import other code)."""
-    spec = dict(plan.meta.get("model") or {})
+    ft = settings(plan)
     trusted_only = factory is None
-    factory = factory or spec.get("factory")
+    factory = factory or (ft.model_factory if ft else None)
     if not factory:
-        raise BadInput("the plan's meta has no model factory: pass --model module:function "
+        raise BadInput("the plan records no model factory: pass --model module:function "
                        "(and --model-kwargs JSON)")
-    kwargs = kwargs if kwargs is not None else dict(spec.get("kwargs") or {})
+    kwargs = kwargs if kwargs is not None else dict(ft.model_kwargs if ft else {})
     try:
         return build_model_from_factory(factory, kwargs, trusted_only=trusted_only)
     except Exception as e:  # import error, no such function, bad kwargs, untrusted module
@@ -99,15 +108,11 @@ def load_data(path: str):
 
 
 def finetune_lr(plan: Plan, lr: float | None) -> float:
-    """--lr, else the lr the plan's meta records (meta.lr or meta.finetune.lr), else DEFAULT_LR."""
+    """--lr, else the lr the plan's fine-tuning settings record, else DEFAULT_LR."""
     if lr is not None:
         return lr
-    meta = plan.meta
-    finetune = meta.get("finetune") if isinstance(meta.get("finetune"), dict) else {}
-    for v in (meta.get("lr"), finetune.get("lr")):
-        if isinstance(v, (int, float)) and v > 0:
-            return float(v)
-    return DEFAULT_LR
+    ft = settings(plan)
+    return float(ft.lr) if ft is not None and ft.lr is not None else DEFAULT_LR
 
 
 def check_labels(model: torch.nn.Module, xb: torch.Tensor, labels: dict[str, torch.Tensor | None]) -> None:

@@ -21,6 +21,7 @@ from autorank.device.inputs import (
     load_data,
     load_plan,
     load_weights,
+    settings,
 )
 from autorank.models import classifier_name, replace_head
 from autorank.plan import Plan, apply_plan, check_fingerprint, finetune_mode, save_base_weights
@@ -51,7 +52,8 @@ def load_model(a: argparse.Namespace, plan: Plan) -> torch.nn.Module:
         print(f"classifier head of another shape in the checkpoint, kept fresh on purpose: {', '.join(skipped)}")
     elif not a.keep_head:
         # The search fine-tuned a fresh head (the checkpoint's head belongs to the upstream task).
-        seed = a.seed if a.seed is not None else int(plan.meta.get("seed", 0))
+        ft = settings(plan)
+        seed = a.seed if a.seed is not None else (ft.seed if ft is not None else 0)
         head = classifier_name(model)
         replace_head(model, model.get_submodule(head).out_features, seed=seed)
         print(f"classifier head {head}: fresh (seed {seed}); --keep-head keeps the checkpoint's")
@@ -101,7 +103,8 @@ def run(a: argparse.Namespace) -> int:
 
     # The fine-tuning mode the search costed: train mode (dropout live), BN in eval mode.
     base = finetune_mode(model, bn_eval=True)
-    shape = plan.meta.get("input_shape") or None
+    ft = settings(plan)
+    shape = (ft.input_shape if ft is not None else None) or None
     bs = a.batch_size or (int(shape[0]) if shape else 32)
     if bs < 1:
         raise BadInput(f"--batch-size must be >= 1, got {bs}")

@@ -104,6 +104,51 @@ class Choice:
         return cls(kind)
 
 
+@dataclasses.dataclass(frozen=True)
+class FineTuneSettings:
+    """How the search fine-tuned a plan, so that a device repeats it with torch alone: the model
+    factory ('module:function', torch only) and its kwargs, the input shape the plan was costed
+    for (B, C, H, W), SGD lr and momentum, the seed of the fresh classifier head, and the length
+    (epochs, or max_steps when set). Stored in the plan file as meta["finetune"]."""
+
+    model_factory: str
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    input_shape: tuple[int, ...] = ()
+    lr: float | None = None  # None: not recorded (plans written before the search recorded it)
+    momentum: float = 0.9
+    seed: int = 0
+    epochs: int | None = None
+    max_steps: int | None = None
+
+    def __post_init__(self):
+        if ":" not in self.model_factory:
+            raise ValueError(f"model_factory must be 'module:function', got {self.model_factory!r}")
+        object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+    @classmethod
+    def from_plan(cls, plan: "Plan") -> FineTuneSettings | None:
+        """The plan's settings; files written before meta["finetune"] existed carry them as
+        meta.model {factory, kwargs}, meta.lr, meta.seed, meta.input_shape. None: none recorded."""
+        meta = plan.meta
+        ft = meta.get("finetune")
+        if isinstance(ft, dict) and "model_factory" in ft:
+            return cls(**ft)
+        model = meta.get("model")
+        if not isinstance(model, dict) or not model.get("factory"):
+            return None
+        lr = meta.get("lr", ft.get("lr") if isinstance(ft, dict) else None)
+        return cls(model_factory=str(model["factory"]), model_kwargs=dict(model.get("kwargs") or {}),
+                   input_shape=tuple(meta.get("input_shape") or ()), lr=lr, seed=int(meta.get("seed", 0)))
+
+
 def _shortcut_base(module: nn.Module) -> nn.Module:
     """The original module behind a ShortcutLayer (peft-style `base_layer`), or the module itself."""
     while isinstance(module, ShortcutLayer):

@@ -1,14 +1,30 @@
-"""Search: layer profile, the paper's knapsack planner, and the multi-objective Optuna study."""
+"""Search: layer profile, the paper's knapsack planner, and the multi-objective Optuna study.
 
+The names of the Optuna side (OptunaSearch, run_study, StudySettings, StudyResult, TrialRecord)
+are imported on first use, so that `autorank.search.KnapsackSearch` (conf/search/knapsack.yaml)
+and the rest of the paper's planner run without Optuna installed.
+"""
+
+from importlib import import_module
+
+from autorank.search.cost import PlanCost
 from autorank.search.knapsack import BudgetTooSmall, KnapsackResult, knapsack, min_peak_bytes
+from autorank.search.planfile import export_plan
+from autorank.search.planner import KnapsackRun, KnapsackSearch, run_knapsack
 from autorank.search.profile import Profile, profile_layers, profile_workload
+from autorank.search.protocols import Workload
 from autorank.search.space import SearchSpace, load_space
 
-__all__ = ["BudgetTooSmall", "KnapsackResult", "Profile", "SearchSpace", "knapsack", "load_space",
-           "min_peak_bytes", "profile_layers", "profile_workload"]
+_OPTUNA_SIDE = {"OptunaSearch": "autorank.search.runners", "run_study": "autorank.search.study",
+                "StudySettings": "autorank.search.study", "StudyResult": "autorank.search.study",
+                "TrialRecord": "autorank.search.records"}
 
-from autorank.search.runners import KnapsackRun, KnapsackSearch, OptunaSearch, run_knapsack  # noqa: E402
-from autorank.search.study import StudyResult, TrialRecord, run_study  # noqa: E402
+__all__ = ["BudgetTooSmall", "KnapsackResult", "KnapsackRun", "KnapsackSearch", "PlanCost",
+           "Profile", "SearchSpace", "Workload", "export_plan", "knapsack", "load_space",
+           "min_peak_bytes", "profile_layers", "profile_workload", "run_knapsack", *_OPTUNA_SIDE]
 
-__all__ += ["KnapsackRun", "KnapsackSearch", "OptunaSearch", "StudyResult", "TrialRecord",
-            "run_knapsack", "run_study"]
+
+def __getattr__(name: str):
+    if name in _OPTUNA_SIDE:
+        return getattr(import_module(_OPTUNA_SIDE[name]), name)
+    raise AttributeError(f"module 'autorank.search' has no attribute {name!r}")

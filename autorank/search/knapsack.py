@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from autorank.errors import ConfigError
-from autorank.search.profile import Profile, peak_parts
+from autorank.search.cost import peak_parts
+from autorank.search.profile import Profile
 from autorank.units import MB
 
 

@@ -4,7 +4,11 @@ For each candidate layer: its input shape, the HOSVD_eps ranks of its input at e
 space, the sensitivity ("perplexity") of each choice, ||grad_W(low rank) - grad_W(exact)||_F
 averaged over the batches, and the predicted peak training memory of the plans the knapsack needs
 to derive per-layer additive costs (see knapsack.py). Cached as JSON keyed by everything that
-determines it (checkpoint, calibration data, space, input shape, the cost model's version).
+determines it (checkpoint, calibration data, space, input shape, PROFILE_VERSION).
+
+Ranks and reconstructions are autorank.shortcut.tucker's, as the HOSVD layer computes them: per
+mode n the singular values of the unfolding X_(n) (tucker.unfold), rank = tucker.eps_rank of
+them, factors = the leading left singular vectors (tucker.tucker_core / tucker_reconstruct).
 
 Sensitivity of a choice: `full` 0; `frozen` ||grad_W(exact)||_F (no gradient at all);
 `asi@eps` the weight gradient of the layer applied to the rank-r Tucker reconstruction of its
@@ -25,42 +29,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from autorank.plan import Choice, Plan
 from autorank.plan.plan import atomic_write
+from autorank.search.cost import Choices, PeakRecord, PlanCost, peak_parts
+from autorank.search.progress import progress_bar
+from autorank.search.protocols import Workload
 from autorank.search.space import SearchSpace, level_key, parse_choice_key
+from autorank.shortcut.tucker import eps_rank, tucker_core, tucker_reconstruct, unfold
 
-PROFILE_VERSION = 1
-Choices = Mapping[str, str]  # layer name -> choice key ("frozen", "full", "asi@0.8")
-PeakFn = Callable[[Choices], int]
-
-
-# --- Tucker helpers (small, local: the profile must not depend on the layers' run-time code) ---
-
-def _mode_eig(x: Tensor, mode: int) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (descending) and eigenvectors of the mode-n Gram X_(n) X_(n)^T."""
-    xn = x.movedim(mode, 0).reshape(x.shape[mode], -1).double()
-    evals, evecs = torch.linalg.eigh(xn @ xn.T)  # ascending
-    return evals.flip(0).clamp_min(0), evecs.flip(1)
+# 2: ranks by autorank.shortcut.tucker.eps_rank (its boundary: the first k whose cumulative share
+# reaches eps exactly) instead of a local rule with a 1e-12 tolerance.
+PROFILE_VERSION = 2
+PeakFn = Callable[[Choices], "PeakRecord | int"]
+Batches = Sequence[tuple[Tensor, Tensor]]
 
 
-def eps_rank(evals: Tensor, eps: float) -> int:
-    """Smallest k whose top-k squared singular values reach eps of the total."""
-    total = float(evals.sum())
-    if total <= 0:
-        return 1
-    frac = torch.cumsum(evals, 0) / total
-    return int(min(int((frac < eps - 1e-12).sum()) + 1, evals.numel()))
+def mode_svds(x: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per mode n: (singular values, left singular vectors) of the unfolding X_(n), descending,
+    in float64.
+
+    From the eigendecomposition of the Gram X_(n) X_(n)^T rather than an SVD of X_(n): the same
+    values and vectors, but these unfoldings are very wide (128 x 37,632 for a 112 px input) and
+    the SVD was 5x slower (measured: 260 s against 54 s for the default job's 12 layers on one
+    batch of 128, 2 threads)."""
+    out = []
+    for n in range(x.dim()):
+        xn = unfold(x.detach(), n).double()
+        evals, evecs = torch.linalg.eigh(xn @ xn.T)  # ascending
+        out.append((evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)))
+    return out
 
 
-def project(x: Tensor, evecs: Sequence[Tensor], ranks: Sequence[int]) -> Tensor:
-    """Rank-r Tucker reconstruction: x x_n (U_n U_n^T) over the modes with r_n < size."""
-    out = x.double()
-    for mode, (u, r) in enumerate(zip(evecs, ranks)):
-        if r >= x.shape[mode]:
-            continue
-        un = u[:, :r]
-        moved = out.movedim(mode, -1)
-        out = ((moved @ un) @ un.T).movedim(-1, mode)
-    return out.to(x.dtype)
+def hosvd_reconstruct(x: Tensor, svds: Sequence[tuple[Tensor, Tensor]], ranks: Sequence[int]) -> Tensor:
+    """x x_n (U_n U_n^T) with U_n the leading ranks[n] left singular vectors of X_(n) (tucker's
+    core and reconstruction, in float64); a mode whose rank reaches its size is left whole."""
+    factors = [u[:, :r] if r < x.shape[n] else None for n, ((_, u), r) in enumerate(zip(svds, ranks))]
+    xd = x.detach().double()
+    return tucker_reconstruct(tucker_core(xd, factors), factors).to(x.dtype)
 
 
 def weight_grad(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tensor:
@@ -76,8 +81,6 @@ def weight_grad(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tensor:
         (g,) = torch.autograd.grad(y, w, grad_out)
     return g
 
-
-# --- the profile ---
 
 @dataclass
 class LayerProfile:
@@ -112,28 +115,24 @@ class Profile:
                 return lp
         raise KeyError(name)
 
-    def to_plan(self, choices: Choices, *, meta: Mapping[str, Any] | None = None):
+    def to_plan(self, choices: Choices, *, meta: Mapping[str, Any] | None = None) -> Plan:
         """A `Plan` from choice keys (asi ranks from this profile); layers not named are frozen."""
-        from autorank.plan import Choice, Plan
-
         layers = {}
         for lp in self.layers:
             key = choices.get(lp.name, "frozen")
             kind, _ = parse_choice_key(key)
-            if kind == "frozen":
-                continue
-            layers[lp.name] = Choice.full() if kind == "full" else Choice.asi(tuple(lp.ranks[key]))
-        space = self.space
+            if kind != "frozen":
+                layers[lp.name] = Choice.full() if kind == "full" else Choice.asi(tuple(lp.ranks[key]))
         m = {"choices": {n: choices.get(n, "frozen") for n in self.layer_names},
-             "space": space.get("name"), "profile": self.key[:16]}
-        m.update(meta or {})
-        return Plan(layers=layers, bn=space.get("bn", "frozen"), lean=space.get("lean", True), meta=m)
+             "space": self.space.get("name"), "profile": self.key[:16], **(meta or {})}
+        return Plan(layers=layers, bn=self.space.get("bn", "frozen"), lean=self.space.get("lean", True),
+                    meta=m)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Profile":
+    def from_json(cls, text: str) -> Profile:
         d = json.loads(text)
         d["layers"] = [LayerProfile(**lp) for lp in d["layers"]]
         return cls(**d)
@@ -144,24 +143,23 @@ class Profile:
         atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
-def _tensor_sha(t: Tensor) -> str:
+def tensor_sha256(t: Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def profile_key(checkpoint_sha: str, batches: Sequence[tuple[Tensor, Tensor]], space: SearchSpace,
+def profile_key(checkpoint_sha: str, batches: Batches, space: SearchSpace,
                 input_shape: Sequence[int], extra: Mapping[str, Any] | None = None) -> str:
     d = {"v": PROFILE_VERSION, "ckpt": checkpoint_sha, "space": space.sha256,
          "input_shape": list(input_shape),
-         "data": [(_tensor_sha(x), _tensor_sha(y)) for x, y in batches], "extra": dict(extra or {})}
+         "data": [(tensor_sha256(x), tensor_sha256(y)) for x, y in batches], "extra": dict(extra or {})}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def _capture(model: nn.Module, names: Sequence[str], x: Tensor, y: Tensor):
+def capture(model: nn.Module, names: Sequence[str], x: Tensor, y: Tensor):
     """Inputs and output grads of the named layers from one exact backward."""
     mods = dict(model.named_modules())
     inputs: dict[str, Tensor] = {}
     grads: dict[str, Tensor] = {}
-    handles = []
 
     def hook(name):
         def fwd(mod, args, out):
@@ -169,24 +167,48 @@ def _capture(model: nn.Module, names: Sequence[str], x: Tensor, y: Tensor):
             out.register_hook(lambda g: grads.__setitem__(name, g.detach()))
         return fwd
 
-    for n in names:
-        handles.append(mods[n].register_forward_hook(hook(n)))
+    handles = [mods[n].register_forward_hook(hook(n)) for n in names]
     try:
         with torch.enable_grad():
-            out = model(x)
-            F.cross_entropy(out, y).backward()
+            F.cross_entropy(model(x), y).backward()
     finally:
         for h in handles:
             h.remove()
     return inputs, grads
 
 
-def profile_layers(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], space: SearchSpace,
-                   *, peak_fn: PeakFn | None = None, key: str | None = None,
+def layer_profile(name: str, module: nn.Module, xs: Sequence[Tensor], gs: Sequence[Tensor],
+                  space: SearchSpace) -> LayerProfile:
+    """One layer's ranks per level and sensitivity per choice from its captured inputs xs and
+    output gradients gs (one per calibration batch)."""
+    svds = [mode_svds(x) for x in xs]
+    modes = range(xs[0].dim())
+    # ranks per level: the max over batches (never under-compress the worst batch)
+    ranks = {level_key(lv): [max(eps_rank(sv[m][0], lv) for sv in svds) for m in modes]
+             for lv in space.levels}
+    exact = [weight_grad(module, x, g) for x, g in zip(xs, gs)]
+    sens: dict[str, float] = {}
+    for ck in space.layer_choices(name):
+        kind, _ = parse_choice_key(ck)
+        if kind == "full":
+            sens[ck] = 0.0
+        elif kind == "frozen":
+            sens[ck] = sum(float(g.norm()) for g in exact) / len(exact)
+        else:
+            errs = [float((weight_grad(module, hosvd_reconstruct(x, sv, ranks[ck]), g) - gw).norm())
+                    for x, g, sv, gw in zip(xs, gs, svds, exact)]
+            sens[ck] = sum(errs) / len(errs)
+    return LayerProfile(name=name, kind="conv" if isinstance(module, nn.Conv2d) else "linear",
+                        input_shape=list(xs[0].shape), choices=space.layer_choices(name),
+                        ranks={k: v for k, v in ranks.items() if k in sens}, sensitivity=sens)
+
+
+def profile_layers(model: nn.Module, batches: Batches, space: SearchSpace, *,
+                   peak_fn: PeakFn | None = None, key: str | None = None,
                    cache_path: str | Path | None = None, progress: bool = True) -> Profile:
     """Profile `space`'s candidate layers of `model` on `batches` (see module doc).
 
-    `peak_fn(choices) -> bytes` predicts peak training memory of a plan given as choice keys; the
+    `peak_fn(choices)` predicts the peak training memory of a plan given as choice keys; the
     profile evaluates it on the plans the knapsack needs. With `cache_path`, a cached profile of the
     same `key` is returned as it is.
     """
@@ -199,68 +221,35 @@ def profile_layers(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], s
     for p in model.parameters():
         p.requires_grad_(True)
     mods = dict(model.named_modules())
-    levels = [level_key(lv) for lv in space.levels]
-    captured = []
-    with _progress(progress) as bar:
-        task = bar.add_task("profiling", total=len(batches) + len(names) + (1 if peak_fn else 0))
+    with progress_bar(progress) as bar:
+        task = bar.add_task("profiling", total=len(batches) + len(names))
+        captured = []
         for x, y in batches:
-            captured.append(_capture(model, names, x, y))
+            captured.append(capture(model, names, x, y))
             bar.advance(task)
-        layers: list[LayerProfile] = []
+        layers = []
         for name in names:
             bar.update(task, description=f"profiling {name}")
-            mod = mods[name]
-            xs = [c[0][name] for c in captured]
-            gs = [c[1][name] for c in captured]
-            eigs = [[_mode_eig(x, m) for m in range(x.dim())] for x in xs]
-            # ranks per level: the max over batches (never under-compress the worst batch)
-            ranks = {lk: [max(eps_rank(e[m][0], lv) for e in eigs) for m in range(xs[0].dim())]
-                     for lk, lv in zip(levels, space.levels)}
-            exact = [weight_grad(mod, x, g) for x, g in zip(xs, gs)]
-            sens: dict[str, float] = {}
-            for ck in space.layer_choices(name):
-                kind, _ = parse_choice_key(ck)
-                if kind == "full":
-                    sens[ck] = 0.0
-                elif kind == "frozen":
-                    sens[ck] = sum(float(g.norm()) for g in exact) / len(exact)
-                else:
-                    errs = []
-                    for x, g, e, gw in zip(xs, gs, eigs, exact):
-                        xr = project(x, [ev for _, ev in e], ranks[ck])
-                        errs.append(float((weight_grad(mod, xr, g) - gw).norm()))
-                    sens[ck] = sum(errs) / len(errs)
-            layers.append(LayerProfile(
-                name=name, kind="conv" if isinstance(mod, nn.Conv2d) else "linear",
-                input_shape=list(xs[0].shape), choices=space.layer_choices(name),
-                ranks={k: v for k, v in ranks.items() if k in sens}, sensitivity=sens))
+            layers.append(layer_profile(name, mods[name], [c[0][name] for c in captured],
+                                        [c[1][name] for c in captured], space))
             bar.advance(task)
-        prof = Profile(key=key or "", space=space.to_dict(), layers=layers)
-        if peak_fn is not None:
-            bar.update(task, description="predicting peak memory per choice")
-            fill_peak_bytes(prof, peak_fn)
-            bar.advance(task)
+    prof = Profile(key=key or "", space=space.to_dict(), layers=layers)
+    if peak_fn is not None:
+        fill_peak_bytes(prof, peak_fn, progress=progress)
     if cache_path is not None:
         prof.save(cache_path)
     return prof
 
 
-def peak_parts(value) -> tuple[int, int]:
-    """(total, transient) bytes from a PeakMemory-like record (or a plain int: no transient)."""
-    if hasattr(value, "total_bytes"):
-        return int(value.total_bytes), int(getattr(value, "transient_bytes", 0))
-    return int(value), 0
-
-
 def fill_peak_bytes(prof: Profile, peak_fn: PeakFn, progress: bool = False) -> None:
     """The predictions the knapsack's additive costs derive from (about 2 per choice).
 
-    `peak_fn` returns bytes, or a PeakMemory-like record whose transient part is kept apart
-    (the transient is a max over layers, not a sum).
+    `peak_fn` returns bytes, or a PeakMemory record whose transient part is kept apart (the
+    transient is a max over layers, not a sum).
     """
     first = prof.layers[0].name
     n = 1 + sum(len(lp.choices) * (2 if i else 1) for i, lp in enumerate(prof.layers))
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("predicting peak memory per choice", total=n)
 
         def ask(ch):
@@ -278,42 +267,10 @@ def fill_peak_bytes(prof: Profile, peak_fn: PeakFn, progress: bool = False) -> N
                 lp.with_first_transient_bytes = {c: tr for c, (_, tr) in wf.items()}
 
 
-def peak_predictor(model: nn.Module, example_input: Tensor, profile: Profile | None = None,
-                   **cost_kwargs) -> "CachedPeak":
-    return CachedPeak(model, example_input, profile, **cost_kwargs)
-
-
-class CachedPeak:
-    """choices -> predicted peak training bytes (autorank.cost), cached by the choices."""
-
-    def __init__(self, model: nn.Module, example_input: Tensor, profile: Profile | None = None,
-                 **cost_kwargs):
-        self.model, self.example_input, self.profile = model, example_input, profile
-        self.cost_kwargs = cost_kwargs
-        self.cache: dict[tuple, Any] = {}
-
-    def full(self, choices: Choices):
-        """The whole PeakMemory record."""
-        from autorank.cost import predict_peak_training_bytes
-
-        k = tuple(sorted((n, c) for n, c in choices.items() if c != "frozen"))
-        if k not in self.cache:
-            plan = self.profile.to_plan(choices)
-            self.cache[k] = predict_peak_training_bytes(self.model, self.example_input, plan,
-                                                        **self.cost_kwargs)
-        return self.cache[k]
-
-    def __call__(self, choices: Choices):
-        """The PeakMemory record (knapsack and profile read total_bytes and transient_bytes)."""
-        return self.full(choices)
-
-    def total(self, choices: Choices) -> int:
-        return int(self.full(choices).total_bytes)
-
-
-def profile_workload(workload, space: SearchSpace, *, n_batches: int = 2,
+def profile_workload(workload: Workload, space: SearchSpace, *, n_batches: int = 2,
                      cache_dir: str | Path | None = None, progress: bool = True) -> Profile:
-    """Profile a `Workload` (ARCHITECTURE.md) with its cost model; cached under `cache_dir`."""
+    """Profile a `Workload` (autorank.search.protocols) with its peak predictor (PlanCost);
+    cached under `cache_dir`."""
     model = workload.model  # prepares the base model (and its checkpoint sha) first
     batches = workload.calibration_batches(n_batches)
     key = profile_key(workload.checkpoint_sha256, batches, space, workload.input_shape)
@@ -323,34 +280,7 @@ def profile_workload(workload, space: SearchSpace, *, n_batches: int = 2,
     prof = profile_layers(model, batches, space, key=key, progress=progress)
     prof.meta = {"checkpoint_sha256": workload.checkpoint_sha256,
                  "input_shape": list(workload.input_shape), "n_batches": n_batches}
-    peak = CachedPeak(model, workload.example_input(), prof)
-    fill_peak_bytes(prof, peak, progress=progress)
+    fill_peak_bytes(prof, PlanCost(model, workload.example_input(), prof).peak, progress=progress)
     if cache_path is not None:
         prof.save(cache_path)
     return prof
-
-
-class _NullBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def advance(self, *a, **k):
-        pass
-
-    def update(self, *a, **k):
-        pass
-
-
-def _progress(enabled: bool):
-    if not enabled:
-        return _NullBar()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), transient=False)

@@ -1,12 +1,22 @@
-"""The front as a table (CSV, JSON) and plots (plotly HTML, matplotlib PNG) of accuracy against
-predicted peak memory (MB), coloured by training FLOPs, infeasible trials greyed, budget line."""
+"""The front as a table (CSV, JSON) and plots (plotly HTML, matplotlib PNG).
+
+The plots are Optuna's own `plot_pareto_front` (it reads the stored constraints: infeasible trials
+in grey, the constraint-aware front of all three objectives highlighted), shown as accuracy
+against predicted peak memory; on top, only what it lacks: the device budget as a line and the
+reference points (the warm-start plans: the paper's knapsack plan, plain backprop, uniform levels)
+labelled by their source.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial
 
 from autorank.plan.plan import atomic_write  # torch + yaml only: one atomic-write helper
 from autorank.units import MB
@@ -14,6 +24,7 @@ from autorank.units import MB
 COLUMNS = ("trial", "state", "on_front", "val_accuracy", "peak_mb", "predicted_peak_bytes",
            "predicted_activation_bytes", "measured_activation_bytes", "train_flops", "step_time_s",
            "wall_s", "source", "choices")
+TARGET_NAMES = ["predicted peak training memory (MB)", "validation accuracy"]
 
 
 def rows(records: Sequence) -> list[dict]:
@@ -44,67 +55,57 @@ def write_table(records: Sequence, csv_path: Path, json_path: Path) -> None:
     atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
-def _split(records):
-    plotted = [r for r in records if r.predicted_peak_bytes is not None and r.state in
-               ("complete", "infeasible")]
-    return ([r for r in plotted if r.state == "complete"],
-            [r for r in plotted if r.state == "infeasible"])
+def memory_and_accuracy(t: FrozenTrial) -> tuple[float, float]:
+    """The plotted targets: (peak MB, accuracy) of the study's (accuracy, peak MB, FLOPs)."""
+    return t.values[1], t.values[0]
 
 
-def plot_html(records: Sequence, budget_bytes: int, path: Path, title: str = "") -> None:
+def reference_points(records: Sequence) -> list[tuple[str, float, float]]:
+    """(label, peak MB, accuracy) of the warm-start trials that have figures."""
+    return [(r.source, r.peak_mb, r.val_accuracy) for r in records
+            if r.source and r.state in ("complete", "infeasible") and r.peak_mb is not None]
+
+
+def plot_html(study: optuna.Study, records: Sequence, budget_bytes: int, path: Path,
+              title: str = "") -> None:
     import plotly.graph_objects as go
 
-    ok, bad = _split(records)
-    fig = go.Figure()
-    text = lambda rs: [f"trial {r.number} ({r.state}{', front' if r.on_front else ''})<br>" +
-                       "<br>".join(f"{k}: {v}" for k, v in r.choices.items() if v != "frozen")
-                       for r in rs]
-    fig.add_trace(go.Scatter(
-        x=[r.peak_mb for r in bad], y=[0.0] * len(bad), mode="markers", name="infeasible (not trained)",
-        marker=dict(color="lightgrey", symbol="x", size=8), text=text(bad), hoverinfo="text+x"))
-    fig.add_trace(go.Scatter(
-        x=[r.peak_mb for r in ok], y=[r.val_accuracy for r in ok], mode="markers", name="feasible",
-        marker=dict(color=[r.flops / 1e9 for r in ok], colorscale="Viridis", size=[13 if r.on_front
-                    else 8 for r in ok], showscale=True, colorbar=dict(title="GFLOPs/step"),
-                    line=dict(width=[2 if r.on_front else 0 for r in ok], color="red")),
-        text=text(ok), hoverinfo="text+x+y"))
-    front = sorted((r for r in ok if r.on_front), key=lambda r: r.peak_mb)
-    fig.add_trace(go.Scatter(x=[r.peak_mb for r in front], y=[r.val_accuracy for r in front],
-                             mode="lines", name="front", line=dict(color="red", dash="dot")))
+    fig = optuna.visualization.plot_pareto_front(study, targets=memory_and_accuracy,
+                                                 target_names=TARGET_NAMES)
+    refs = reference_points(records)
+    fig.add_trace(go.Scatter(x=[x for _, x, _ in refs], y=[y for *_, y in refs], text=[s for s, *_ in refs],
+                             mode="markers+text", textposition="top center", name="reference plans",
+                             marker=dict(symbol="diamond-open", size=14, color="black")))
     fig.add_vline(x=budget_bytes / MB, line_dash="dash", line_color="black",
                   annotation_text=f"budget {budget_bytes / MB:.1f} MB")
-    fig.update_layout(title=title or "accuracy vs predicted peak training memory",
-                      xaxis_title="predicted peak training memory (MB)",
-                      yaxis_title="validation accuracy")
+    fig.update_layout(title=title or "accuracy vs predicted peak training memory")
     atomic_write(path, lambda tmp: fig.write_html(str(tmp), include_plotlyjs="cdn"))
 
 
-def plot_png(records: Sequence, budget_bytes: int, path: Path, title: str = "") -> None:
+def plot_png(study: optuna.Study, records: Sequence, budget_bytes: int, path: Path,
+             title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok, bad = _split(records)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    if bad:
-        ax.scatter([r.peak_mb for r in bad], [0.0] * len(bad), c="lightgrey", marker="x",
-                   label="infeasible (not trained)")
-    if ok:
-        sc = ax.scatter([r.peak_mb for r in ok], [r.val_accuracy for r in ok],
-                        c=[r.flops / 1e9 for r in ok], cmap="viridis",
-                        s=[60 if r.on_front else 25 for r in ok],
-                        edgecolors=["red" if r.on_front else "none" for r in ok], label="feasible")
-        fig.colorbar(sc, ax=ax, label="GFLOPs / training step")
-        front = sorted((r for r in ok if r.on_front), key=lambda r: r.peak_mb)
-        ax.plot([r.peak_mb for r in front], [r.val_accuracy for r in front], "r:", label="front")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = optuna.visualization.matplotlib.plot_pareto_front(
+            study, targets=memory_and_accuracy, target_names=TARGET_NAMES)
+    fig = ax.figure
+    refs = reference_points(records)
+    ax.scatter([x for _, x, _ in refs], [y for *_, y in refs], marker="D", facecolors="none",
+               edgecolors="black", s=70, label="reference plans")
+    for label, x, y in refs:
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
     ax.axvline(budget_bytes / MB, color="k", ls="--", label=f"budget {budget_bytes / MB:.1f} MB")
-    ax.set_xlabel("predicted peak training memory (MB)")
-    ax.set_ylabel("validation accuracy")
     ax.set_title(title or "accuracy vs peak memory")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
+    fig.set_size_inches(8, 5)
     fig.tight_layout()
     try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png",
+                                                   dpi=110))
     finally:
         plt.close(fig)

@@ -13,8 +13,16 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from autorank.units import MB
+
+# MLflow 3 opens an experiment on its GenAI overview (traces, judges) unless the experiment is
+# tagged as model development: then it opens on the runs table. Key and value from MLflow 3.17's
+# UI (ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -45,22 +53,51 @@ class MlflowTracker:
     # --- plumbing ---
     @property
     def client(self):
+        self.connect()
+        return self._client
+
+    def connect(self) -> str:
+        """Open the store and the experiment (created, or tagged as model development, on first
+        use); returns the experiment's id."""
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
             if self.uri.startswith("sqlite:///"):
                 Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-            self._client = MlflowClient(tracking_uri=self.uri)
-            exp = self._client.get_experiment_by_name(self.experiment)
+            client = MlflowClient(tracking_uri=self.uri)
+            exp = client.get_experiment_by_name(self.experiment)
             if exp is None:
                 loc = self.artifact_location
                 if loc and "://" not in loc:
                     Path(loc).mkdir(parents=True, exist_ok=True)
                     loc = Path(loc).resolve().as_uri()
-                self.experiment_id = self._client.create_experiment(self.experiment, artifact_location=loc)
+                self.experiment_id = client.create_experiment(
+                    self.experiment, artifact_location=loc, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             else:
                 self.experiment_id = exp.experiment_id
-        return self._client
+                if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older autorank
+                    client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            self._client = client
+        return self.experiment_id
+
+    def runs_url(self, study_name: str | None = None, run_id: str | None = None) -> str:
+        """The MLflow UI's runs table of this experiment, filtered to one study's runs (or one
+        run's page): at the tracking server's own address, or `mlflow ui`'s default for a local
+        store."""
+        base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else LOCAL_UI
+        url = f"{base}/#/experiments/{self.connect()}/runs"
+        if run_id:
+            return f"{url}/{run_id}"
+        if study_name:
+            url += "?searchFilter=" + quote(f"tags.study_name = '{study_name}'", safe="")
+        return url
+
+    def ui_hint(self, study_name: str | None = None, run_id: str | None = None) -> str:
+        """Where to look: the runs URL, and for a local store the command that serves it."""
+        hint = f"MLflow runs: {self.runs_url(study_name, run_id)}"
+        if self.uri.startswith(("http://", "https://")):
+            return hint
+        return f"{hint}  (serve them first: mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1)"
 
     def _params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -75,7 +112,7 @@ class MlflowTracker:
         ts = int(time.time() * 1000)
         return [Metric(k, float(v), ts, 0) for k, v in metrics.items() if v is not None]
 
-    # --- the Tracker protocol of autorank.search.study ---
+    # --- the Tracker protocol of autorank.search.protocols ---
     def start_study(self, info: Mapping[str, Any]) -> str:
         self.info = dict(info)
         c = self.client
@@ -126,6 +163,8 @@ class MlflowTracker:
     def end_study(self, result, plan_files: Mapping[int, Path]) -> None:
         from mlflow.entities import RunTag
 
+        import optuna
+
         from autorank.tracking.front import plot_html, plot_png, write_table
 
         c = self.client
@@ -159,8 +198,9 @@ class MlflowTracker:
             write_table(result.front, tmp / "front.csv", tmp / "front.json")
             write_table(result.trials, tmp / "trials.csv", tmp / "trials.json")
             title = f"{result.study_name}: accuracy vs predicted peak memory"
-            plot_html(result.trials, result.budget_bytes, tmp / "front.html", title)
-            plot_png(result.trials, result.budget_bytes, tmp / "front.png", title)
+            study = result.study or optuna.load_study(study_name=result.study_name, storage=result.storage)
+            plot_html(study, result.trials, result.budget_bytes, tmp / "front.html", title)
+            plot_png(study, result.trials, result.budget_bytes, tmp / "front.png", title)
             for name in ("front.csv", "front.json", "trials.csv", "trials.json", "front.html", "front.png"):
                 c.log_artifact(pid, str(tmp / name), artifact_path="front")
         for n, p in sorted(plan_files.items()):
@@ -168,6 +208,7 @@ class MlflowTracker:
         if result.export_path is not None:
             c.log_artifact(pid, str(result.export_path), artifact_path="plan")
         c.set_terminated(pid, "FINISHED")
+        print(self.ui_hint(result.study_name), flush=True)
 
     # --- a single run (search=knapsack) ---
     def log_single_run(self, info: Mapping[str, Any], choices: Mapping[str, str],
@@ -189,4 +230,5 @@ class MlflowTracker:
         for sub, p in artifacts.items():
             c.log_artifact(rid, str(p), artifact_path=sub)
         c.set_terminated(rid, "FINISHED")
+        print(self.ui_hint(run_id=rid), flush=True)
         return rid

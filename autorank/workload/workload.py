@@ -176,6 +176,18 @@ class Workload:
             out.append(batch)
         return out
 
+    def finetune_settings(self, max_epochs: int | None = None):
+        """How `finetune` trains a plan (autorank.plan.plan.FineTuneSettings), for the plan file:
+        the model factory and kwargs (torch only), the device batch shape, lr, momentum, seed."""
+        from autorank.plan.plan import FineTuneSettings
+
+        k, t = self.spec.key(), self.trainer
+        module, _, fn = k["factory"].rpartition(".")
+        return FineTuneSettings(
+            model_factory=f"{module}:{fn}", model_kwargs={**k["kwargs"], "num_classes": self.num_classes},
+            input_shape=self.input_shape, lr=float(t.lr), momentum=float(t.momentum), seed=int(t.seed),
+            epochs=int(max_epochs if max_epochs is not None else t.max_epochs))
+
     # --- one trial -----------------------------------------------------------------------------
     def _features(self, prefix: nn.Module, cut: str, part: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefix features at `cut`. A cut not cached yet starts from the deepest cached cut before

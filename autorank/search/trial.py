@@ -1,0 +1,152 @@
+"""One trial of the study: choices -> plan -> predicted cost -> constraints -> fine-tune -> record.
+
+Objectives: validation accuracy (max), predicted peak training memory in MB (min), training FLOPs
+per step (min). Constraints (Optuna 5 `trial.set_constraint`, feasible when <= 0):
+`peak_minus_budget_bytes` = predicted peak - budget, and `no_trained_layer` (1 when the plan
+trains nothing). A plan over budget is recorded from its prediction alone (accuracy 0, state
+infeasible) and never trained. A plan identical to an earlier complete trial reuses its figures
+(`duplicate_of`) instead of training again.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+from rich.console import Console
+
+from autorank.plan import Plan
+from autorank.search.cost import CostModel
+from autorank.search.profile import Profile
+from autorank.search.protocols import Device, Workload
+from autorank.search.records import RECORD_ATTR, TrialRecord
+
+MISMATCH_TOLERANCE = 0.01  # measured vs predicted cost, relative
+
+
+@dataclass
+class TimeSplit:
+    """Where a study's wall time went, in seconds."""
+
+    profile: float = 0.0
+    predict: float = 0.0
+    train: float = 0.0
+    log: float = 0.0
+
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, part, getattr(self, part) + time.perf_counter() - t0)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def cost_model_mismatches(rec: TrialRecord) -> list[str]:
+    """A message for each measured figure more than MISMATCH_TOLERANCE off its prediction."""
+    out = []
+    for what, measured, predicted in (
+            ("saved activation bytes", rec.measured_activation_bytes, rec.predicted_activation_bytes),
+            ("FLOPs", rec.measured_flops, rec.flops)):
+        if measured is None or predicted is None:
+            continue
+        d = abs(measured - predicted) / max(abs(predicted), 1)
+        if d > MISMATCH_TOLERANCE:
+            out.append(f"COST MODEL MISMATCH in trial {rec.number}: measured {what} {measured} vs "
+                       f"predicted {predicted} ({100 * d:.1f}% off, tolerance 1%): the cost model is wrong")
+    return out
+
+
+class PlanTrial:
+    """The study's objective: `study.optimize(PlanTrial(...))`. `plan_meta` goes into every
+    plan's meta; `done`: finished trials of the study so far (a plan already trained is reused)."""
+
+    def __init__(self, workload: Workload, device: Device, profile: Profile, cost: CostModel, *,
+                 plan_meta: Mapping[str, Any], max_epochs: int | None = None,
+                 times: TimeSplit | None = None, done: Iterable[TrialRecord] = ()):
+        self.workload, self.device, self.profile, self.cost = workload, device, profile, cost
+        self.plan_meta, self.max_epochs = dict(plan_meta), max_epochs
+        self.times = times or TimeSplit()
+        self.names = profile.layer_names
+        self.trained: dict[tuple[str, ...], TrialRecord] = {}
+        for r in done:
+            self.remember(r)
+
+    def key(self, choices: Mapping[str, str]) -> tuple[str, ...]:
+        return tuple(choices.get(n, "frozen") for n in self.names)
+
+    def remember(self, rec: TrialRecord) -> None:
+        """A complete, trained trial: later trials of the same plan reuse its figures."""
+        if rec.state == "complete" and rec.duplicate_of is None:
+            self.trained.setdefault(self.key(rec.choices), rec)
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
+        choices = {n: trial.suggest_categorical(n, self.profile.layer(n).choices) for n in self.names}
+        rec = TrialRecord(number=trial.number, state="running", choices=choices)
+        t0 = time.perf_counter()
+        try:
+            plan = self.predict(rec)
+            for name, value in self.constraints(rec).items():
+                trial.set_constraint(name, value)
+            if rec.state != "infeasible":
+                self.fit(rec, plan)
+        except Exception as e:
+            rec.state, rec.fail_reason = "failed", f"{type(e).__name__}: {e}"[:2000]
+            raise
+        finally:
+            rec.wall_s = time.perf_counter() - t0
+            trial.set_user_attr(RECORD_ATTR, rec.to_attrs())
+        return rec.objectives
+
+    def predict(self, rec: TrialRecord) -> Plan:
+        """The plan and its predicted cost; state infeasible when over budget or training nothing."""
+        with self.times.timed("predict"):
+            plan = self.profile.to_plan(rec.choices, meta={**self.plan_meta, "trial": rec.number})
+            peak = self.cost.peak(rec.choices)
+            rec.predicted_peak_bytes = int(peak.total_bytes)
+            rec.predicted_activation_bytes = int(peak.activation_bytes)
+            rec.flops = int(self.cost.flops(rec.choices))
+            rec.step_time_s = float(self.device.step_time_s(rec.flops))
+            plan.meta.update(predicted_peak_bytes=rec.predicted_peak_bytes, train_flops=rec.flops,
+                             predicted_activation_bytes=rec.predicted_activation_bytes)
+            rec.plan = plan.to_dict()
+        if not plan.trained_layers():
+            rec.state, rec.val_accuracy, rec.fail_reason = "infeasible", 0.0, "plan trains no layer"
+        elif rec.predicted_peak_bytes > self.device.budget_bytes:
+            rec.state, rec.val_accuracy = "infeasible", 0.0
+        return plan
+
+    def constraints(self, rec: TrialRecord) -> dict[str, float]:
+        trains = any(c != "frozen" for c in rec.choices.values())
+        return {"peak_minus_budget_bytes": float(rec.predicted_peak_bytes - self.device.budget_bytes),
+                "no_trained_layer": 0.0 if trains else 1.0}
+
+    def fit(self, rec: TrialRecord, plan: Plan) -> None:
+        """Fine-tune the plan (or reuse an earlier trial of the same plan) into `rec`."""
+        prev = self.trained.get(self.key(rec.choices))
+        if prev is not None:
+            rec.state, rec.val_accuracy, rec.duplicate_of = "complete", prev.val_accuracy, prev.number
+            rec.measured_activation_bytes = prev.measured_activation_bytes
+            return
+        with self.times.timed("train"):
+            res = self.workload.finetune(plan, max_epochs=self.max_epochs, progress=False)
+        acc = float(res.val_accuracy)
+        if not math.isfinite(acc):
+            raise ValueError(f"validation accuracy is {acc}")
+        rec.state, rec.val_accuracy, rec.train_loss, rec.epochs = "complete", acc, res.train_loss, res.epochs
+        rec.measured_activation_bytes, rec.measured_flops = res.measured_activation_bytes, res.measured_flops
+        rec.train_wall_s = res.train_wall_s
+        rec.cost_model_mismatch = cost_model_mismatches(rec)
+        for msg in rec.cost_model_mismatch:
+            warnings.warn(msg, stacklevel=2)
+            Console(stderr=True).print(f"[bold red]{msg}[/]")
+        self.remember(rec)

@@ -1,0 +1,44 @@
+"""The plans a study tries first: the paper's knapsack plan and the baselines a user would try."""
+
+from __future__ import annotations
+
+import warnings
+
+from autorank.search.cost import CostModel
+from autorank.search.knapsack import BudgetTooSmall, knapsack
+from autorank.search.profile import Profile
+from autorank.search.space import level_key
+
+
+def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> list[tuple[str, dict]]:
+    """(source, choices) to enqueue first, without repeats: the knapsack plan; plain backprop of
+    every candidate (recorded infeasible from its prediction when it does not fit, never trained);
+    uniform-level plans at the lowest, middle and highest ASI level (each trains every candidate,
+    the expensive kind of trial, so not all levels); and the plainly trained last k layers that
+    fit (k = 1..N)."""
+    names = profile.layer_names
+    out: list[tuple[str, dict]] = []
+    try:
+        out.append(("knapsack", knapsack(profile, budget_bytes, cost.peak).choices))
+    except BudgetTooSmall as e:
+        warnings.warn(f"no knapsack warm start: {e}", stacklevel=2)
+    if all("full" in profile.layer(n).choices for n in names):
+        out.append(("full every candidate", {n: "full" for n in names}))
+    levels = sorted(profile.space.get("levels", []))
+    for lv in sorted({levels[0], levels[len(levels) // 2], levels[-1]} if levels else set()):
+        key = level_key(lv)
+        ch = {n: key for n in names if key in profile.layer(n).choices}
+        if ch:
+            out.append((f"uniform {key}", {n: ch.get(n, "frozen") for n in names}))
+    for k in range(1, len(names) + 1):
+        ch = {n: ("full" if i >= len(names) - k else "frozen") for i, n in enumerate(names)}
+        if all(c in profile.layer(n).choices for n, c in ch.items()) and \
+                cost.peak(ch).total_bytes <= budget_bytes:
+            out.append((f"full last {k}", ch))
+    seen, uniq = set(), []
+    for src, ch in out:
+        k = tuple(ch[n] for n in names)
+        if k not in seen:
+            seen.add(k)
+            uniq.append((src, ch))
+    return uniq

@@ -1,0 +1,80 @@
+"""A fake workload, device and cost model for the search tests (imported by test_search_study,
+test_tracking and test_export): deterministic accuracy from the choices, costs from tables."""
+
+from collections import OrderedDict
+from types import SimpleNamespace
+
+import optuna
+from torch import nn
+
+from autorank.plan.plan import FineTuneSettings
+from autorank.search.profile import LayerProfile, Profile, fill_peak_bytes
+from autorank.search.space import SearchSpace
+from autorank.search.study import StudySettings
+
+LAYERS = ["l0", "l1", "l2"]
+CHOICES = ["frozen", "full", "asi@0.5", "asi@0.9"]
+SAVED = {"full": 4000, "asi@0.5": 300, "asi@0.9": 900}
+ACC = {"frozen": 0.0, "full": 0.3, "asi@0.5": 0.1, "asi@0.9": 0.25}
+FLOPS = {"frozen": 0, "full": 1000, "asi@0.5": 1400, "asi@0.9": 1700}
+BASE = 10_000
+
+
+class FakeCost:
+    def peak(self, choices):
+        act = sum(SAVED[c] for c in choices.values() if c != "frozen")
+        return SimpleNamespace(total_bytes=BASE + act, transient_bytes=0, activation_bytes=act)
+
+    def flops(self, choices):
+        return 500 + sum(FLOPS[c] for c in choices.values())
+
+
+class FakeWorkload:
+    """The search's Workload protocol; finetune is deterministic and counts its calls."""
+
+    input_shape = (8, 3, 8, 8)
+    num_classes = 2
+    checkpoint_sha256 = "fake"
+
+    def __init__(self, fail_on=None):
+        self.calls = []
+        self.fail_on = fail_on
+        self.model = nn.Sequential(OrderedDict(l0=nn.Linear(4, 4), l1=nn.Linear(4, 4), l2=nn.Linear(4, 2)))
+
+    def finetune_settings(self, max_epochs=None):
+        return FineTuneSettings(model_factory="search_fakes:FakeWorkload", input_shape=self.input_shape,
+                                lr=0.05, seed=3, epochs=max_epochs or 1)
+
+    def finetune(self, plan, *, max_epochs=None, progress=False):
+        choices = plan.meta["choices"]
+        self.calls.append(dict(choices))
+        if self.fail_on and all(choices[k] == v for k, v in self.fail_on.items()):
+            raise RuntimeError("loss is NaN")
+        acc = 0.5 + sum(ACC[c] * (i + 1) for i, c in enumerate(choices[n] for n in LAYERS)) / 6
+        act = FakeCost().peak(choices).activation_bytes
+        return SimpleNamespace(val_accuracy=acc, train_loss=0.1, measured_activation_bytes=act,
+                               measured_flops=FakeCost().flops(choices), train_wall_s=0.01, epochs=1)
+
+
+DEVICE = SimpleNamespace(name="fakedev", budget_bytes=BASE + 5000, step_time_s=lambda f: f / 1e9)
+
+
+def make_profile():
+    layers = [LayerProfile(name=n, kind="conv", input_shape=[8, 4, 4, 4], choices=list(CHOICES),
+                           ranks={"asi@0.5": [2, 2, 2, 2], "asi@0.9": [4, 3, 3, 3]},
+                           sensitivity={"frozen": 3.0 - i, "full": 0.0, "asi@0.5": 1.0, "asi@0.9": 0.3})
+              for i, n in enumerate(LAYERS)]
+    space = SearchSpace(name="fake", last=3, levels=(0.5, 0.9))
+    prof = Profile(key="fake", space=space.to_dict(), layers=layers)
+    fill_peak_bytes(prof, FakeCost().peak)
+    return space, prof
+
+
+def study_args(tmp_path, **settings):
+    """(space, settings, run_study keyword arguments) of a small study stored under tmp_path."""
+    space, prof = make_profile()
+    st = StudySettings(**{"storage": f"sqlite:///{tmp_path}/optuna.db", "study_name": "s",
+                          "run_dir": tmp_path, "progress": False, **settings})
+    kw = dict(profile=prof, cost=FakeCost(), sampler=optuna.samplers.RandomSampler(seed=0))
+    return space, st, kw
+
