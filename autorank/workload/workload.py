@@ -103,7 +103,8 @@ class EvalAtSteps(L.Callback):
         step = int(trainer.global_step)
         if step in self.steps and step not in self.accuracy:
             t0 = time.perf_counter()
-            self.accuracy[step], _ = evaluate(pl_module.model, self.val_batches)
+            d = pl_module.device  # mid-fit the model may be on an accelerator, the features are not
+            self.accuracy[step], _ = evaluate(pl_module.model, ((x.to(d), y.to(d)) for x, y in self.val_batches))
             pl_module.train()  # evaluate restores plain train mode; the module's keeps BN in eval
             self.wall_s += time.perf_counter() - t0
 
