@@ -16,10 +16,19 @@ import numpy as np
 import torch
 
 from autorank.io import atomic_write
-from autorank.workload.imagedata import PARTS, TASKS, BatchTransform, DatasetMissing, ImageData
+from autorank.workload.imagedata import (
+    DOWNSTREAM_SHIFTS,
+    PARTS,
+    TASKS,
+    BatchTransform,
+    DatasetMissing,
+    ImageData,
+    check_shift,
+    shift_images,
+)
 
-__all__ = ["BatchTransform", "CIFAR10Data", "DatasetMissing", "DigitsData", "FashionMNISTData", "ImageData",
-           "ImageFolderData", "PARTS", "TASKS"]
+__all__ = ["BatchTransform", "CIFAR10Data", "DOWNSTREAM_SHIFTS", "DatasetMissing", "DigitsData", "FashionMNISTData",
+           "ImageData", "ImageFolderData", "PARTS", "TASKS", "check_shift", "shift_images"]
 
 
 # --- the options ---------------------------------------------------------------------------------

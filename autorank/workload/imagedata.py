@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from autorank.errors import ConfigFileNotFound
+from autorank.errors import ConfigError, ConfigFileNotFound
 
 TASKS = ("upstream", "downstream")
 PARTS = ("train", "val")
@@ -58,6 +58,37 @@ class BatchTransform:
         return self.images(torch.stack(xs)), torch.stack(ys).long()
 
 
+# A domain shift between the tasks (not only disjoint classes of the same images): fixed,
+# exact transforms of the downstream images, so features learnt upstream fit less well and
+# training deeper than the head pays. Names join with "+" ("invert+rot90"), applied left to right.
+DOWNSTREAM_SHIFTS = ("invert", "hflip", "rot90", "rot180", "rot270")
+
+
+def check_shift(shift: str | None) -> str | None:
+    """The shift as given ('' and 'none' read as None); ConfigError for an unknown name."""
+    if shift is None or str(shift).strip().lower() in ("", "none"):
+        return None
+    for name in str(shift).split("+"):
+        if name not in DOWNSTREAM_SHIFTS:
+            raise ConfigError(f"data.downstream_shift={shift!r}: unknown {name!r}; use one of "
+                              f"{', '.join(DOWNSTREAM_SHIFTS)} or several joined by '+', or null")
+    return str(shift)
+
+
+def shift_images(images: torch.Tensor, shift: str | None) -> torch.Tensor:
+    """(N, C, h, w) native images (uint8, or float in [0, 1]) with `shift` applied: invert is
+    255 - x or 1 - x, hflip mirrors the width, rotK rotates by K degrees counter-clockwise."""
+    shift = check_shift(shift)
+    for name in shift.split("+") if shift else ():
+        if name == "invert":
+            images = 255 - images if images.dtype == torch.uint8 else 1.0 - images
+        elif name == "hflip":
+            images = images.flip(-1)
+        else:
+            images = torch.rot90(images, int(name[3:]) // 90, dims=(-2, -1))
+    return images.contiguous()
+
+
 class ImageData(L.LightningDataModule):
     """Base: subclasses implement `_load() -> (images, labels, val_mask or None, class_names)`.
 
@@ -66,6 +97,8 @@ class ImageData(L.LightningDataModule):
     `upstream_classes` / `downstream_classes`: original label ids; labels of each task are
     remapped to 0..k-1 in the listed order. `max_per_class` caps the training images per class.
     `task` picks what train_dataloader / val_dataloader serve (Lightning's hooks).
+    `downstream_shift`: None, or DOWNSTREAM_SHIFTS names joined by '+', applied to the downstream
+    images only (train and val; shift_images).
     """
 
     default_upstream: Sequence[int] | None = None
@@ -82,6 +115,7 @@ class ImageData(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         task: str = "downstream",
+        downstream_shift: str | None = None,
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -91,6 +125,7 @@ class ImageData(L.LightningDataModule):
         self.downstream_classes = list(downstream_classes) if downstream_classes is not None else None
         self.val_fraction, self.max_per_class = float(val_fraction), max_per_class
         self.seed, self.num_workers, self.task = int(seed), int(num_workers), task
+        self.downstream_shift = check_shift(downstream_shift)
         self.transform = BatchTransform(self.input_size)
         self._splits: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.class_names: list[str] = []
@@ -106,7 +141,7 @@ class ImageData(L.LightningDataModule):
     # --- splitting ----------------------------------------------------------------------------
     def key(self, task: str | None = None) -> dict[str, Any]:
         """Everything that determines the images and labels of a task (cache keys)."""
-        return {
+        key = {
             "data": type(self).__name__,
             **self.source_key(),
             "task": task or self.task,
@@ -116,6 +151,9 @@ class ImageData(L.LightningDataModule):
             "max_per_class": self.max_per_class,
             "seed": self.seed,
         }
+        if (task or self.task) == "downstream" and self.downstream_shift:  # keys without a shift unchanged
+            key["downstream_shift"] = self.downstream_shift
+        return key
 
     def classes(self, task: str) -> list[int]:
         up, down = self.upstream_classes, self.downstream_classes
@@ -151,7 +189,8 @@ class ImageData(L.LightningDataModule):
                 idx = self._indices(labels, mask, task, cap=self.max_per_class if part == "train" else None)
                 remap = {c: i for i, c in enumerate(self.classes(task))}
                 y = torch.tensor([remap[int(v)] for v in labels[idx]], dtype=torch.long)
-                self._splits[(task, part)] = (images[idx], y)
+                x = shift_images(images[idx], self.downstream_shift) if task == "downstream" else images[idx]
+                self._splits[(task, part)] = (x, y)
 
     def _indices(self, labels: torch.Tensor, mask: torch.Tensor, task: str, cap: int | None) -> torch.Tensor:
         keep = []

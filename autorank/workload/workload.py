@@ -15,7 +15,9 @@ import copy
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
+
+import lightning as L
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +88,25 @@ def _as(cls, value):
         return value
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in dict(value).items() if k in names and not k.startswith("_")})
+
+
+class EvalAtSteps(L.Callback):
+    """Val accuracy after the listed optimizer steps of one fine-tuning run (accuracy at several
+    fidelities from one run); `wall_s` is the time spent evaluating."""
+
+    def __init__(self, steps: Iterable[int], val_batches: Iterable) -> None:
+        self.steps, self.val_batches = {int(s) for s in steps}, val_batches
+        self.accuracy: dict[int, float] = {}
+        self.wall_s = 0.0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = int(trainer.global_step)
+        if step in self.steps and step not in self.accuracy:
+            t0 = time.perf_counter()
+            d = pl_module.device  # mid-fit the model may be on an accelerator, the features are not
+            self.accuracy[step], _ = evaluate(pl_module.model, ((x.to(d), y.to(d)) for x, y in self.val_batches))
+            pl_module.train()  # evaluate restores plain train mode; the module's keeps BN in eval
+            self.wall_s += time.perf_counter() - t0
 
 
 class Workload:
@@ -214,12 +235,19 @@ class Workload:
                 return ((xs[j:j + bs], ys[j:j + bs]) for j in range(0, len(xs), bs))
         return self.features.get(key(n), nn.Sequential(*blocks[start:]), batches)
 
-    def finetune(self, plan: Any, *, max_epochs: int | None = None, progress: bool | None = None) -> FineTuneResult:
+    def finetune(self, plan: Any, *, max_epochs: int | None = None, progress: bool | None = None,
+                 max_steps: int | None = None, eval_steps: Iterable[int] = ()) -> FineTuneResult:
+        """Fine-tune `plan` for max_epochs (default trainer.max_epochs) or, when max_steps is given,
+        for exactly that many SGD steps (epochs as many as it takes). eval_steps: optimizer steps
+        after which the val accuracy is also measured, into extra["val_accuracy_at_step"] (their
+        evaluation time is not in train_wall_s). extra["steps"]: the steps run."""
         from autorank.cost import flop_counter, measure_saved_bytes
         from autorank.plan import apply_plan
 
         base = self.prepare()
         epochs = int(max_epochs if max_epochs is not None else self.trainer.max_epochs)
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         progress = self.trainer.progress if progress is None else progress
         t = self.trainer
         torch.manual_seed(t.seed)
@@ -244,13 +272,19 @@ class Workload:
         loader = DataLoader(TensorDataset(x_train, y_train), batch_size=bs, shuffle=True, generator=g,
                             drop_last=len(x_train) >= bs)
         module = PlanModule(suffix, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, bn_eval=t.bn_eval)
-        trainer = make_trainer(epochs, t.accelerator, self.paths.output_dir, progress)
+        val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=bs)
+        at_steps = EvalAtSteps(eval_steps, val_loader)
+        trainer = make_trainer(None if max_steps else epochs, t.accelerator, self.paths.output_dir, progress,
+                               max_steps=max_steps or -1, callbacks=[at_steps] if at_steps.steps else [])
         t1 = time.perf_counter()
         trainer.fit(module, train_dataloaders=loader)
-        train_wall_s = time.perf_counter() - t1
+        train_wall_s = time.perf_counter() - t1 - at_steps.wall_s
         train_loss = module.train_losses[-1] if module.train_losses else float("nan")
+        steps = int(trainer.global_step)
+        if max_steps:  # epochs begun, the last possibly partial
+            epochs = -(-steps // max(1, len(loader)))
 
-        acc, val_loss = evaluate(suffix, DataLoader(TensorDataset(x_val, y_val), batch_size=bs))
+        acc, val_loss = evaluate(suffix, val_loader)
 
         # What the model saves for backward in one training step at the device's batch shape (the
         # figure predict_saved_bytes predicts; the loss's own few bytes are in the peak's transient
@@ -280,7 +314,8 @@ class Workload:
             val_accuracy=acc, train_loss=train_loss, measured_activation_bytes=saved.activation_bytes,
             train_wall_s=train_wall_s, epochs=epochs, features_wall_s=features_wall_s, cut=cut,
             measured_flops=prefix_flops + int(counter.get_total_flops()),
-            extra={"val_loss": val_loss, "measured_prefix_flops": prefix_flops},
+            extra={"val_loss": val_loss, "measured_prefix_flops": prefix_flops, "steps": steps,
+                   "val_accuracy_at_step": at_steps.accuracy},
         )
 
     def _prefix_forward_flops(self, prefix: nn.Module) -> int:

@@ -1,0 +1,248 @@
+"""Trial fidelity: how many SGD steps (and which lr) rank fine-tuning plans, per workload.
+
+For each workload (input size x device batch x downstream shift, composed from conf/ like the app)
+and each plan, lr and seed: one fine-tuning run of max(--steps) steps with Workload.finetune, the
+val accuracy read at every --steps checkpoint of that run, the predicted peak training memory
+(autorank.cost.predict_peak_training_bytes at the device batch), the measured saved activation
+bytes, and the wall seconds per step. Prints one table per workload and writes every row as JSON.
+
+Plans (names for --plans): head (last linear), last4, last8, f8l4 (first 8 + last 4), all (every
+conv/linear layer); asi<eps> (ASI on the first 8 at HOSVD_eps ranks of their inputs on one
+calibration batch, last 4 full) and asi<eps>b (the same with the batch mode kept whole), e.g.
+asi0.9 asi0.9b asi0.5.
+
+    python scripts/measure_fidelity.py --sizes 64 --batches 128 --lrs 0.01 0.03 --steps 25 50 100
+    python scripts/measure_fidelity.py --sizes 96 --shifts none invert --plans head f8l4 asi0.9b \\
+        --seeds 0 1 --out fidelity.json -o model.build.width_mult=0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from autorank.cost import predict_peak_training_bytes, train_step_flops  # noqa: E402
+from autorank.plan import Choice, Plan, candidate_layers  # noqa: E402
+from autorank.shortcut import ASIConv2d, ASILinear, hosvd_ranks  # noqa: E402
+
+MB = 2**20
+FIXED_PLANS = ("head", "last4", "last8", "f8l4", "all")
+ASI_RE = re.compile(r"^asi(\d*\.?\d+)(b?)$")
+
+
+def compose(size: int, batch: int, shift: str, seed: int, cache_dir: str, overrides: list[str], checkpoint=None):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    out = Path(cache_dir) / "outputs"
+    ov = ["+device=rpi4", f"data.input_size={size}", f"data.batch_size={batch}", f"paths.root={out}",
+          f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}", f"trainer.seed={seed}", "data.seed=0"]
+    if shift != "none":
+        ov.append(f"++data.downstream_shift={shift}")
+    if checkpoint is not None:  # seeds > first: the same base model, another head init and order
+        ov.append(f"model.checkpoint={checkpoint}")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=[*ov, *overrides])
+
+
+def layer_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each named layer's input on batch x (no grad, the model in its fine-tuning mode)."""
+    seen, handles = {}, []
+    for name in names:
+        mod = model.get_submodule(name)
+        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: seen.__setitem__(n, a[0].detach())))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def build_plans(model: nn.Module, names: list[str], calib_x: torch.Tensor) -> dict[str, tuple[Plan, dict]]:
+    """name -> (Plan, info); info has the ASI ranks and the trained first-8 inputs' saved bytes."""
+    layers = candidate_layers(model)
+    first8, last4 = layers[:8], layers[-4:]
+    full = Choice.full()
+    fixed = {"head": layers[-1:], "last4": last4, "last8": layers[-8:], "f8l4": first8 + last4, "all": layers}
+    inputs = layer_inputs(model, first8, calib_x)
+    plain_in = sum(x.numel() * x.element_size() for x in inputs.values())
+    plans = {}
+    for name in names:
+        if name in fixed:
+            info = {"first8_input_bytes": plain_in} if name in ("f8l4", "all") else {}
+            plans[name] = (Plan(layers={n: full for n in fixed[name]}), info)
+            continue
+        m = ASI_RE.match(name)
+        if not m:
+            raise SystemExit(f"unknown plan {name!r}: use {', '.join(FIXED_PLANS)} or asi<eps>[b]")
+        eps, keep_batch = float(m.group(1)), bool(m.group(2))
+        choices, ranks, saved = {}, {}, 0
+        for n in first8:
+            x = inputs[n]
+            r = hosvd_ranks(x, eps)
+            if keep_batch:
+                r[0] = x.shape[0]
+            mod = model.get_submodule(n)
+            wrapper = (ASIConv2d if isinstance(mod, nn.Conv2d) else ASILinear)(mod, r)
+            saved += wrapper.saved_bytes(tuple(x.shape), x.dtype)
+            choices[n], ranks[n] = Choice.asi(r), r
+        choices.update({n: full for n in last4})
+        plans[name] = (Plan(layers=choices), {"ranks": ranks, "first8_input_bytes": plain_in,
+                                              "first8_asi_saved_bytes": saved})
+    return plans
+
+
+def run_one(wl, plan: Plan, lr: float, steps: list[int]) -> dict:
+    wl.trainer.lr = lr
+    try:
+        res = wl.finetune(plan, max_steps=max(steps), eval_steps=steps, progress=False)
+    except Exception as e:  # noqa: BLE001 - a diverged run is a result (TrainingFailed), not a crash
+        return {"failed": f"{type(e).__name__}: {e}"}
+    n = max(1, res.extra["steps"])
+    return {"acc": {str(k): v for k, v in sorted(res.extra["val_accuracy_at_step"].items())},
+            "val_accuracy": res.val_accuracy, "train_loss": res.train_loss, "steps": res.extra["steps"],
+            "s_per_step": res.train_wall_s / n, "features_wall_s": res.features_wall_s,
+            "measured_saved_mb": res.measured_activation_bytes / MB, "cut": res.cut}
+
+
+def measure_workload(args, size: int, batch: int, shift: str) -> list[dict]:
+    from autorank.workload.workload import Workload
+
+    rows, checkpoint = [], None
+    for seed in args.seeds:
+        cfg = compose(size, batch, shift, seed, args.cache_dir, args.override, checkpoint)
+        wl = Workload.from_config(cfg)
+        t0 = time.perf_counter()
+        wl.prepare(progress=False)
+        prepare_s = time.perf_counter() - t0
+        if checkpoint is None:
+            checkpoint = wl.checkpoint_path
+            side = json.loads(checkpoint.with_suffix(".json").read_text())
+            print(f"# {size}px batch {batch} shift {shift}: base upstream val {side['upstream_val_accuracy']:.3f} "
+                  f"(EMA BN {side.get('upstream_val_accuracy_ema_bn', float('nan')):.3f}), "
+                  f"pretraining {side['pretrain_wall_s']:.1f} s (this prepare {prepare_s:.1f} s)", flush=True)
+        calib_x, _ = wl.calibration_batches(1)[0]
+        plans = build_plans(wl.model, args.plans, calib_x)
+        example = wl.example_input()
+        for name, (plan, info) in plans.items():
+            peak = predict_peak_training_bytes(wl.model, example, plan).total_bytes / MB
+            for lr in args.lrs:
+                r = run_one(wl, copy.deepcopy(plan), lr, args.steps)
+                row = {"size": size, "batch": batch, "shift": shift, "seed": seed, "plan": name, "lr": lr,
+                       "peak_mb": peak, "fits_budget": peak * MB <= wl.device.budget_bytes, **info, **r,
+                       "base_checkpoint": str(checkpoint), "load1": os.getloadavg()[0]}
+                rows.append(row)
+                print(format_row(row, args.steps), flush=True)
+    return rows
+
+
+def peaks_only(args) -> list[dict]:
+    """Predicted peak MB and GFLOP per training step of the plain plans on an untrained model (shapes
+    only: no pretraining, no training), for every size x batch."""
+    from hydra.utils import instantiate
+
+    from autorank.plan import finetune_mode
+    from autorank.models import replace_head
+
+    rows = []
+    names = [n for n in args.plans if n in FIXED_PLANS]
+    for size, batch in itertools.product(args.sizes, args.batches):
+        cfg = compose(size, batch, "none", 0, args.cache_dir, args.override)
+        spec, device = instantiate(cfg.model), instantiate(cfg.device)
+        model = finetune_mode(replace_head(spec(num_classes=5), 5, seed=0), True)
+        x = torch.zeros(batch, 3, size, size)
+        plans = build_plans(model, names, x[:2])
+        cells = []
+        for name, (plan, _) in plans.items():
+            peak = predict_peak_training_bytes(model, x, plan).total_bytes / MB
+            gflop = train_step_flops(model, x, plan) / 1e9
+            rows.append({"size": size, "batch": batch, "plan": name, "peak_mb": peak, "gflop_per_step": gflop,
+                         "fits_budget": peak * MB <= device.budget_bytes})
+            cells.append(f"{name} {peak:6.1f} MB {gflop:5.2f} GF")
+        print(f"{size:>4} {batch:>4}  " + " | ".join(cells), flush=True)
+    return rows
+
+
+def ranks_table(args) -> list[dict]:
+    """HOSVD_eps ranks of the first 8 layers' inputs (pretrained base, one calibration batch) at each
+    --levels eps, and the ASI saved bytes of those inputs, all modes vs the batch mode kept whole."""
+    from autorank.workload.workload import Workload
+
+    rows = []
+    for size, batch, shift in itertools.product(args.sizes, args.batches, args.shifts):
+        wl = Workload.from_config(compose(size, batch, shift, args.seeds[0], args.cache_dir, args.override))
+        wl.prepare(progress=False)
+        calib_x, _ = wl.calibration_batches(1)[0]
+        names = [f"asi{eps:g}{b}" for eps in args.levels for b in ("", "b")]
+        for name, (_, info) in build_plans(wl.model, names, calib_x).items():
+            ranks = info["ranks"]
+            rows.append({"size": size, "batch": batch, "shift": shift, "plan": name, **info})
+            print(f"{size:>4} {batch:>4} {shift:>7} {name:>8}  first-8 inputs {info['first8_input_bytes'] / MB:6.2f} MB"
+                  f" -> {info['first8_asi_saved_bytes'] / MB:6.3f} MB  ranks "
+                  + " ".join("[" + ",".join(map(str, r)) + "]" for r in ranks.values()), flush=True)
+    return rows
+
+
+def format_row(r: dict, steps: list[int]) -> str:
+    head = f"{r['size']:>4} {r['batch']:>4} {r['shift']:>7} {r['seed']:>2} {r['plan']:>9} {r['lr']:>6g}"
+    if "failed" in r:
+        return f"{head}  FAILED {r['failed'][:60]}  peak {r['peak_mb']:.0f} MB"
+    accs = " ".join(f"{r['acc'].get(str(s), float('nan')):.3f}" for s in steps)
+    return f"{head}  {accs}  peak {r['peak_mb']:6.1f} MB  {r['s_per_step']:.3f} s/step  load {r['load1']:.1f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[64])
+    p.add_argument("--batches", type=int, nargs="+", default=[128])
+    p.add_argument("--shifts", nargs="+", default=["none"], help="none or a data.downstream_shift value")
+    p.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100, 200], help="checkpoints of one run")
+    p.add_argument("--lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--plans", nargs="+", default=["head", "last4", "last8", "f8l4", "all", "asi0.9", "asi0.9b"])
+    p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "fidelity"))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("-o", "--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    p.add_argument("--out", default="fidelity.json", help="JSON rows (appended to if it exists)")
+    p.add_argument("--peaks-only", action="store_true", help="plain plans' peak MB and GFLOP/step, no training")
+    p.add_argument("--ranks", action="store_true", help="HOSVD ranks and ASI bytes at --levels, no training")
+    p.add_argument("--levels", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    args = p.parse_args(argv)
+    args.steps = sorted(set(args.steps))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    rows = json.loads(out.read_text()) if out.exists() else []
+    if args.peaks_only or args.ranks:
+        rows.extend(peaks_only(args) if args.peaks_only else ranks_table(args))
+        out.write_text(json.dumps(rows, indent=1))
+        return 0
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus; "
+          f"acc at steps {args.steps}", flush=True)
+    print(f"#size batch   shift sd      plan     lr  {' '.join(f'{s:>5}' for s in args.steps)}", flush=True)
+    for size, batch, shift in itertools.product(args.sizes, args.batches, args.shifts):
+        new = measure_workload(args, size, batch, shift)
+        rows.extend(new)
+        out.write_text(json.dumps(rows, indent=1))  # after each workload: a long run keeps what it did
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
