@@ -125,19 +125,18 @@ def run_one(wl, plan: Plan, lr: float, steps: list[int]) -> dict:
 def measure_workload(args, size: int, batch: int, shift: str) -> list[dict]:
     from autorank.workload.workload import Workload
 
-    rows, checkpoint = [], None
+    rows = []
+    # one base model (pretrained with --base-seed); each seed fine-tunes it with its own head and order
+    base = Workload.from_config(compose(size, batch, shift, args.base_seed, args.cache_dir, args.override))
+    t0 = time.perf_counter()
+    checkpoint = base.checkpoint_path
+    side = json.loads(checkpoint.with_suffix(".json").read_text())
+    print(f"# {size}px batch {batch} shift {shift}: base upstream val {side['upstream_val_accuracy']:.3f} "
+          f"(EMA BN {side.get('upstream_val_accuracy_ema_bn', float('nan')):.3f}), "
+          f"pretraining {side['pretrain_wall_s']:.1f} s (this prepare {time.perf_counter() - t0:.1f} s)", flush=True)
     for seed in args.seeds:
-        cfg = compose(size, batch, shift, seed, args.cache_dir, args.override, checkpoint)
-        wl = Workload.from_config(cfg)
-        t0 = time.perf_counter()
+        wl = Workload.from_config(compose(size, batch, shift, seed, args.cache_dir, args.override, checkpoint))
         wl.prepare(progress=False)
-        prepare_s = time.perf_counter() - t0
-        if checkpoint is None:
-            checkpoint = wl.checkpoint_path
-            side = json.loads(checkpoint.with_suffix(".json").read_text())
-            print(f"# {size}px batch {batch} shift {shift}: base upstream val {side['upstream_val_accuracy']:.3f} "
-                  f"(EMA BN {side.get('upstream_val_accuracy_ema_bn', float('nan')):.3f}), "
-                  f"pretraining {side['pretrain_wall_s']:.1f} s (this prepare {prepare_s:.1f} s)", flush=True)
         calib_x, _ = wl.calibration_batches(1)[0]
         plans = build_plans(wl.model, args.plans, calib_x)
         example = wl.example_input()
@@ -215,7 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--shifts", nargs="+", default=["none"], help="none or a data.downstream_shift value")
     p.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100, 200], help="checkpoints of one run")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (head init, order)")
+    p.add_argument("--base-seed", type=int, default=0, help="the seed the base model is pretrained with")
     p.add_argument("--plans", nargs="+", default=["head", "last4", "last8", "f8l4", "all", "asi0.9", "asi0.9b"])
     p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "fidelity"))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import lightning as L
-
 import torch
 import torch.nn.functional as F
 from torch import nn
