@@ -19,22 +19,32 @@ from autorank.cost import measure_saved_bytes, predict_peak_training_bytes, pred
 from autorank.plan import Choice, Plan, apply_plan, candidate_layers
 
 
-def _plans(model):
+def plans(model) -> dict:
+    """The plans of the table: none (everything trains), the last 4 layers (plain or lean), ASI on
+    the last 8, and the first 4 layers trained (the gradient path runs through the whole net)."""
     c = candidate_layers(model)
     return {
         "plain": None,
         "full_last4": Plan({n: Choice.full() for n in c[-4:]}, lean=False),
         "full_last4_lean": Plan({n: Choice.full() for n in c[-4:]}),
         "asi_last8_lean": Plan({n: Choice.asi([4, 16, 4, 4]) for n in c[-8:-1]} | {c[-1]: Choice.full()}),
+        "full_first4": Plan({n: Choice.full() for n in c[:4]}, lean=False),
     }
 
 
-def _models():
+def models() -> dict:
+    """name -> a constructor (10 classes, weights=None). mcunet_like comes from autorank.models."""
     import torchvision
+
+    def mcunet_like():
+        from autorank.models import mcunet_like
+
+        return mcunet_like(num_classes=10)
 
     return {
         "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(weights=None, num_classes=10),
         "resnet18": lambda: torchvision.models.resnet18(weights=None, num_classes=10),
+        "mcunet_like": mcunet_like,
     }
 
 

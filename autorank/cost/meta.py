@@ -196,10 +196,12 @@ def _meta_key(a):
     raise TypeError  # not a plain value: no cache
 
 
-def _describe(out):
-    """Output metadata if the outputs are fresh, dense, unshared meta tensors; else None."""
+def _describe(out, args_kwargs):
+    """Output metadata if the outputs are fresh, dense, unshared meta tensors; else None. An
+    output sharing an argument's storage is not fresh, whatever the schema says
+    (`_unsafe_view` has no alias annotation but returns a view)."""
     outs = out if isinstance(out, tuple) else (out,)
-    seen = set()
+    seen = {t.untyped_storage()._cdata for t in tensors_in(args_kwargs)}
     desc = []
     for t in outs:
         if t is None:
@@ -258,11 +260,21 @@ class FastMeta(TorchDispatchMode):
       empty meta tensors with that metadata (a fresh storage each, as the kernel would give).
     - In-place pointwise ops (relu_, hardtanh_, add_) change no metadata: self is returned.
     - torch.geqrf has no meta kernel: shape-only outputs in LAPACK's layout.
+    - Eval-mode batch norm returns empty save_mean / save_invstd, as the CPU and cuDNN kernels do
+      (the meta kernel returns C-sized ones; a live-memory count would see them).
     Enter it before (outside) a FlopCounterMode: the counter sees each op first and counts it
     from its shapes, then this mode produces the outputs."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = self.dispatch(func, args, kwargs)
+        if func is aten.native_batch_norm.default and isinstance(out[1], torch.Tensor) and out[1].is_meta:
+            training = args[5] if len(args) > 5 else kwargs["training"]
+            if not training:  # the CPU and cuDNN kernels return empty save_mean / save_invstd
+                out = (out[0], out[1].new_empty((0,)), out[2].new_empty((0,)))
+        return out
+
+    def dispatch(self, func, args, kwargs):
         if func is aten.geqrf.default and args[0].is_meta:
             a = args[0]
             m, n = a.shape[-2:]
@@ -283,7 +295,7 @@ class FastMeta(TorchDispatchMode):
             out = func(*args, **kwargs)
             if len(_OUT_CACHE) >= _OUT_CACHE_MAX:
                 _OUT_CACHE.clear()
-            _OUT_CACHE[key] = _describe(out)
+            _OUT_CACHE[key] = _describe(out, (args, kwargs))
             return out
         if desc is None:
             return func(*args, **kwargs)
