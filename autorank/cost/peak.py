@@ -44,7 +44,6 @@ from autorank.cost.saved import trace_training_forward
 from autorank.shortcut import TuckerLayer
 
 OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "adamw": 2}
-STEP_TEMPORARIES = {"sgd": 0, "adam": 2, "adamw": 2}  # foreach update temporaries, x gradient bytes
 
 
 @dataclasses.dataclass
@@ -108,6 +107,20 @@ def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool):
     return saved, tuple(labels.shape), forward, backward
 
 
+def _step_temporaries(opt: str, trained: list[torch.Tensor], cuda: bool) -> int:
+    """Bytes optimizer.step() allocates beyond its state (torch 2.14 defaults, measured): SGD
+    updates in place; Adam/AdamW's denominator sqrt(v) / c + eps is a new tensor. On CUDA the
+    foreach implementation builds it for all parameters at once (1 x the gradients); on the CPU
+    the per-parameter loop holds two of one parameter's size (sqrt, then the division) while the
+    previous parameter's denominator is still bound."""
+    if opt == "sgd" or not trained:
+        return 0
+    sizes = [p.numel() * p.element_size() for p in trained]
+    if cuda:
+        return sum(sizes)
+    return max(2 * s + prev for s, prev in zip(sizes, [0, *sizes]))
+
+
 def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, momentum: float) -> PeakMemory:
     """The parts, from the planned model (real or meta: shapes only) and a simulated step on it."""
     storages = {storage_key(t): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
@@ -130,7 +143,7 @@ def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, m
     resident = weights + optimizer_bytes + x_bytes + labels + state
     forward_peak = resident + forward
     backward_peak = resident + backward
-    step_peak = resident + grads + STEP_TEMPORARIES[opt] * grads
+    step_peak = resident + grads + _step_temporaries(opt, trained, cuda)
     parts = weights + grads + optimizer_bytes + saved.activation_bytes + batch + state
     total = max(parts, forward_peak, backward_peak, step_peak)
     return PeakMemory(weights, grads, optimizer_bytes, saved.activation_bytes, batch, total - parts, state, total,
