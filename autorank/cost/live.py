@@ -1,7 +1,7 @@
 """Live tensor memory: the bytes of every storage the ops of a training step allocate, while alive.
 
 `LiveBytes` is a TorchDispatchMode: every storage an op returns that none of its inputs shares is
-a new allocation, counted until Python frees it (a weakref finalizer on the untyped storage: torch
+a new allocation, counted until Python frees it (a weakref callback on the untyped storage: torch
 keeps a storage's Python object alive exactly as long as the storage itself). The same mode runs
 on real tensors (`measure_peak_training_bytes`: the reference the predictor is tested against)
 and on a meta shadow (autorank.cost.peak: the prediction), so both count the same things.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import weakref
 
@@ -51,27 +52,36 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.sizes: dict[int, int] = {}  # key -> bytes of each live storage allocated under the mode
+        self.refs: dict[int, weakref.ref] = {}  # key -> its weakref, whose callback counts the free
         self.live_bytes = 0
         self.peak_bytes = 0
         self.extra_bytes = 0  # bytes a caller declares live besides the tracked ones (see add)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {_key(t.untyped_storage()) for t in tensors_in((args, kwargs))}
-        for t in tensors_in(out):
+        self.observe(func, args, kwargs, out)
+        return out
+
+    def observe(self, func, args, kwargs, out) -> None:
+        """Count the storages among `out` that no argument shares (also called by
+        autorank.cost.meta.FastMeta for its observers, in place of a mode of our own)."""
+        inputs = None
+        for t in (out,) if isinstance(out, torch.Tensor) else tensors_in(out):
             s = t.untyped_storage()
             k = _key(s)
+            if inputs is None:
+                inputs = {_key(a.untyped_storage()) for a in tensors_in((args, kwargs))}
             if k in inputs or s.nbytes() == 0:
                 continue
             old = self.sizes.get(k)
             if old is None:
-                weakref.finalize(s, self._free, k)
+                self.refs[k] = weakref.ref(s, functools.partial(self._free, k))
             self.sizes[k] = s.nbytes()
             self.live_bytes += s.nbytes() - (old or 0)
         self.peak_bytes = max(self.peak_bytes, self.live_bytes + self.extra_bytes)
-        return out
 
-    def _free(self, k: int) -> None:
+    def _free(self, k: int, ref=None) -> None:
+        self.refs.pop(k, None)
         self.live_bytes -= self.sizes.pop(k, 0)
 
     def forget(self, t: torch.Tensor) -> None:

@@ -183,6 +183,14 @@ _OUT_CACHE: dict = {}  # (op, argument metadata) -> output metadata (or None: no
 _OUT_CACHE_MAX = 20_000
 
 
+_ACTIVE: list = []  # the FastMeta modes entered, innermost last
+
+
+def active_fast_meta():
+    """The innermost FastMeta mode entered (inside `shadow`), or None."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 def _meta_key(a):
     if isinstance(a, torch.Tensor):
         return ("T", tuple(a.shape), a.stride(), a.storage_offset(), a.dtype, a.device.type)
@@ -263,7 +271,29 @@ class FastMeta(TorchDispatchMode):
     - Eval-mode batch norm returns empty save_mean / save_invstd, as the CPU and cuDNN kernels do
       (the meta kernel returns C-sized ones; a live-memory count would see them).
     Enter it before (outside) a FlopCounterMode: the counter sees each op first and counts it
-    from its shapes, then this mode produces the outputs."""
+    from its shapes, then this mode produces the outputs. Observers (`observing`) see every op's
+    outputs here, without a dispatch mode of their own (one Python mode less per op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.observers: list = []  # objects with observe(func, args, kwargs, out)
+
+    def __enter__(self):
+        _ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        return super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def observing(self, observer):
+        """Within: observer.observe(func, args, kwargs, out) after every op this mode runs."""
+        self.observers.append(observer)
+        try:
+            yield observer
+        finally:
+            self.observers.remove(observer)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -272,6 +302,8 @@ class FastMeta(TorchDispatchMode):
             training = args[5] if len(args) > 5 else kwargs["training"]
             if not training:  # the CPU and cuDNN kernels return empty save_mean / save_invstd
                 out = (out[0], out[1].new_empty((0,)), out[2].new_empty((0,)))
+        for observer in self.observers:
+            observer.observe(func, args, kwargs, out)
         return out
 
     def dispatch(self, func, args, kwargs):
