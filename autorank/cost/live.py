@@ -33,7 +33,7 @@ import torch.nn.functional as F
 # torch documents TorchDispatchMode under this private module and has no public alias for it
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from autorank.cost.meta import tensors_in
+from autorank.cost.fastmeta import tensors_in
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -64,7 +64,7 @@ class LiveBytes(TorchDispatchMode):
 
     def observe(self, func, args, kwargs, out) -> None:
         """Count the storages among `out` that no argument shares (also called by
-        autorank.cost.meta.FastMeta for its observers, in place of a mode of our own)."""
+        autorank.cost.fastmeta.FastMeta for its observers, in place of a mode of our own)."""
         inputs = None
         for t in (out,) if isinstance(out, torch.Tensor) else tensors_in(out):
             s = t.untyped_storage()

@@ -39,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autorank.cost.live import LiveBytes
-from autorank.cost.meta import active_fast_meta, run_planned, storage_key
+from autorank.cost.fastmeta import active_fast_meta
+from autorank.cost.meta import run_planned, storage_key
 from autorank.cost.saved import trace_training_forward
 from autorank.shortcut import ASIFactorizer, TuckerLayer
 

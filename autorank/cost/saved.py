@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from autorank.cost.meta import run_planned, storage_key, tensors_in
+from autorank.cost.fastmeta import tensors_in
+from autorank.cost.meta import run_planned, storage_key
 from autorank.shortcut import ShortcutLayer, TuckerLayer
 from autorank.shortcut.tucker import clip_ranks, compute_dtype
 
