@@ -10,22 +10,25 @@
 - batch: the input (unless it is itself saved, then it is in activations already) and the int64
   labels, one per output position.
 - state: ASI warm-start factors held between steps (layer.state_bytes).
-- transient: what the step holds at its peak beyond the parts above (never below 0). The step is
-  simulated on the meta-device shadow: the forward with autograd on (the same trace that predicts
-  the saved bytes), the cross-entropy loss and the backward, with autorank.cost.live.LiveBytes
-  counting every storage while it lives. So the forward through a frozen prefix (each op's input
-  and output coexist, a residual block holds its input for the skip, BN outputs are new storages),
-  the outputs alive in the trained region, a shortcut layer's factorisation temporaries, and in
-  the backward the gradients coexisting with the saved tensors not yet freed are all counted as
-  they happen. The optimizer step is added from its parts (Adam's foreach update holds two
-  temporaries of the gradients' size; SGD updates in place). forward/backward/step_peak_bytes
-  are the three phases' peaks, everything resident included; the total is the largest of them,
-  or the sum of the parts when that is larger (gradients and all saved activations rarely
-  coexist: the sum stays on the safe side).
-Not modelled: memory a kernel allocates and frees inside one op (oneDNN weight reorders on the
-CPU, cuDNN workspaces on a GPU), allocator rounding and fragmentation.
-scripts/check_peak_cpu.py compares this with the live bytes of a real CPU step,
-scripts/check_peak_cuda.py with torch.cuda.max_memory_allocated.
+- transient: how far the step's peak rises above the parts above (never below 0).
+
+The peak comes from simulating the step on the meta-device shadow: the forward with autograd on
+(the same trace that predicts the saved bytes), the cross-entropy loss and the backward, with
+autorank.cost.live.LiveBytes counting every storage while it lives, as it counts a real step
+(measure_peak_training). So the forward through a frozen prefix (no graph, but each op's input
+and output coexist, a residual block holds its input for the skip, BN outputs are new storages),
+the outputs alive in the trained region, a shortcut layer's factorisation temporaries, and in the
+backward the gradients beside the saved tensors not yet freed are counted as they happen. The
+optimizer step is added from its parts (_step_temporaries). forward/backward/step_peak_bytes are
+the three phases' peaks, everything resident included; total_bytes is the largest of them, or
+the sum of the parts when that is larger (the gradients and all saved activations rarely coexist;
+the sum stays on the safe side, within a few percent).
+
+Not modelled: memory a kernel allocates and frees inside one op, which is no tensor (on x86 the
+oneDNN convolutions copy their input and weight, about one conv's input + weight at a time; on a
+GPU, cuDNN's workspace, which can exceed the tensors), allocator rounding and fragmentation.
+scripts/check_peak_cpu.py compares this with the live bytes of a real CPU step (--allocator: with
+the CPU allocator's peak), scripts/check_peak_cuda.py with torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autorank.cost.live import LiveBytes
 from autorank.cost.fastmeta import active_fast_meta
+from autorank.cost.live import LiveBytes
 from autorank.cost.meta import run_planned, storage_key
 from autorank.cost.saved import trace_training_forward
 from autorank.shortcut import ASIFactorizer, TuckerLayer
@@ -49,6 +52,9 @@ OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "adamw": 2}
 
 @dataclasses.dataclass
 class PeakMemory:
+    """The parts of the peak (module doc); total_bytes is their sum. forward/backward/step_peak_bytes:
+    each phase's simulated peak, everything resident included (compare LivePeak's)."""
+
     weights_bytes: int
     grads_bytes: int
     optimizer_bytes: int
@@ -81,8 +87,8 @@ def predict_peak_training_bytes(model: nn.Module, example_input: torch.Tensor, p
 
 def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool):
     """Forward (traced for the saved bytes), loss and backward of `model` on x under LiveBytes.
-    Returns (saved-bytes prediction, label shape, forward peak, backward peak, live at the end):
-    live bytes of the storages the step allocates, not counting what existed before."""
+    Returns (saved-bytes prediction, label shape, forward peak, backward peak), the peaks in live
+    bytes of the storages the step allocates (what existed before it is not counted)."""
     live = LiveBytes()
     # each simulation runs on a copy of the layer's factorizer (it leaves no state behind), and
     # simulates a steady-state step: no extra cold-start iterations (same peak, less time)
