@@ -29,9 +29,12 @@ def test_live_measurement_of_a_linear_step_equals_hand_count():
     # step: the gradients; SGD updates in place
     assert live.step_peak_bytes == resident + w + b
     assert live.peak_bytes == live.backward_peak_bytes
-    # Adam on the CPU: two state tensors, and the update's sqrt(v) and its quotient (2 x W)
+    # Adam on the CPU: two state tensors and a float32 step counter per parameter; the update's
+    # sqrt(v) and its quotient (2 x W)
     adam = measure_peak_training(model, x, y, optimizer="adam")
-    assert adam.step_peak_bytes == resident + 2 * (w + b) + 2 * w
+    adam_resident = resident - (w + b) + 2 * (w + b) + 2 * 4
+    assert adam.resident_bytes == adam_resident
+    assert adam.step_peak_bytes == adam_resident + (w + b) + 2 * w
     # the model was measured on a copy
     assert model.weight.grad is None
 

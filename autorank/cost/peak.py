@@ -5,7 +5,7 @@
 - weights: every parameter and buffer (all resident, trained or not).
 - grads: one gradient per trained parameter (requires_grad), its size.
 - optimizer: SGD with momentum keeps one buffer per trained parameter (none without momentum);
-  Adam/AdamW keep two.
+  Adam/AdamW keep two, and a float32 step counter.
 - activations: predict_saved_bytes (every saved tensor, storages counted once).
 - batch: the input (unless it is itself saved, then it is in activations already) and the int64
   labels, one per output position.
@@ -140,6 +140,8 @@ def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, m
     grads = sum(p.numel() * p.element_size() for p in trained)
     n_states = OPTIMIZER_STATES[opt] if (opt != "sgd" or momentum) else 0
     optimizer_bytes = n_states * grads
+    if opt != "sgd":
+        optimizer_bytes += 4 * len(trained)  # Adam's `step` counter: a float32 scalar per parameter
 
     saved, label_shape, forward, backward = _simulate_step(model, example_input, cuda)
     modules = dict(model.named_modules())
