@@ -110,7 +110,7 @@ class FastMeta(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.observers: list = []  # objects with observe(func, args, kwargs, out)
+        self.observers: list = []  # objects with observe(out, inputs, fresh)
 
     def __enter__(self):
         _ACTIVE.append(self)
@@ -122,7 +122,8 @@ class FastMeta(TorchDispatchMode):
 
     @contextlib.contextmanager
     def observing(self, observer):
-        """Within: observer.observe(func, args, kwargs, out) after every op this mode runs."""
+        """Within: observer.observe(out, inputs, fresh) after every op this mode runs (inputs: the
+        argument tensors; fresh: see dispatch)."""
         self.observers.append(observer)
         try:
             yield observer
@@ -131,40 +132,43 @@ class FastMeta(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = self.dispatch(func, args, kwargs)
+        inputs = tensors_in((args, kwargs))
+        out, fresh = self.dispatch(func, args, kwargs, inputs)
         if func is aten.native_batch_norm.default and isinstance(out[1], torch.Tensor) and out[1].is_meta:
             training = args[5] if len(args) > 5 else kwargs["training"]
             if not training:  # the CPU and cuDNN kernels return empty save_mean / save_invstd
                 out = (out[0], out[1].new_empty((0,)), out[2].new_empty((0,)))
         for observer in self.observers:
-            observer.observe(func, args, kwargs, out)
+            observer.observe(out, inputs, fresh)
         return out
 
-    def dispatch(self, func, args, kwargs):
+    def dispatch(self, func, args, kwargs, inputs) -> tuple[object, bool | None]:
+        """(outputs, fresh): fresh is True when every output is a new storage made here, False
+        when the output is an argument itself, None when the kernel ran (it may alias)."""
         if func is aten.geqrf.default and args[0].is_meta:
             a = args[0]
             m, n = a.shape[-2:]
             stride = a.new_empty(a.shape).transpose(-2, -1).contiguous().transpose(-2, -1).stride()
             return (torch.empty_strided(a.shape, stride, dtype=a.dtype, device="meta"),
-                    a.new_empty((*a.shape[:-2], min(m, n))))
+                    a.new_empty((*a.shape[:-2], min(m, n)))), True
         kind = _op_kind(func)
         if kind == "inplace" and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
-            return args[0]  # in-place pointwise: self, metadata unchanged
-        if kind != "fresh" or not all(t.is_meta for t in tensors_in((args, kwargs))):
-            return func(*args, **kwargs)
+            return args[0], False  # in-place pointwise: self, metadata unchanged
+        if kind != "fresh" or not all(t.is_meta for t in inputs):
+            return func(*args, **kwargs), None
         try:
             key = (func, _meta_key(args), _meta_key(kwargs))
         except TypeError:
-            return func(*args, **kwargs)
+            return func(*args, **kwargs), None
         desc = _OUT_CACHE.get(key, False)
         if desc is False:
             out = func(*args, **kwargs)
             if len(_OUT_CACHE) >= _OUT_CACHE_MAX:
                 _OUT_CACHE.clear()
             _OUT_CACHE[key] = _describe(out, (args, kwargs))
-            return out
+            return out, None
         if desc is None:
-            return func(*args, **kwargs)
+            return func(*args, **kwargs), None
         is_tuple, outs = desc
         new = tuple(None if d is None else torch.empty_strided(d[0], d[1], dtype=d[2], device="meta") for d in outs)
-        return new if is_tuple else new[0]
+        return (new if is_tuple else new[0]), True

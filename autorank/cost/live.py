@@ -58,19 +58,25 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.observe(func, args, kwargs, out)
+        self.observe(out, tensors_in((args, kwargs)))
         return out
 
-    def observe(self, func, args, kwargs, out) -> None:
-        """Count the storages among `out` that no argument shares (also called by
-        autorank.cost.fastmeta.FastMeta for its observers, in place of a mode of our own)."""
-        inputs = None
+    def observe(self, out, inputs, fresh: bool | None = None) -> None:
+        """Count the storages among `out` that none of the `inputs` tensors shares (fresh=True:
+        all are new, False: none is). Also called by autorank.cost.fastmeta.FastMeta for its
+        observers, in place of a dispatch mode of our own."""
+        if fresh is False:
+            return
+        keys = None
         for t in (out,) if isinstance(out, torch.Tensor) else tensors_in(out):
             s = t.untyped_storage()
             k = _key(s)
-            if inputs is None:
-                inputs = {_key(a.untyped_storage()) for a in tensors_in((args, kwargs))}
-            if k in inputs or s.nbytes() == 0:
+            if not fresh:
+                if keys is None:
+                    keys = {_key(a.untyped_storage()) for a in inputs}
+                if k in keys:
+                    continue
+            if s.nbytes() == 0:
                 continue
             old = self.sizes.get(k)
             if old is None:
