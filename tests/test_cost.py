@@ -168,7 +168,9 @@ def test_peak_parts():
     assert sgd.weights_bytes == weights  # + one int64 num_batches_tracked per BN
     assert sgd.grads_bytes == trained_bytes and sgd.optimizer_bytes == trained_bytes
     assert predict_peak_training_bytes(model, x, plan, momentum=0).optimizer_bytes == 0
-    assert predict_peak_training_bytes(model, x, plan, optimizer="adam").optimizer_bytes == 2 * trained_bytes
+    n_trained = sum(p.requires_grad for p in apply_plan(copy.deepcopy(model), plan).parameters())
+    adam = predict_peak_training_bytes(model, x, plan, optimizer="adam")
+    assert adam.optimizer_bytes == 2 * trained_bytes + 4 * n_trained  # + a float32 step counter each
     assert sgd.activation_bytes == predict_saved_bytes(model, x, plan).activation_bytes
     assert sgd.batch_bytes == x.numel() * 4 + 4 * 8
     asi = [n for n, c in plan.layers.items() if c.kind == "asi"]
@@ -191,8 +193,12 @@ def test_peak_prediction_bounds_cuda_measurement():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     for row in mod.check(batch=8, size=64):
-        # conservative: never below the measurement, and not wildly above it
-        assert row["measured_bytes"] <= row["predicted_bytes"] <= 2 * row["measured_bytes"], row
+        # The model part, as on the CPU (tests/test_peak.py): never below the step's live tensor
+        # bytes, at most 25% above. cuDNN's workspace is NOT modelled (it depends on the algorithm
+        # cuDNN picks): torch.cuda.max_memory_allocated (row["measured_bytes"]) may exceed the
+        # prediction by it; scripts/check_peak_cuda.py prints it beside the no-cuDNN figure.
+        assert row["tensor_bytes"] <= row["predicted_bytes"] <= 1.25 * row["tensor_bytes"], row
+        assert row["predicted_saved"] == row["measured_saved"], row
 
 
 # -- the meta-device fast path gives what real tensors give -----------------------------------------

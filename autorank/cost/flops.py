@@ -164,7 +164,7 @@ def train_step_flops(model: nn.Module, example_input: torch.Tensor, plan=None) -
     elementwise and not counted. The model itself is never changed (ASI warm-start state).
 
     Counted on a meta-device shadow of the model (FlopCounterMode reads shapes only; torch.geqrf,
-    which has no meta kernel, gets shape-only outputs: autorank.cost.meta.FastMeta); a model that needs values
+    which has no meta kernel, gets shape-only outputs: autorank.cost.fastmeta.FastMeta); a model that needs values
     (HOSVD_eps ranks) or fails on meta is counted on a real deep copy."""
     def count(m: nn.Module, x: torch.Tensor) -> int:
         with _warm_steps(m):

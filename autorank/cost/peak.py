@@ -5,40 +5,56 @@
 - weights: every parameter and buffer (all resident, trained or not).
 - grads: one gradient per trained parameter (requires_grad), its size.
 - optimizer: SGD with momentum keeps one buffer per trained parameter (none without momentum);
-  Adam/AdamW keep two.
+  Adam/AdamW keep two, and a float32 step counter.
 - activations: predict_saved_bytes (every saved tensor, storages counted once).
-- batch: the input (unless it is itself saved, then it is in activations already) and int64
-  labels, one per sample.
-- state: ASI warm-start factors held between steps (layer.state_bytes). Within a step the fp32
-  factors are also the saved ones, so this double-counts sum(U_n): small, and on the safe side.
-- transient: the largest set of short-lived tensors, an estimate, taken conservatively. During
-  backward through a module, its output gradient and its input gradient coexist with the saved
-  tensors, and a residual block holds one more output-sized gradient for the skip branch: so
-  max over modules on the gradient path of (input + 2 x output) bytes; a shortcut (ASI/HOSVD)
-  layer adds its input once more in the factorisation dtype (projection workspace). Plus the
-  loss: logits' gradient, the saved log-softmax and the logits themselves (3 x output bytes).
-  Not modelled: allocator rounding and fragmentation, cuDNN/oneDNN workspaces, the optimizer's
-  foreach temporaries. scripts/check_peak_cuda.py compares this with
-  torch.cuda.max_memory_allocated.
+- batch: the input (unless it is itself saved, then it is in activations already) and the int64
+  labels, one per output position.
+- state: ASI warm-start factors held between steps (layer.state_bytes).
+- transient: how far the step's peak rises above the parts above (never below 0).
+
+The peak comes from simulating the step on the meta-device shadow: the forward with autograd on
+(the same trace that predicts the saved bytes), the cross-entropy loss and the backward, with
+autorank.cost.live.LiveBytes counting every storage while it lives, as it counts a real step
+(measure_peak_training). So the forward through a frozen prefix (no graph, but each op's input
+and output coexist, a residual block holds its input for the skip, BN outputs are new storages),
+the outputs alive in the trained region, a shortcut layer's factorisation temporaries, and in the
+backward the gradients beside the saved tensors not yet freed are counted as they happen. The
+optimizer step is added from its parts (_step_temporaries). forward/backward/step_peak_bytes are
+the three phases' peaks, everything resident included; total_bytes is the largest of them, or
+the sum of the parts when that is larger (the gradients and all saved activations rarely coexist;
+the sum stays on the safe side, within a few percent).
+
+Not modelled: memory a kernel allocates and frees inside one op, which is no tensor (on x86 the
+oneDNN convolutions copy their input and weight, about one conv's input + weight at a time; on a
+GPU, cuDNN's workspace, which can exceed the tensors), allocator rounding and fragmentation.
+scripts/check_peak_cpu.py compares this with the live bytes of a real CPU step (--allocator: with
+the CPU allocator's peak), scripts/check_peak_cuda.py with torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from autorank.cost.fastmeta import active_fast_meta
+from autorank.cost.live import LiveBytes
 from autorank.cost.meta import run_planned, storage_key
-from autorank.cost.saved import trace_saved_bytes
-from autorank.shortcut import TuckerLayer
+from autorank.cost.saved import trace_training_forward
+from autorank.shortcut import ASIFactorizer, TuckerLayer
 
 OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "adamw": 2}
 
 
 @dataclasses.dataclass
 class PeakMemory:
+    """The parts of the peak (module doc); total_bytes is their sum. forward/backward/step_peak_bytes:
+    each phase's simulated peak, everything resident included (compare LivePeak's)."""
+
     weights_bytes: int
     grads_bytes: int
     optimizer_bytes: int
@@ -47,56 +63,101 @@ class PeakMemory:
     transient_bytes: int
     state_bytes: int
     total_bytes: int
+    forward_peak_bytes: int = 0
+    backward_peak_bytes: int = 0
+    step_peak_bytes: int = 0
 
     @property
     def total_mb(self) -> float:
         return self.total_bytes / 2**20
 
 
-def _elem(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def predict_peak_training_bytes(model: nn.Module, example_input: torch.Tensor, plan=None,
                                 optimizer: str = "sgd", momentum: float = 0.9) -> PeakMemory:
     """Predicted peak memory of one training step of `model` (with `plan` applied to a copy, or
-    as it is when plan=None) on a batch shaped like `example_input`. Runs on a meta-device
-    shadow of the model (see predict_saved_bytes)."""
+    as it is when plan=None) on a batch shaped like `example_input`: forward, cross-entropy,
+    backward, optimizer.step(), zero_grad(set_to_none=True). Runs on a meta-device shadow of the
+    model (see predict_saved_bytes)."""
     opt = optimizer.lower()
     if opt not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZER_STATES)}")
     return run_planned(model, plan, example_input,
-                       lambda m, x: _peak(m, x, trace_saved_bytes(m, x, example_input.is_cuda), opt, momentum))
+                       lambda m, x: _peak(m, x, example_input.is_cuda, opt, momentum))
 
 
-def _peak(model: nn.Module, example_input: torch.Tensor, saved, opt: str, momentum: float) -> PeakMemory:
-    """The parts, from the planned model (real or meta: only shapes are read) and its trace."""
+def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool):
+    """Forward (traced for the saved bytes), loss and backward of `model` on x under LiveBytes.
+    Returns (saved-bytes prediction, label shape, forward peak, backward peak), the peaks in live
+    bytes of the storages the step allocates (what existed before it is not counted)."""
+    live = LiveBytes()
+    # each simulation runs on a copy of the layer's factorizer (it leaves no state behind), and
+    # simulates a steady-state step: no extra cold-start iterations (same peak, less time)
+    tucker = [m for m in model.modules() if isinstance(m, TuckerLayer)]
+    factorizers = [m.factorizer for m in tucker]
+    for m in tucker:
+        m.factorizer = copy.deepcopy(m.factorizer)
+        if isinstance(m.factorizer, ASIFactorizer):
+            m.factorizer.cold_start_iters = 0
+    fast = active_fast_meta()  # on a meta shadow: count through its mode, not one more
+    try:
+        with fast.observing(live) if fast is not None else live:
+            saved, out = trace_training_forward(model, x, cuda)
+            labels = torch.zeros((out.shape[0], *out.shape[2:]), dtype=torch.int64, device=out.device)
+            live.forget(labels)  # the batch's labels: resident, in batch_bytes
+            loss = F.cross_entropy(out, labels)
+            del out
+            forward = live.peak_bytes
+            live.reset_peak()
+            if loss.requires_grad:
+                loss.backward()
+            del loss
+            backward = live.peak_bytes
+    finally:
+        for m, f in zip(tucker, factorizers):
+            m.factorizer = f
+    return saved, tuple(labels.shape), forward, backward
+
+
+def _step_temporaries(opt: str, trained: list[torch.Tensor], cuda: bool) -> int:
+    """Bytes optimizer.step() allocates beyond its state (torch 2.14 defaults, measured): SGD
+    updates in place; Adam/AdamW's denominator sqrt(v) / c + eps is a new tensor. On CUDA the
+    foreach implementation builds it for all parameters at once (1 x the gradients); on the CPU
+    the per-parameter loop holds two of one parameter's size (sqrt, then the division) while the
+    previous parameter's denominator is still bound."""
+    if opt == "sgd" or not trained:
+        return 0
+    sizes = [p.numel() * p.element_size() for p in trained]
+    if cuda:
+        return sum(sizes)
+    return max(2 * s + prev for s, prev in zip(sizes, [0, *sizes]))
+
+
+def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, momentum: float) -> PeakMemory:
+    """The parts, from the planned model (real or meta: shapes only) and a simulated step on it."""
     storages = {storage_key(t): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
     weights = sum(storages.values())
     trained = [p for p in model.parameters() if p.requires_grad]
     grads = sum(p.numel() * p.element_size() for p in trained)
     n_states = OPTIMIZER_STATES[opt] if (opt != "sgd" or momentum) else 0
     optimizer_bytes = n_states * grads
+    if opt != "sgd":
+        optimizer_bytes += 4 * len(trained)  # Adam's `step` counter: a float32 scalar per parameter
 
-    batch = example_input.shape[0] * 8  # int64 labels
-    if not saved.input_saved:
-        batch += example_input.numel() * example_input.element_size()
-
+    saved, label_shape, forward, backward = _simulate_step(model, example_input, cuda)
     modules = dict(model.named_modules())
-    state = 0
-    transient = 0
-    out_bytes = 0
-    for name, in_shape, out_shape, dtype in saved.region_shapes:
-        module = modules[name]
-        e = _elem(dtype)
-        in_b, o_b = math.prod(in_shape) * e, math.prod(out_shape) * e
-        extra = 0
-        if isinstance(module, TuckerLayer):
-            state += int(module.state_bytes(in_shape, dtype))
-            extra = math.prod(in_shape) * max(e, 4)
-        transient = max(transient, in_b + 2 * o_b + extra)
-        if name == "":
-            out_bytes = o_b
-    transient += 3 * out_bytes
-    total = weights + grads + optimizer_bytes + saved.activation_bytes + batch + state + transient
-    return PeakMemory(weights, grads, optimizer_bytes, saved.activation_bytes, batch, transient, state, total)
+    state = sum(int(modules[name].state_bytes(in_shape, dtype)) for name, in_shape, _, dtype in saved.region_shapes
+                if isinstance(modules[name], TuckerLayer))
+    x_bytes = example_input.numel() * example_input.element_size()
+    labels = math.prod(label_shape) * 8  # int64
+    batch = labels if saved.input_saved else labels + x_bytes
+
+    # resident when the step starts. The ASI state is too, and it is replaced during the forward;
+    # the simulation starts cold and allocates it there: counted twice while both live (small)
+    resident = weights + optimizer_bytes + x_bytes + labels + state
+    forward_peak = resident + forward
+    backward_peak = resident + backward
+    step_peak = resident + grads + _step_temporaries(opt, trained, cuda)
+    parts = weights + grads + optimizer_bytes + saved.activation_bytes + batch + state
+    total = max(parts, forward_peak, backward_peak, step_peak)
+    return PeakMemory(weights, grads, optimizer_bytes, saved.activation_bytes, batch, total - parts, state, total,
+                      forward_peak, backward_peak, step_peak)

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from autorank.cost.meta import run_planned, storage_key, tensors_in
+from autorank.cost.fastmeta import tensors_in
+from autorank.cost.meta import run_planned, storage_key
 from autorank.shortcut import ShortcutLayer, TuckerLayer
 from autorank.shortcut.tucker import clip_ranks, compute_dtype
 
@@ -250,6 +251,18 @@ def trace_saved_bytes(model: nn.Module, example_input: torch.Tensor, cuda: bool)
     """One no_grad forward of `model` (changed: BN statistics) under the tracer; `model` is the
     planned model itself (a shadow or a copy: see predict_saved_bytes). cuda: the device the
     step runs on (a meta trace stands in for it)."""
+    return _traced_forward(model, example_input, cuda, grad=False)[0]
+
+
+def trace_training_forward(model: nn.Module, example_input: torch.Tensor,
+                           cuda: bool) -> tuple[SavedBytesPrediction, torch.Tensor]:
+    """trace_saved_bytes with grad enabled: the forward builds autograd's graph as a training
+    step does (the same rules give the same prediction), and its output is returned for a
+    backward. The tracer holds no tensor once this returns."""
+    return _traced_forward(model, example_input, cuda, grad=True)
+
+
+def _traced_forward(model, example_input, cuda, grad):
     tracer = _Tracer(model, cuda)
     handles = []
     for name, module in model.named_modules():
@@ -257,18 +270,21 @@ def trace_saved_bytes(model: nn.Module, example_input: torch.Tensor, cuda: bool)
         handles.append(module.register_forward_hook(tracer.post_hook(name)))
     x = example_input.detach()
     if example_input.requires_grad:
-        tracer.needs[x] = True
+        if grad:
+            x.requires_grad_(True)
+        else:
+            tracer.needs[x] = True
     devices = [x.device.index or 0] if x.is_cuda else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), tracer:
-            model(x)
+        with torch.random.fork_rng(devices=devices), torch.set_grad_enabled(grad), tracer:
+            out = model(x)
     finally:
         for h in handles:
             h.remove()
     per_module: dict[str, int] = {}
     for nbytes, where, _ in tracer.saved.values():
         per_module[where] = per_module.get(where, 0) + nbytes
-    return SavedBytesPrediction(
+    prediction = SavedBytesPrediction(
         activation_bytes=sum(v[0] for v in tracer.saved.values()),
         conv_input_bytes=tracer.conv_input_bytes,
         per_module=per_module,
@@ -276,6 +292,7 @@ def trace_saved_bytes(model: nn.Module, example_input: torch.Tensor, cuda: bool)
         unknown_ops=sorted(set(tracer.unknown)),
         region_shapes=tracer.region_shapes,
     )
+    return prediction, out
 
 
 def predict_saved_bytes(model: nn.Module, example_input: torch.Tensor, plan=None) -> SavedBytesPrediction:

@@ -23,14 +23,11 @@ from .functional import ConvGeometry, FrozenConv2dFn, FrozenLinearFn
 
 __all__ = ["FrozenBatchNorm2d", "PackedReLU", "FrozenConv2d", "FrozenLinear", "pack_bits", "unpack_bits"]
 
-_SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}
-
 
 def _shifts(device) -> torch.Tensor:
-    s = _SHIFTS_CACHE.get(device)
-    if s is None:
-        s = _SHIFTS_CACHE[device] = torch.arange(8, dtype=torch.uint8, device=device)
-    return s
+    # made per call (8 bytes), not cached per device: a module-level cache is memory that one
+    # step allocates and later steps do not, which the cost model's step simulation cannot see
+    return torch.arange(8, dtype=torch.uint8, device=device)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
