@@ -38,16 +38,22 @@ class FakeWorkload:
 
     def __init__(self, fail_on=None):
         self.calls = []
+        self.runs = []  # every finetune call: choices, max_steps, max_epochs, lr
         self.fail_on = fail_on
         self.model = nn.Sequential(OrderedDict(l0=nn.Linear(4, 4), l1=nn.Linear(4, 4), l2=nn.Linear(4, 2)))
 
-    def finetune_settings(self, max_epochs=None):
+    def finetune_settings(self, max_epochs=None, *, max_steps=None, lr=None, momentum=None,
+                          weight_decay=None):
         return FineTuneSettings(model_factory="search_fakes:FakeWorkload", input_shape=self.input_shape,
-                                lr=0.05, seed=3, epochs=max_epochs or 1)
+                                lr=0.05 if lr is None else lr, seed=3,
+                                epochs=None if max_steps else (max_epochs or 1), max_steps=max_steps)
 
-    def finetune(self, plan, *, max_epochs=None, progress=False):
+    def finetune(self, plan, *, max_epochs=None, progress=False, max_steps=None, lr=None,
+                 momentum=None, weight_decay=None):
         choices = plan.meta["choices"]
         self.calls.append(dict(choices))
+        self.runs.append({"choices": dict(choices), "max_steps": max_steps, "max_epochs": max_epochs,
+                          "lr": lr})
         if self.fail_on and all(choices[k] == v for k, v in self.fail_on.items()):
             raise RuntimeError("loss is NaN")
         acc = 0.5 + sum(ACC[c] * (i + 1) for i, c in enumerate(choices[n] for n in LAYERS)) / 6
