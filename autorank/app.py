@@ -113,29 +113,7 @@ def _summary(result: Any, device: Any, tracker: Any) -> None:
     console = Console()
     budget_mb = device.budget_bytes / MB
     if hasattr(result, "front"):  # an Optuna study
-        states: dict[str, int] = {}
-        for r in result.trials:
-            states[r.state] = states.get(r.state, 0) + 1
-        console.print(f"\nstudy [bold]{result.study_name}[/] in {result.storage}: "
-                      f"{len(result.trials)} trials ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}), "
-                      f"{result.n_new} new, {result.wall_s:.0f} s")
-        table = Table(title=f"Pareto front (budget {budget_mb:.0f} MB on {device.name})",
-                      caption="plan: one code per candidate layer, input to output: - frozen, "
-                              "F full backprop, .8 ASI at explained variance 0.8")
-        for col in ("trial", "val acc", "peak MB", "GFLOP/step", "device s/step", "plan"):
-            table.add_column(col)
-        for r in sorted(result.front, key=lambda r: r.predicted_peak_bytes):
-            table.add_row(str(r.number), f"{r.val_accuracy:.3f}", f"{r.predicted_peak_bytes / MB:.0f}",
-                          f"{r.flops / 1e9:.2f}", f"{device.step_time_s(r.flops):.2f}",
-                          _short_plan(r.choices))
-        console.print(table)
-        best = result.best
-        if best is not None:
-            console.print(f"exported plan (trial {best.number}: accuracy {best.val_accuracy:.3f}, "
-                          f"peak {best.predicted_peak_bytes / MB:.0f} of {budget_mb:.0f} MB): "
-                          f"[bold]{result.export_path}[/]")
-        else:
-            console.print("[red]no feasible trial: nothing exported[/]")
+        _study_summary(console, result, device)
     else:  # the knapsack planner
         console.print(f"\nknapsack plan: accuracy {result.val_accuracy:.3f}, predicted peak "
                       f"{result.predicted_peak_bytes / MB:.0f} of {budget_mb:.0f} MB, activations "
@@ -151,14 +129,73 @@ def _summary(result: Any, device: Any, tracker: Any) -> None:
                       f"{tracker.uri} --host 127.0.0.1)")
 
 
+def _acc(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _study_summary(console: Any, result: Any, device: Any) -> None:
+    """The study's front (proxy and refit accuracy side by side), the exported plan against the
+    best plain-only plan and the references, and a few points of the budget curve."""
+    from rich.table import Table
+
+    from autorank.tracking.budget_plot import study_budget_curve, summary_lines
+
+    budget_mb = device.budget_bytes / MB
+    states: dict[str, int] = {}
+    for r in result.trials:
+        states[r.state] = states.get(r.state, 0) + 1
+    console.print(f"\nstudy [bold]{result.study_name}[/] in {result.storage}: "
+                  f"{len(result.trials)} trials ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}), "
+                  f"{result.n_new} new, {result.wall_s:.0f} s")
+    steps = f" at {result.refit_steps} steps" if result.refit_steps else ""
+    table = Table(title=f"Pareto front (budget {budget_mb:.0f} MB on {device.name})",
+                  caption="plan: one code per candidate layer, input to output: - frozen, F full "
+                          "backprop, .8 ASI at explained variance 0.8, .8b the same with the batch "
+                          "mode kept whole; proxy: the trial's own (short) training")
+    for col in ("trial", "proxy acc", f"refit acc{steps}", "lr", "peak MB", "GFLOP/step",
+                "device s/step", "plan"):
+        table.add_column(col)
+    for r in sorted(result.front, key=lambda r: r.predicted_peak_bytes):
+        lr = r.hparams.get("lr")
+        table.add_row(str(r.number), _acc(r.val_accuracy), _acc(r.refit_accuracy),
+                      "-" if lr is None else f"{lr:.3g}", f"{r.predicted_peak_bytes / MB:.0f}",
+                      f"{r.flops / 1e9:.2f}", f"{device.step_time_s(r.flops):.2f}", _short_plan(r.choices))
+    console.print(table)
+    best = result.best
+    if best is None:
+        console.print("[red]no feasible trial: nothing exported[/]")
+        return
+    acc = best.refit_accuracy if best.refit_accuracy is not None else best.val_accuracy
+    kind = "refit" if best.refit_accuracy is not None else "proxy"
+    line = f"exported plan (trial {best.number}): {kind} acc {acc:.3f} at {best.predicted_peak_bytes / MB:.0f} MB"
+    plain = result.best_plain
+    if plain is not None:
+        pacc = plain.refit_accuracy if plain.refit_accuracy is not None else plain.val_accuracy
+        line += f"; best plain-only plan that fits: {pacc:.3f} at {plain.predicted_peak_bytes / MB:.0f} MB"
+    ref = (result.references or {}).get("plain reference")
+    if ref is not None:
+        over = ", over budget" if ref["over_budget"] else ""
+        line += (f"; unconstrained plain reference: {ref['accuracy']:.3f} at {ref['peak_bytes'] / MB:.0f} MB"
+                 f"{over} (gap {ref['accuracy'] - acc:+.3f})")
+    head = (result.references or {}).get("head alone")
+    if head is not None:
+        line += f"; head alone: {head['accuracy']:.3f} at {head['peak_bytes'] / MB:.0f} MB"
+    console.print(line)
+    console.print(f"plan file: [bold]{result.export_path}[/]")
+    curve = summary_lines(study_budget_curve(result.trials, device.budget_bytes))
+    if curve:
+        console.print("budget curve (best proxy accuracy within each budget):\n" + "\n".join(curve))
+
+
 def _short_plan(choices: dict[str, str]) -> str:
-    """One code per candidate layer in forward order: '-' frozen, 'F' full, '.8' ASI at eps 0.8."""
+    """One code per candidate layer in forward order: '-' frozen, 'F' full, '.8' ASI at eps 0.8,
+    '.8b' the same with the batch mode kept whole."""
     def code(c: str) -> str:
         if c == "frozen":
             return "-"
         if c == "full":
             return "F"
-        return c.split("@", 1)[1].lstrip("0") if c.startswith("asi@") else c
+        return c.split("@", 1)[1].lstrip("0").replace(":b", "b") if c.startswith("asi@") else c
     return " ".join(code(c) for c in choices.values())
 
 

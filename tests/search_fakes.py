@@ -36,21 +36,32 @@ class FakeWorkload:
     num_classes = 2
     checkpoint_sha256 = "fake"
 
-    def __init__(self, fail_on=None):
+    def __init__(self, fail_on=None, refit_bonus=None, refit_steps=None):
+        """refit_bonus: {choice of l0: accuracy added when trained refit_steps steps} (a plan
+        whose proxy accuracy understates it)."""
+        self.refit_bonus, self.refit_steps = dict(refit_bonus or {}), refit_steps
         self.calls = []
+        self.runs = []  # every finetune call: choices, max_steps, max_epochs, lr
         self.fail_on = fail_on
         self.model = nn.Sequential(OrderedDict(l0=nn.Linear(4, 4), l1=nn.Linear(4, 4), l2=nn.Linear(4, 2)))
 
-    def finetune_settings(self, max_epochs=None):
+    def finetune_settings(self, max_epochs=None, *, max_steps=None, lr=None, momentum=None,
+                          weight_decay=None):
         return FineTuneSettings(model_factory="search_fakes:FakeWorkload", input_shape=self.input_shape,
-                                lr=0.05, seed=3, epochs=max_epochs or 1)
+                                lr=0.05 if lr is None else lr, seed=3,
+                                epochs=None if max_steps else (max_epochs or 1), max_steps=max_steps)
 
-    def finetune(self, plan, *, max_epochs=None, progress=False):
+    def finetune(self, plan, *, max_epochs=None, progress=False, max_steps=None, lr=None,
+                 momentum=None, weight_decay=None):
         choices = plan.meta["choices"]
         self.calls.append(dict(choices))
+        self.runs.append({"choices": dict(choices), "max_steps": max_steps, "max_epochs": max_epochs,
+                          "lr": lr})
         if self.fail_on and all(choices[k] == v for k, v in self.fail_on.items()):
             raise RuntimeError("loss is NaN")
         acc = 0.5 + sum(ACC[c] * (i + 1) for i, c in enumerate(choices[n] for n in LAYERS)) / 6
+        if max_steps is not None and max_steps == self.refit_steps:
+            acc += self.refit_bonus.get(choices["l0"], 0.0)
         act = FakeCost().peak(choices).activation_bytes
         return SimpleNamespace(val_accuracy=acc, train_loss=0.1, measured_activation_bytes=act,
                                measured_flops=FakeCost().flops(choices), train_wall_s=0.01, epochs=1)
@@ -59,8 +70,10 @@ class FakeWorkload:
 DEVICE = SimpleNamespace(name="fakedev", budget_bytes=BASE + 5000, step_time_s=lambda f: f / 1e9)
 
 
-def make_profile():
-    layers = [LayerProfile(name=n, kind="conv", input_shape=[8, 4, 4, 4], choices=list(CHOICES),
+def make_profile(head_rule=False):
+    """head_rule: the last layer offers only `full` (the space's `head: full`)."""
+    layers = [LayerProfile(name=n, kind="conv", input_shape=[8, 4, 4, 4],
+                           choices=["full"] if head_rule and n == LAYERS[-1] else list(CHOICES),
                            ranks={"asi@0.5": [2, 2, 2, 2], "asi@0.9": [4, 3, 3, 3]},
                            sensitivity={"frozen": 3.0 - i, "full": 0.0, "asi@0.5": 1.0, "asi@0.9": 0.3})
               for i, n in enumerate(LAYERS)]
@@ -70,9 +83,9 @@ def make_profile():
     return space, prof
 
 
-def study_args(tmp_path, **settings):
+def study_args(tmp_path, head_rule=False, **settings):
     """(space, settings, run_study keyword arguments) of a small study stored under tmp_path."""
-    space, prof = make_profile()
+    space, prof = make_profile(head_rule)
     st = StudySettings(**{"storage": f"sqlite:///{tmp_path}/optuna.db", "study_name": "s",
                           "run_dir": tmp_path, "progress": False, **settings})
     kw = dict(profile=prof, cost=FakeCost(), sampler=optuna.samplers.RandomSampler(seed=0))

@@ -20,7 +20,7 @@ from autorank.app import CONF_DIR, UsageError, device_names, run
 ROOT = Path(__file__).resolve().parent.parent
 # Small and fast: a 6 k-parameter CNN on 16 px digits.
 SMALL = ["model=small_cnn", "data.input_size=16", "data.batch_size=32", "trainer.max_epochs=2",
-         "trainer.pretrain_epochs=2"]
+         "trainer.pretrain_epochs=2", "trainer.steps=6"]
 
 
 def _compose(tmp_path: Path, overrides: list[str]):
@@ -60,6 +60,7 @@ def test_search_options(tmp_path):
     assert type(opt) is OptunaSearch and opt.name == "optuna"
     assert type(opt.space) is dict and load_space(opt.space) == load_space("default")
     assert (opt.n_trials, opt.n_trials_total, opt.timeout, opt.warm_start) == (24, True, None, True)
+    assert (opt.trial_steps, opt.refit_steps, opt.refit_top, opt.references) == (40, 120, 3, True)
     assert opt.storage == f"sqlite:///{tmp_path}/outputs/optuna.db" and opt.study_name is None
     cfg = _compose(tmp_path, ["+device=rpi4", "search.n_trials=7", "space=last4",
                               "search.storage=sqlite:///x.db", "search.study_name=s1"])
@@ -292,7 +293,7 @@ def test_cli_knapsack_end_to_end(tmp_path):
 def test_cli_optuna_end_to_end_and_resume(tmp_path):
     import optuna
 
-    args = ["+device=rpi4", "device.budget_mb=2", *SMALL, "space=small",
+    args = ["+device=rpi4", "device.budget_mb=2", *SMALL, "space=small", "search.trial_steps=4",
             "search.n_trials=8", f"export.path={tmp_path}/plan.yaml"]
     p = _cli(tmp_path, *args)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -302,6 +303,16 @@ def test_cli_optuna_end_to_end_and_resume(tmp_path):
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 8
     assert (tmp_path / "plan.yaml").exists()
+    # refit at trainer.steps, reported beside the best plain plan and the references
+    refit = study.user_attrs["refit"]
+    assert refit and all(v["steps"] == 6 for v in refit.values())
+    assert set(study.user_attrs["references"]) == {"plain reference", "head alone"}
+    out = " ".join(p.stdout.split())
+    assert "refit acc" in out and "unconstrained plain reference" in out and "budget curve" in out
+    from autorank.plan import Plan
+    plan = Plan.load(tmp_path / "plan.yaml")
+    assert plan.meta["finetune"]["max_steps"] == 6 and plan.meta["refit_accuracy"] >= 0
+    assert plan.meta["choices"][list(plan.meta["choices"])[-1]] == "full"  # the head rule
     # The same command with more trials continues the same study: nothing lost, nothing repeated.
     p = _cli(tmp_path, *args[:-2], "search.n_trials=10", f"export.path={tmp_path}/plan.yaml")
     assert p.returncode == 0, p.stderr[-3000:]

@@ -163,3 +163,39 @@ def test_profile_save_removes_its_temp_file_on_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Profile, "to_json", lambda self: "new")
     prof.save(path)
     assert path.read_text() == "new" and list(tmp_path.iterdir()) == [path]
+
+
+def test_refit_references_and_budget_curve_logged(tmp_path):
+    import csv
+    import dataclasses
+
+    from autorank.search.budget import budget_curve
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    tracker = MlflowTracker(uri, experiment="t", artifact_location=str(tmp_path / "mlruns" / "art"))
+    wl = FakeWorkload()
+    space, st, kw = study_args(tmp_path, n_trials=12, trial_steps=40, refit_steps=120,
+                               export_path=tmp_path / "plan.yaml")
+    space = dataclasses.replace(space, hparams={"lr": {"low": 0.003, "high": 0.1, "log": True}})
+    res = run_study(wl, DEVICE, space, st, tracker=tracker, **kw)
+    c = MlflowClient(uri)
+    parent = c.get_run(tracker.parent_run_id)
+    m = parent.data.metrics
+    assert m["best_refit_accuracy"] == res.best.refit_accuracy
+    assert m["plain_reference_refit_accuracy"] == res.references["plain reference"]["accuracy"]
+    assert m["head_alone_peak_mb"] == res.references["head alone"]["peak_bytes"] / 2**20
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id, "budget")}
+    assert arts == {"budget/budget_curve.csv", "budget/budget_curve.png"}
+    rows = list(csv.DictReader(open(c.download_artifacts(parent.info.run_id, "budget/budget_curve.csv",
+                                                         str(tmp_path / "dl")))))
+    assert int(rows[-1]["budget_bytes"]) == DEVICE.budget_bytes
+    at_budget = budget_curve(res.trials, [DEVICE.budget_bytes])[0]
+    assert float(rows[-1]["any_accuracy"]) == at_budget.any_accuracy == \
+        max(r.val_accuracy for r in res.trials if r.feasible)
+    assert [float(r["budget_mb"]) for r in rows] == sorted(float(r["budget_mb"]) for r in rows)
+    front = list(csv.DictReader(open(c.download_artifacts(parent.info.run_id, "front/front.csv",
+                                                          str(tmp_path / "dl")))))
+    refit = {int(r["trial"]): r["refit_accuracy"] for r in front}
+    assert refit[res.best.number] and float(refit[res.best.number]) == res.best.refit_accuracy
+    trial_run = c.search_runs([parent.info.experiment_id], filter_string="tags.trial_number = '5'")[0]
+    assert float(trial_run.data.params["hparam.lr"]) == pytest.approx(res.trials[5].hparams["lr"], rel=1e-5)

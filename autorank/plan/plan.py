@@ -119,6 +119,7 @@ class FineTuneSettings:
     seed: int = 0
     epochs: int | None = None
     max_steps: int | None = None
+    weight_decay: float = 0.0
 
     def __post_init__(self):
         if ":" not in self.model_factory:

@@ -39,7 +39,8 @@ from autorank.shortcut.tucker import eps_rank, tucker_core, tucker_reconstruct, 
 
 # 2: ranks by autorank.shortcut.tucker.eps_rank (its boundary: the first k whose cumulative share
 # reaches eps exactly) instead of a local rule with a 1e-12 tolerance.
-PROFILE_VERSION = 2
+# 3: keep_batch choices (asi@<level>:b), the head rule, hparams in the space.
+PROFILE_VERSION = 3
 PeakFn = Callable[[Choices], "PeakRecord | int"]
 Batches = Sequence[tuple[Tensor, Tensor]]
 
@@ -177,18 +178,29 @@ def capture(model: nn.Module, names: Sequence[str], x: Tensor, y: Tensor):
     return inputs, grads
 
 
+def level_ranks(svds: Sequence[Sequence[tuple[Tensor, Tensor]]], shape: Sequence[int],
+                levels: Sequence[float]) -> dict[str, list[int]]:
+    """Ranks per choice key: per level the max over batches of each mode's HOSVD_eps rank (never
+    under-compress the worst batch); its keep_batch twin (asi@<level>:b) the same with rank[0] =
+    the batch size (the batch mode kept whole)."""
+    out = {}
+    for lv in levels:
+        r = [max(eps_rank(sv[m][0], lv) for sv in svds) for m in range(len(shape))]
+        out[level_key(lv)] = r
+        out[level_key(lv, True)] = [int(shape[0])] + r[1:]
+    return out
+
+
 def layer_profile(name: str, module: nn.Module, xs: Sequence[Tensor], gs: Sequence[Tensor],
-                  space: SearchSpace) -> LayerProfile:
+                  space: SearchSpace, *, head: bool = False) -> LayerProfile:
     """One layer's ranks per level and sensitivity per choice from its captured inputs xs and
-    output gradients gs (one per calibration batch)."""
+    output gradients gs (one per calibration batch). head: the last candidate (space.head rule)."""
     svds = [mode_svds(x) for x in xs]
-    modes = range(xs[0].dim())
-    # ranks per level: the max over batches (never under-compress the worst batch)
-    ranks = {level_key(lv): [max(eps_rank(sv[m][0], lv) for sv in svds) for m in modes]
-             for lv in space.levels}
+    ranks = level_ranks(svds, xs[0].shape, space.levels)
     exact = [weight_grad(module, x, g) for x, g in zip(xs, gs)]
     sens: dict[str, float] = {}
-    for ck in space.layer_choices(name):
+    choices = space.layer_choices(name, head=head)
+    for ck in choices:
         kind, _ = parse_choice_key(ck)
         if kind == "full":
             sens[ck] = 0.0
@@ -199,7 +211,7 @@ def layer_profile(name: str, module: nn.Module, xs: Sequence[Tensor], gs: Sequen
                     for x, g, sv, gw in zip(xs, gs, svds, exact)]
             sens[ck] = sum(errs) / len(errs)
     return LayerProfile(name=name, kind="conv" if isinstance(module, nn.Conv2d) else "linear",
-                        input_shape=list(xs[0].shape), choices=space.layer_choices(name),
+                        input_shape=list(xs[0].shape), choices=choices,
                         ranks={k: v for k, v in ranks.items() if k in sens}, sensitivity=sens)
 
 
@@ -231,7 +243,8 @@ def profile_layers(model: nn.Module, batches: Batches, space: SearchSpace, *,
         for name in names:
             bar.update(task, description=f"profiling {name}")
             layers.append(layer_profile(name, mods[name], [c[0][name] for c in captured],
-                                        [c[1][name] for c in captured], space))
+                                        [c[1][name] for c in captured], space,
+                                        head=name == names[-1]))
             bar.advance(task)
     prof = Profile(key=key or "", space=space.to_dict(), layers=layers)
     if peak_fn is not None:

@@ -20,6 +20,10 @@ from optuna.trial import FrozenTrial, TrialState
 from autorank.units import MB
 
 RECORD_ATTR = "autorank"  # the user attr holding a trial's record
+# Study user attrs (refit.py): refit results {trial number (str): {accuracy, steps, seed, hparams}}
+# and the reference points {name: {choices, accuracy, steps, peak_bytes, over_budget, ...}}.
+REFIT_ATTR = "refit"
+REFERENCE_ATTR = "references"
 DIRECTIONS = ("maximize", "minimize", "minimize")
 OBJECTIVE_NAMES = ("val_accuracy", "peak_mb", "train_flops")
 
@@ -29,10 +33,12 @@ class TrialRecord:
     number: int
     state: str  # complete | infeasible | failed | running | waiting
     choices: dict[str, str] = field(default_factory=dict)
+    hparams: dict[str, float] = field(default_factory=dict)  # searched trainer settings (lr, ...)
     plan: dict | None = None  # Plan.to_dict(), no fingerprint (export_plan stamps it)
     val_accuracy: float | None = None
     train_loss: float | None = None
     epochs: int | None = None
+    steps: int | None = None  # SGD steps of the trial (proxy fidelity)
     predicted_peak_bytes: int | None = None
     predicted_activation_bytes: int | None = None
     measured_activation_bytes: int | None = None
@@ -46,6 +52,8 @@ class TrialRecord:
     duplicate_of: int | None = None  # an earlier trial of the same plan whose figures it reuses
     cost_model_mismatch: list[str] = field(default_factory=list)
     on_front: bool = False
+    refit_accuracy: float | None = None  # at full fidelity (study user attr `refit`), when refit
+    refit_steps: int | None = None
 
     @property
     def peak_mb(self) -> float | None:
@@ -64,12 +72,14 @@ class TrialRecord:
         """The stored form: the fields that are set, less those the trial itself holds."""
         d = dataclasses.asdict(self)
         return {k: v for k, v in d.items()
-                if k not in ("number", "on_front") and v is not None and v != []}
+                if k not in ("number", "on_front", "refit_accuracy", "refit_steps")
+                and v is not None and v != [] and v != {}}
 
     @classmethod
     def from_frozen(cls, t: FrozenTrial, *, on_front: bool = False) -> TrialRecord:
         a = {**t.user_attrs, **(t.user_attrs.get(RECORD_ATTR) or {})}
-        known = {f.name for f in dataclasses.fields(cls)} - {"number", "state", "on_front"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"number", "state", "on_front",
+                                                             "refit_accuracy", "refit_steps"}
         rec = cls(number=t.number, state=_state(t, a.get("state")), on_front=on_front,
                   **{k: v for k, v in a.items() if k in known})
         rec.choices = dict(rec.choices or t.params)
@@ -89,10 +99,18 @@ def _state(t: FrozenTrial, stored: str | None) -> str:
 
 
 def records_from_study(study: optuna.Study) -> list[TrialRecord]:
-    """Every trial of the study, `on_front` set from study.best_trials."""
+    """Every trial of the study, `on_front` set from study.best_trials, the refit figures from
+    the study's `refit` attr."""
     front = {t.number for t in study.best_trials}
-    return [TrialRecord.from_frozen(t, on_front=t.number in front)
-            for t in study.get_trials(deepcopy=False)]
+    refit = study.user_attrs.get(REFIT_ATTR) or {}
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        rec = TrialRecord.from_frozen(t, on_front=t.number in front)
+        r = refit.get(str(t.number))
+        if r is not None:
+            rec.refit_accuracy, rec.refit_steps = float(r["accuracy"]), r.get("steps")
+        out.append(rec)
+    return out
 
 
 def records_from_storage(storage: str, study_name: str) -> list[TrialRecord]:
@@ -106,4 +124,12 @@ def front_of(records: Sequence[TrialRecord]) -> list[TrialRecord]:
 def best_of(front: Sequence[TrialRecord]) -> TrialRecord | None:
     """Highest accuracy; ties: less memory, then fewer FLOPs, then the earlier trial."""
     return min(front, key=lambda r: (-r.val_accuracy, r.predicted_peak_bytes, r.flops, r.number),
+               default=None)
+
+
+def best_refit(records: Sequence[TrialRecord]) -> TrialRecord | None:
+    """Highest refit accuracy among the feasible refit trials; ties: less memory, then fewer
+    FLOPs, then the earlier trial. None when none was refit."""
+    done = [r for r in records if r.feasible and r.refit_accuracy is not None]
+    return min(done, key=lambda r: (-r.refit_accuracy, r.predicted_peak_bytes, r.flops, r.number),
                default=None)

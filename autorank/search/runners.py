@@ -35,6 +35,10 @@ class OptunaSearch:
     storage: str | None = None
     study_name: str | None = None
     max_epochs: int | None = None
+    trial_steps: int | None = None
+    refit_steps: int | None = None
+    refit_top: int = 3
+    references: bool = True
     warm_start: bool = True
     n_calibration_batches: int = 2
     name: str = "optuna"
@@ -44,7 +48,8 @@ class OptunaSearch:
         return StudySettings(
             n_trials=self.n_trials, n_trials_total=self.n_trials_total, timeout=self.timeout,
             storage=self.storage, study_name=self.study_name, max_epochs=self.max_epochs,
-            warm_start=self.warm_start, n_calibration_batches=self.n_calibration_batches,
+            trial_steps=self.trial_steps, refit_steps=self.refit_steps, refit_top=self.refit_top,
+            references=self.references, warm_start=self.warm_start, n_calibration_batches=self.n_calibration_batches,
             run_dir=run_dir, export_path=export_path, cache_dir=cache_dir, progress=progress)
 
     def run(self, workload: Workload, device: Device, *,

@@ -8,15 +8,22 @@ file of your own is `space.path=/abs/my_space.yaml`. A space file:
     first: 8                 # and the first 8 (where the large activations are)
     spread: 4                # and 4 more, evenly spaced over the layers in between
     # layers: [features.17.conv.2, classifier.1]   # or explicit module names (wins over `last`)
-    choices: [frozen, full, asi]                   # asi expands to one choice per level
-    levels: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]   # HOSVD_eps explained-variance levels
+    choices: [frozen, full, asi]                   # asi expands to one choice per level and variant
+    levels: [0.8, 0.9, 0.95]                       # HOSVD_eps explained-variance levels
+    variants: [all, keep_batch]    # all: the level on every mode (asi@0.9); keep_batch: the batch
+                                   # mode kept whole, rank[0] = B (asi@0.9:b)
+    head: full                     # the last candidate (the fresh classifier) is always `full`
+                                   # (never frozen, never ASI); `search`: searched like the others
+    hparams:                       # trainer settings searched with the plan (Optuna suggest_float)
+      lr: {low: 0.003, high: 0.1, log: true}
     overrides:                                     # per-layer choice lists (module name -> choices)
       classifier.1: [full, asi]
     bn: frozen
     lean: true
 
-A choice key is a string: `frozen`, `full` or `asi@<level>` (e.g. `asi@0.8`); the ASI ranks of a
-level come from the profile (HOSVD_eps ranks on calibration batches).
+A choice key is a string: `frozen`, `full`, `asi@<level>` (e.g. `asi@0.8`) or `asi@<level>:b`
+(the level's ranks with the batch mode kept whole); the ASI ranks come from the profile (HOSVD_eps
+ranks on calibration batches).
 """
 
 from __future__ import annotations
@@ -35,19 +42,28 @@ from autorank.plan import candidate_layers
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "conf" / "space"  # the `space` config group
 BASE_CHOICES = ("frozen", "full", "asi")
+VARIANTS = ("all", "keep_batch")  # which ASI rank variants a space offers
+KEEP_BATCH = ":b"  # choice-key suffix of the keep_batch variant
+HEAD_RULES = ("full", "search")
+HPARAM_KEYS = ("lr", "momentum", "weight_decay")  # trainer settings Workload.finetune overrides
 
 
-def level_key(level: float) -> str:
-    return f"asi@{float(level):g}"
+def level_key(level: float, keep_batch: bool = False) -> str:
+    return f"asi@{float(level):g}" + (KEEP_BATCH if keep_batch else "")
 
 
 def parse_choice_key(key: str) -> tuple[str, float | None]:
-    """'asi@0.8' -> ('asi', 0.8); 'full' -> ('full', None)."""
+    """'asi@0.8' -> ('asi', 0.8); 'asi@0.8:b' -> ('asi', 0.8); 'full' -> ('full', None)."""
     if key.startswith("asi@"):
-        return "asi", float(key[4:])
+        return "asi", float(key[4:].removesuffix(KEEP_BATCH))
     if key in ("frozen", "full"):
         return key, None
-    raise ConfigError(f"unknown choice {key!r}: expected frozen, full or asi@<level>")
+    raise ConfigError(f"unknown choice {key!r}: expected frozen, full, asi@<level> or asi@<level>:b")
+
+
+def keeps_batch(key: str) -> bool:
+    """Whether an ASI choice key keeps the batch mode whole (rank[0] = B)."""
+    return key.startswith("asi@") and key.endswith(KEEP_BATCH)
 
 
 def conv_linear_layers(model: nn.Module) -> list[str]:
@@ -63,10 +79,13 @@ class SearchSpace:
     spread: int = 0
     layers: tuple[str, ...] | None = None
     choices: tuple[str, ...] = BASE_CHOICES
-    levels: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    levels: tuple[float, ...] = (0.8, 0.9, 0.95)
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     bn: str = "frozen"
     lean: bool = True
+    variants: tuple[str, ...] = ("all",)
+    head: str = "full"
+    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {low, high, log}
 
     def __post_init__(self) -> None:
         for c in list(self.choices) + [c for cs in self.overrides.values() for c in cs]:
@@ -78,17 +97,29 @@ class SearchSpace:
             raise ConfigError(f"space {self.name!r}: give `layers` or `last` >= 1")
         if any(not 0.0 < lv <= 1.0 for lv in self.levels):
             raise ConfigError(f"space {self.name!r}: levels must lie in (0, 1], got {self.levels}")
+        if not self.variants or any(v not in VARIANTS for v in self.variants):
+            raise ConfigError(f"space {self.name!r}: variants must be some of {VARIANTS}, got {self.variants}")
+        if self.head not in HEAD_RULES:
+            raise ConfigError(f"space {self.name!r}: head must be one of {HEAD_RULES}, got {self.head!r}")
+        for k, r in self.hparams.items():
+            if k not in HPARAM_KEYS or not {"low", "high"} <= set(r) or not set(r) <= {"low", "high", "log"}:
+                raise ConfigError(f"space {self.name!r}: hparams.{k}: expected one of {HPARAM_KEYS} "
+                                  f"with {{low, high, log}}, got {r}")
+            if not 0 <= float(r["low"]) <= float(r["high"]) or (r.get("log") and float(r["low"]) <= 0):
+                raise ConfigError(f"space {self.name!r}: hparams.{k}: need 0 <= low <= high (low > 0 if log)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SearchSpace":
         d = dict(d)
-        known = {"name", "last", "first", "spread", "layers", "choices", "levels", "overrides", "bn", "lean"}
+        known = {"name", "last", "first", "spread", "layers", "choices", "levels", "overrides", "bn",
+                 "lean", "variants", "head", "hparams"}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"search space: unknown keys {sorted(unknown)}; known: {sorted(known)}")
         if d.get("layers") is not None:
             d["layers"] = tuple(d["layers"])
-        for k in ("choices", "levels"):
+        d["hparams"] = {k: dict(v) for k, v in (d.get("hparams") or {}).items()}
+        for k in ("choices", "levels", "variants"):
             if k in d:
                 d[k] = tuple(float(x) for x in d[k]) if k == "levels" else tuple(d[k])
         d["overrides"] = {k: tuple(v) for k, v in (d.get("overrides") or {}).items()}
@@ -119,7 +150,8 @@ class SearchSpace:
             "layers": list(self.layers) if self.layers is not None else None,
             "choices": list(self.choices), "levels": list(self.levels),
             "overrides": {k: list(v) for k, v in sorted(self.overrides.items())},
-            "bn": self.bn, "lean": self.lean,
+            "bn": self.bn, "lean": self.lean, "variants": list(self.variants), "head": self.head,
+            "hparams": {k: dict(v) for k, v in sorted(self.hparams.items())},
         }
 
     @property
@@ -150,12 +182,26 @@ class SearchSpace:
             picked |= {middle[round(i * (len(middle) - 1) / max(k - 1, 1))] for i in range(k)}
         return [n for n in names if n in picked]
 
-    def layer_choices(self, layer: str) -> list[str]:
-        """Expanded choice keys of one layer: frozen, full, asi@<level>..."""
+    def layer_choices(self, layer: str, *, head: bool = False) -> list[str]:
+        """Expanded choice keys of one layer: frozen, full, asi@<level>, asi@<level>:b... The
+        head (the last candidate, a freshly initialised classifier) is only `full` under the
+        `head: full` rule: a frozen fresh head stays random, ASI on it only cost accuracy."""
+        if head and self.head == "full":
+            return ["full"]
         out: list[str] = []
         for c in self.overrides.get(layer, self.choices):
-            out.extend(level_key(lv) for lv in self.levels) if c == "asi" else out.append(c)
+            if c != "asi":
+                out.append(c)
+                continue
+            for lv in self.levels:
+                out.extend(level_key(lv, v == "keep_batch") for v in self.variants)
         return out
+
+    def hparam_defaults(self, defaults: Mapping[str, float]) -> dict[str, float]:
+        """The warm-start value of each searched hparam: `defaults` (the trainer's), clipped into
+        the hparam's range."""
+        return {k: min(max(float(defaults[k]), float(r["low"])), float(r["high"]))
+                for k, r in self.hparams.items() if k in defaults}
 
 
 def load_space(space: "str | Path | SearchSpace | Mapping[str, Any]") -> SearchSpace:

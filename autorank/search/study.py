@@ -34,8 +34,10 @@ from autorank.search.planfile import export_plan
 from autorank.search.profile import Profile, profile_workload
 from autorank.search.progress import progress_bar
 from autorank.search.protocols import Device, Tracker, Workload, device_summary
-from autorank.search.records import (DIRECTIONS, OBJECTIVE_NAMES, TrialRecord, best_of, front_of,
-                                     records_from_study)
+from autorank.search.budget import is_plain
+from autorank.search.records import (DIRECTIONS, OBJECTIVE_NAMES, TrialRecord, best_of, best_refit,
+                                     front_of, records_from_study)
+from autorank.search.refit import refit_references, refit_trials
 from autorank.search.space import SearchSpace
 from autorank.search.trial import PlanTrial, TimeSplit
 from autorank.search.warmstart import warm_start_plans
@@ -51,6 +53,10 @@ class StudySettings:
     storage: str | None = None  # any Optuna storage URL; None: sqlite:///<run_dir>/optuna.db
     study_name: str | None = None  # None: default_study_name (the same command resumes)
     max_epochs: int | None = None  # None: the workload's own
+    trial_steps: int | None = None  # SGD steps per trial (proxy fidelity); None: max_epochs epochs
+    refit_steps: int | None = None  # full fidelity (trainer.steps); None: no refit, export by proxy
+    refit_top: int = 3  # front plans refit (by proxy accuracy), plus the best plain-only plan
+    references: bool = True  # refit the plain reference and the head alone (with refit_steps)
     warm_start: bool = True
     n_calibration_batches: int = 2
     run_dir: str | Path = "."  # front/ plan files (and the default storage)
@@ -82,6 +88,9 @@ class StudyResult:
     time_split_s: dict[str, float] = field(default_factory=dict)  # profile, predict, train, log
     plan_files: dict[int, Path] = field(default_factory=dict)
     study: optuna.Study | None = field(default=None, repr=False, compare=False)
+    best_plain: TrialRecord | None = None  # the best plain-only feasible trial (by refit, else proxy)
+    references: dict[str, dict] = field(default_factory=dict)  # refit.refit_references
+    refit_steps: int | None = None
 
 
 def default_study_name(device_name: str, space: SearchSpace, key: Mapping[str, Any]) -> str:
@@ -165,21 +174,31 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
                 "space": space.to_dict(), "sampler": type(study.sampler).__name__, "storage": storage,
                 "study_name": name, "n_trials": settings.n_trials, "timeout": settings.timeout,
                 "profile_key": profile.key})
+    hp0 = space.hparam_defaults(workload.finetune_settings().to_dict())  # warm starts: the trainer's
     if settings.warm_start and n_new > 0:
         with times.timed("predict"):
             for src, ch in warm_start_plans(profile, budget, cost):
-                study.enqueue_trial(ch, user_attrs={"source": src}, skip_if_exists=True)
-    plan_meta = {"budget_bytes": budget, "device": device.name, "study": name,
-                 "finetune": workload.finetune_settings(settings.max_epochs).to_dict()}
+                study.enqueue_trial({**ch, **hp0}, user_attrs={"source": src}, skip_if_exists=True)
+    plan_meta = {"budget_bytes": budget, "device": device.name, "study": name}
     objective = PlanTrial(workload, device, profile, cost, plan_meta=plan_meta,
-                          max_epochs=settings.max_epochs, times=times, done=finished)
+                          max_epochs=settings.max_epochs, times=times, done=finished,
+                          hparams=space.hparams, steps=settings.trial_steps)
     with progress_bar(settings.progress) as bar:
         logger = TrialLogger(study, bar, bar.add_task("trials", total=n_new), tracker, times)
         if n_new > 0:
             study.optimize(objective, n_trials=n_new, timeout=settings.timeout, callbacks=[logger],
                            catch=(Exception,), gc_after_trial=False, show_progress_bar=False)
+    refs = {}
+    if settings.refit_steps:
+        with times.timed("train"):
+            refit_trials(study, workload, records_from_study(study), steps=settings.refit_steps,
+                         top=settings.refit_top)
+            if settings.references:
+                refs = refit_references(study, workload, profile, cost, budget_bytes=budget,
+                                        steps=settings.refit_steps, hparams=hp0, plan_meta=plan_meta)
     with times.timed("log"):
         result = write_plans(study, workload, settings, storage, budget)
+    result.references = refs
     result.n_new, result.time_split_s = n_new, times.as_dict()
     result.wall_s = time.perf_counter() - t_start
     if tracker is not None:
@@ -191,17 +210,28 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
 def write_plans(study: optuna.Study, workload: Workload, settings: StudySettings, storage: str,
                 budget: int) -> StudyResult:
     """Read the trials and the front back from storage; write every front plan under
-    <run_dir>/front/ and the best one to settings.export_path."""
+    <run_dir>/front/ and the best one to settings.export_path: the best refit plan when plans
+    were refit (its plan file then records the refit's steps), else the best proxy one."""
     trials = records_from_study(study)
     front = front_of(trials)
-    best = best_of(front)
+    refit = settings.refit_steps and best_refit(trials)
+    best = refit or best_of(front)
+    plain = [r for r in trials if r.feasible and is_plain(r.choices)]
+    best_plain = (best_refit(plain) if refit else None) or best_of(plain)
+
+    def meta(r: TrialRecord) -> dict:
+        m: dict = {"val_accuracy": r.val_accuracy}
+        if r.refit_accuracy is not None:
+            m.update(refit_accuracy=r.refit_accuracy, finetune=workload.finetune_settings(
+                max_steps=r.refit_steps, **r.hparams).to_dict())
+        return m
+
     plan_files = {r.number: export_plan(r.plan, Path(settings.run_dir) / "front" / f"trial_{r.number:04d}.yaml",
-                                        workload.model, meta={"val_accuracy": r.val_accuracy})
+                                        workload.model, meta=meta(r))
                   for r in front}
     out = None
     if best is not None and settings.export_path is not None:
-        out = export_plan(best.plan, settings.export_path, workload.model,
-                          meta={"val_accuracy": best.val_accuracy})
+        out = export_plan(best.plan, settings.export_path, workload.model, meta=meta(best))
     return StudyResult(study_name=study.study_name, storage=storage, budget_bytes=budget,
                        trials=trials, front=front, best=best, export_path=out, plan_files=plan_files,
-                       study=study)
+                       study=study, best_plain=best_plain, refit_steps=settings.refit_steps)

@@ -72,26 +72,33 @@ class PlanTrial:
 
     def __init__(self, workload: Workload, device: Device, profile: Profile, cost: CostModel, *,
                  plan_meta: Mapping[str, Any], max_epochs: int | None = None,
-                 times: TimeSplit | None = None, done: Iterable[TrialRecord] = ()):
+                 times: TimeSplit | None = None, done: Iterable[TrialRecord] = (),
+                 hparams: Mapping[str, Mapping[str, Any]] | None = None, steps: int | None = None):
+        """hparams: the space's searched trainer settings {name: {low, high, log}}; steps: SGD
+        steps per trial (proxy fidelity; None: max_epochs epochs)."""
         self.workload, self.device, self.profile, self.cost = workload, device, profile, cost
         self.plan_meta, self.max_epochs = dict(plan_meta), max_epochs
+        self.hparams, self.steps = {k: dict(v) for k, v in (hparams or {}).items()}, steps
         self.times = times or TimeSplit()
         self.names = profile.layer_names
         self.trained: dict[tuple[str, ...], TrialRecord] = {}
         for r in done:
             self.remember(r)
 
-    def key(self, choices: Mapping[str, str]) -> tuple[str, ...]:
-        return tuple(choices.get(n, "frozen") for n in self.names)
+    def key(self, choices: Mapping[str, str], hparams: Mapping[str, float]) -> tuple:
+        """Two trials are the same plan when their choices and hparams match."""
+        return tuple(choices.get(n, "frozen") for n in self.names) + tuple(sorted(hparams.items()))
 
     def remember(self, rec: TrialRecord) -> None:
         """A complete, trained trial: later trials of the same plan reuse its figures."""
         if rec.state == "complete" and rec.duplicate_of is None:
-            self.trained.setdefault(self.key(rec.choices), rec)
+            self.trained.setdefault(self.key(rec.choices, rec.hparams), rec)
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
         choices = {n: trial.suggest_categorical(n, self.profile.layer(n).choices) for n in self.names}
-        rec = TrialRecord(number=trial.number, state="running", choices=choices)
+        hp = {k: trial.suggest_float(k, float(r["low"]), float(r["high"]), log=bool(r.get("log", False)))
+              for k, r in self.hparams.items()}
+        rec = TrialRecord(number=trial.number, state="running", choices=choices, hparams=hp)
         t0 = time.perf_counter()
         try:
             plan = self.predict(rec)
@@ -110,7 +117,9 @@ class PlanTrial:
     def predict(self, rec: TrialRecord) -> Plan:
         """The plan and its predicted cost; state infeasible when over budget or training nothing."""
         with self.times.timed("predict"):
-            plan = self.profile.to_plan(rec.choices, meta={**self.plan_meta, "trial": rec.number})
+            ft = self.workload.finetune_settings(self.max_epochs, max_steps=self.steps, **rec.hparams)
+            plan = self.profile.to_plan(rec.choices, meta={**self.plan_meta, "trial": rec.number,
+                                                           "finetune": ft.to_dict()})
             peak = self.cost.peak(rec.choices)
             rec.predicted_peak_bytes = int(peak.total_bytes)
             rec.predicted_activation_bytes = int(peak.activation_bytes)
@@ -132,17 +141,19 @@ class PlanTrial:
 
     def fit(self, rec: TrialRecord, plan: Plan) -> None:
         """Fine-tune the plan (or reuse an earlier trial of the same plan) into `rec`."""
-        prev = self.trained.get(self.key(rec.choices))
+        prev = self.trained.get(self.key(rec.choices, rec.hparams))
         if prev is not None:
             rec.state, rec.val_accuracy, rec.duplicate_of = "complete", prev.val_accuracy, prev.number
             rec.measured_activation_bytes = prev.measured_activation_bytes
             return
         with self.times.timed("train"):
-            res = self.workload.finetune(plan, max_epochs=self.max_epochs, progress=False)
+            res = self.workload.finetune(plan, max_epochs=None if self.steps else self.max_epochs,
+                                         max_steps=self.steps, progress=False, **rec.hparams)
         acc = float(res.val_accuracy)
         if not math.isfinite(acc):
             raise ValueError(f"validation accuracy is {acc}")
         rec.state, rec.val_accuracy, rec.train_loss, rec.epochs = "complete", acc, res.train_loss, res.epochs
+        rec.steps = self.steps
         rec.measured_activation_bytes, rec.measured_flops = res.measured_activation_bytes, res.measured_flops
         rec.train_wall_s = res.train_wall_s
         rec.cost_model_mismatch = cost_model_mismatches(rec)

@@ -18,6 +18,11 @@ def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> li
     fit (k = 1..N)."""
     names = profile.layer_names
     out: list[tuple[str, dict]] = []
+
+    def rest(n: str) -> str:  # a layer a uniform plan leaves out: frozen, or `full` (the head rule)
+        cs = profile.layer(n).choices
+        return "frozen" if "frozen" in cs else ("full" if "full" in cs else cs[0])
+
     try:
         out.append(("knapsack", knapsack(profile, budget_bytes, cost.peak).choices))
     except BudgetTooSmall as e:
@@ -29,7 +34,7 @@ def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> li
         key = level_key(lv)
         ch = {n: key for n in names if key in profile.layer(n).choices}
         if ch:
-            out.append((f"uniform {key}", {n: ch.get(n, "frozen") for n in names}))
+            out.append((f"uniform {key}", {n: ch.get(n, rest(n)) for n in names}))
     for k in range(1, len(names) + 1):
         ch = {n: ("full" if i >= len(names) - k else "frozen") for i, n in enumerate(names)}
         if all(c in profile.layer(n).choices for n, c in ch.items()) and \

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import optuna
@@ -21,7 +21,8 @@ from optuna.trial import FrozenTrial
 from autorank.plan.plan import atomic_write  # torch + yaml only: one atomic-write helper
 from autorank.units import MB
 
-COLUMNS = ("trial", "state", "on_front", "val_accuracy", "peak_mb", "predicted_peak_bytes",
+COLUMNS = ("trial", "state", "on_front", "val_accuracy", "refit_accuracy", "steps", "refit_steps",
+           "hparams", "peak_mb", "predicted_peak_bytes",
            "predicted_activation_bytes", "measured_activation_bytes", "train_flops", "step_time_s",
            "wall_s", "source", "choices")
 TARGET_NAMES = ["predicted peak training memory (MB)", "validation accuracy"]
@@ -32,7 +33,10 @@ def rows(records: Sequence) -> list[dict]:
     for r in records:
         out.append({
             "trial": r.number, "state": r.state, "on_front": bool(r.on_front),
-            "val_accuracy": r.val_accuracy, "peak_mb": r.peak_mb,
+            "val_accuracy": r.val_accuracy, "refit_accuracy": r.refit_accuracy, "steps": r.steps,
+            "refit_steps": r.refit_steps,
+            "hparams": " ".join(f"{k}={v:.4g}" for k, v in sorted(r.hparams.items())),
+            "peak_mb": r.peak_mb,
             "predicted_peak_bytes": r.predicted_peak_bytes,
             "predicted_activation_bytes": r.predicted_activation_bytes,
             "measured_activation_bytes": r.measured_activation_bytes, "train_flops": r.flops,
@@ -66,8 +70,15 @@ def reference_points(records: Sequence) -> list[tuple[str, float, float]]:
             if r.source and r.state in ("complete", "infeasible") and r.peak_mb is not None]
 
 
+def refit_points(references: Mapping[str, Mapping]) -> list[tuple[str, float, float]]:
+    """(label, peak MB, refit accuracy) of the refit reference points (plain reference, head
+    alone): the label says `over budget` where it does not fit."""
+    return [(name + (" (over budget)" if r.get("over_budget") else ""), r["peak_bytes"] / MB,
+             r["accuracy"]) for name, r in references.items()]
+
+
 def plot_html(study: optuna.Study, records: Sequence, budget_bytes: int, path: Path,
-              title: str = "") -> None:
+              title: str = "", references: Mapping[str, Mapping] | None = None) -> None:
     import plotly.graph_objects as go
 
     fig = optuna.visualization.plot_pareto_front(study, targets=memory_and_accuracy,
@@ -76,6 +87,12 @@ def plot_html(study: optuna.Study, records: Sequence, budget_bytes: int, path: P
     fig.add_trace(go.Scatter(x=[x for _, x, _ in refs], y=[y for *_, y in refs], text=[s for s, *_ in refs],
                              mode="markers+text", textposition="top center", name="reference plans",
                              marker=dict(symbol="diamond-open", size=14, color="black")))
+    refit = refit_points(references or {})
+    if refit:
+        fig.add_trace(go.Scatter(x=[x for _, x, _ in refit], y=[y for *_, y in refit],
+                                 text=[s for s, *_ in refit], mode="markers+text",
+                                 textposition="bottom center", name="references (refit)",
+                                 marker=dict(symbol="star", size=14, color="crimson")))
     fig.add_vline(x=budget_bytes / MB, line_dash="dash", line_color="black",
                   annotation_text=f"budget {budget_bytes / MB:.1f} MB")
     fig.update_layout(title=title or "accuracy vs predicted peak training memory")
@@ -83,7 +100,7 @@ def plot_html(study: optuna.Study, records: Sequence, budget_bytes: int, path: P
 
 
 def plot_png(study: optuna.Study, records: Sequence, budget_bytes: int, path: Path,
-             title: str = "") -> None:
+             title: str = "", references: Mapping[str, Mapping] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,6 +116,12 @@ def plot_png(study: optuna.Study, records: Sequence, budget_bytes: int, path: Pa
                edgecolors="black", s=70, label="reference plans")
     for label, x, y in refs:
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
+    refit = refit_points(references or {})
+    if refit:
+        ax.scatter([x for _, x, _ in refit], [y for *_, y in refit], marker="*", color="crimson", s=120,
+                   label="references (refit)")
+        for label, x, y in refit:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, -12), fontsize=7)
     ax.axvline(budget_bytes / MB, color="k", ls="--", label=f"budget {budget_bytes / MB:.1f} MB")
     ax.set_title(title or "accuracy vs peak memory")
     ax.legend(loc="best", fontsize=8)

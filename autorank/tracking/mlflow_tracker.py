@@ -155,7 +155,8 @@ class MlflowTracker:
         tags = [RunTag(k, str(v)[:5000]) for k, v in (("fail_reason", rec.fail_reason),
                 ("source", rec.source), ("duplicate_of", rec.duplicate_of)) if v is not None]
         c.log_batch(rid, metrics=self._metrics(rid, metrics),
-                    params=[Param(k[:250], v) for k, v in rec.choices.items()], tags=tags)
+                    params=[Param(k[:250], v) for k, v in rec.choices.items()] +
+                    [Param(f"hparam.{k}"[:250], f"{v:.6g}") for k, v in rec.hparams.items()], tags=tags)
         c.set_terminated(rid, RunStatus.to_string(RunStatus.FAILED if rec.state == "failed"
                                                   else RunStatus.FINISHED))
         return rid
@@ -165,6 +166,7 @@ class MlflowTracker:
 
         import optuna
 
+        from autorank.tracking.budget_plot import plot_curve_png, study_budget_curve, write_curve_csv
         from autorank.tracking.front import plot_html, plot_png, write_table
 
         c = self.client
@@ -190,7 +192,15 @@ class MlflowTracker:
                    **{f"time_{k}_s": v for k, v in result.time_split_s.items()}}
         if best is not None:
             summary.update(best_val_accuracy=best.val_accuracy, best_peak_mb=best.peak_mb,
-                           best_train_flops=best.flops, best_trial=best.number)
+                           best_train_flops=best.flops, best_trial=best.number,
+                           best_refit_accuracy=best.refit_accuracy)
+        if result.best_plain is not None:
+            summary.update(best_plain_refit_accuracy=result.best_plain.refit_accuracy,
+                           best_plain_val_accuracy=result.best_plain.val_accuracy)
+        for name, ref in (result.references or {}).items():
+            key = name.replace(" ", "_")
+            summary.update({f"{key}_refit_accuracy": ref["accuracy"],
+                            f"{key}_peak_mb": ref["peak_bytes"] / MB})
         c.log_batch(pid, metrics=self._metrics(pid, summary),
                     tags=[RunTag("best_trial", str(best.number if best else None))])
         with tempfile.TemporaryDirectory() as tmp:
@@ -199,10 +209,17 @@ class MlflowTracker:
             write_table(result.trials, tmp / "trials.csv", tmp / "trials.json")
             title = f"{result.study_name}: accuracy vs predicted peak memory"
             study = result.study or optuna.load_study(study_name=result.study_name, storage=result.storage)
-            plot_html(study, result.trials, result.budget_bytes, tmp / "front.html", title)
-            plot_png(study, result.trials, result.budget_bytes, tmp / "front.png", title)
+            refs = result.references or {}
+            plot_html(study, result.trials, result.budget_bytes, tmp / "front.html", title, refs)
+            plot_png(study, result.trials, result.budget_bytes, tmp / "front.png", title, refs)
             for name in ("front.csv", "front.json", "trials.csv", "trials.json", "front.html", "front.png"):
                 c.log_artifact(pid, str(tmp / name), artifact_path="front")
+            curve = study_budget_curve(result.trials, result.budget_bytes)
+            write_curve_csv(curve, tmp / "budget_curve.csv")
+            plot_curve_png(curve, result.budget_bytes, tmp / "budget_curve.png",
+                           f"{result.study_name}: best accuracy vs budget")
+            for name in ("budget_curve.csv", "budget_curve.png"):
+                c.log_artifact(pid, str(tmp / name), artifact_path="budget")
         for n, p in sorted(plan_files.items()):
             c.log_artifact(pid, str(p), artifact_path="front/plans")
         if result.export_path is not None:

@@ -40,6 +40,7 @@ class TrainerConfig:
     """conf/trainer: fine-tuning (per trial) and upstream pretraining settings."""
 
     max_epochs: int = 10
+    steps: int | None = None  # SGD steps of a full-fidelity fine-tune (what the device runs); None: epochs
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -196,17 +197,25 @@ class Workload:
             out.append(batch)
         return out
 
-    def finetune_settings(self, max_epochs: int | None = None):
+    def finetune_settings(self, max_epochs: int | None = None, *, max_steps: int | None = None,
+                          lr: float | None = None, momentum: float | None = None,
+                          weight_decay: float | None = None):
         """How `finetune` trains a plan (autorank.plan.plan.FineTuneSettings), for the plan file:
-        the model factory and kwargs (torch only), the device batch shape, lr, momentum, seed."""
+        the model factory and kwargs (torch only), the device batch shape, lr, momentum, seed, and
+        the length (max_steps, else trainer.steps, else epochs). lr, momentum, weight_decay:
+        overrides of the trainer's (a trial's searched hparams)."""
         from autorank.plan.plan import FineTuneSettings
 
         k, t = self.spec.key(), self.trainer
         module, _, fn = k["factory"].rpartition(".")
+        steps = max_steps if max_steps is not None else (t.steps if max_epochs is None else None)
         return FineTuneSettings(
             model_factory=f"{module}:{fn}", model_kwargs={**k["kwargs"], "num_classes": self.num_classes},
-            input_shape=self.input_shape, lr=float(t.lr), momentum=float(t.momentum), seed=int(t.seed),
-            epochs=int(max_epochs if max_epochs is not None else t.max_epochs))
+            input_shape=self.input_shape, lr=float(t.lr if lr is None else lr),
+            momentum=float(t.momentum if momentum is None else momentum), seed=int(t.seed),
+            weight_decay=float(t.weight_decay if weight_decay is None else weight_decay),
+            epochs=None if steps else int(max_epochs if max_epochs is not None else t.max_epochs),
+            max_steps=int(steps) if steps else None)
 
     # --- one trial -----------------------------------------------------------------------------
     def _features(self, prefix: nn.Module, cut: str, part: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,15 +244,20 @@ class Workload:
         return self.features.get(key(n), nn.Sequential(*blocks[start:]), batches)
 
     def finetune(self, plan: Any, *, max_epochs: int | None = None, progress: bool | None = None,
-                 max_steps: int | None = None, eval_steps: Iterable[int] = ()) -> FineTuneResult:
-        """Fine-tune `plan` for max_epochs (default trainer.max_epochs) or, when max_steps is given,
-        for exactly that many SGD steps (epochs as many as it takes). eval_steps: optimizer steps
+                 max_steps: int | None = None, eval_steps: Iterable[int] = (), lr: float | None = None,
+                 momentum: float | None = None, weight_decay: float | None = None) -> FineTuneResult:
+        """Fine-tune `plan` for max_epochs or, when max_steps is given, for exactly that many SGD
+        steps (epochs as many as it takes); with neither, trainer.steps steps when set, else
+        trainer.max_epochs. lr, momentum, weight_decay: overrides of the trainer's (a trial's
+        searched hparams). eval_steps: optimizer steps
         after which the val accuracy is also measured, into extra["val_accuracy_at_step"] (their
         evaluation time is not in train_wall_s). extra["steps"]: the steps run."""
         from autorank.cost import flop_counter, measure_saved_bytes
         from autorank.plan import apply_plan
 
         base = self.prepare()
+        if max_steps is None and max_epochs is None:
+            max_steps = self.trainer.steps
         epochs = int(max_epochs if max_epochs is not None else self.trainer.max_epochs)
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -270,7 +284,10 @@ class Workload:
         # (and ASI's warm-started subspaces are per shape: a short last batch would restart them).
         loader = DataLoader(TensorDataset(x_train, y_train), batch_size=bs, shuffle=True, generator=g,
                             drop_last=len(x_train) >= bs)
-        module = PlanModule(suffix, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, bn_eval=t.bn_eval)
+        module = PlanModule(suffix, lr=t.lr if lr is None else lr,
+                            momentum=t.momentum if momentum is None else momentum,
+                            weight_decay=t.weight_decay if weight_decay is None else weight_decay,
+                            bn_eval=t.bn_eval)
         val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=bs)
         at_steps = EvalAtSteps(eval_steps, val_loader)
         trainer = make_trainer(None if max_steps else epochs, t.accelerator, self.paths.output_dir, progress,

@@ -1,0 +1,92 @@
+"""Full-fidelity refits after the proxy search, and the reference points.
+
+Trials train `trial_steps` SGD steps (a proxy that ranks plans); the plans a user may export are
+refit at `steps` (trainer.steps: what the device runs): the feasible front's best `top` by proxy
+accuracy, plus the best plain-only feasible plan (so the exported plan is compared with what a
+user gets without shortcut layers, at the same fidelity). The export is chosen by refit accuracy.
+
+Two reference points are refit too, once per study: the unconstrained plain reference (plain
+backprop of every candidate, refit even when over the budget: then marked over budget and never
+exported) and the head alone (only the last candidate trained).
+
+Everything lands in the study's storage (user attrs REFIT_ATTR and REFERENCE_ATTR, keyed with
+the step count), so a resumed study refits nothing it already refit at the same fidelity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import optuna
+
+from autorank.plan import Plan
+from autorank.search.budget import is_plain
+from autorank.search.cost import CostModel
+from autorank.search.profile import Profile
+from autorank.search.protocols import Workload
+from autorank.search.records import REFERENCE_ATTR, REFIT_ATTR, TrialRecord, best_of
+
+PLAIN_REFERENCE = "plain reference"
+HEAD_ALONE = "head alone"
+
+
+def refit_candidates(records: Sequence[TrialRecord], top: int) -> list[TrialRecord]:
+    """The feasible front's best `top` by proxy accuracy, then the best plain-only feasible trial
+    (when not among them). Duplicate trials are left out: their original stands for them."""
+    feasible = [r for r in records if r.feasible and r.duplicate_of is None]
+    front = sorted((r for r in feasible if r.on_front),
+                   key=lambda r: (-r.val_accuracy, r.predicted_peak_bytes, r.number))[:max(0, top)]
+    plain = best_of([r for r in feasible if is_plain(r.choices)])
+    if plain is not None and plain.number not in {r.number for r in front}:
+        front.append(plain)
+    return front
+
+
+def _fit(workload: Workload, plan: Plan, steps: int, hparams: Mapping[str, float]) -> dict[str, Any]:
+    res = workload.finetune(plan, max_steps=steps, progress=False, **hparams)
+    seed = workload.finetune_settings(max_steps=steps, **hparams).seed
+    return {"accuracy": float(res.val_accuracy), "steps": int(steps), "seed": int(seed),
+            "hparams": dict(hparams)}
+
+
+def refit_trials(study: optuna.Study, workload: Workload, records: Sequence[TrialRecord], *,
+                 steps: int, top: int, on_done: Callable[[], None] | None = None) -> dict[int, dict]:
+    """Refit refit_candidates(records, top) at `steps` SGD steps with each trial's hparams;
+    results merged into the study's REFIT_ATTR (written after each refit: an interrupted refit
+    keeps what it finished) and returned as {trial number: result}."""
+    done = {str(k): v for k, v in (study.user_attrs.get(REFIT_ATTR) or {}).items()}
+    for rec in refit_candidates(records, top):
+        prev = done.get(str(rec.number))
+        if prev is not None and prev.get("steps") == steps:
+            continue
+        done[str(rec.number)] = _fit(workload, Plan.from_dict(dict(rec.plan)), steps, rec.hparams)
+        study.set_user_attr(REFIT_ATTR, done)
+        if on_done is not None:
+            on_done()
+    return {int(k): v for k, v in done.items()}
+
+
+def reference_choices(profile: Profile) -> dict[str, dict[str, str]]:
+    """The reference plans as choices: plain backprop of every candidate, and the head alone."""
+    names = profile.layer_names
+    return {PLAIN_REFERENCE: {n: "full" for n in names},
+            HEAD_ALONE: {n: ("full" if n == names[-1] else "frozen") for n in names}}
+
+
+def refit_references(study: optuna.Study, workload: Workload, profile: Profile, cost: CostModel, *,
+                     budget_bytes: int, steps: int, hparams: Mapping[str, float],
+                     plan_meta: Mapping[str, Any] | None = None) -> dict[str, dict]:
+    """The reference points refit at `steps` with `hparams` (the warm-start values), cached in
+    the study's REFERENCE_ATTR: {name: {choices, accuracy, steps, seed, hparams, peak_bytes,
+    over_budget}}."""
+    refs = dict(study.user_attrs.get(REFERENCE_ATTR) or {})
+    for name, choices in reference_choices(profile).items():
+        if (refs.get(name) or {}).get("steps") == steps:
+            continue
+        plan = profile.to_plan(choices, meta=dict(plan_meta or {}))
+        peak = int(cost.peak(choices).total_bytes)
+        refs[name] = {"choices": choices, "peak_bytes": peak, "over_budget": peak > budget_bytes,
+                      **_fit(workload, plan, steps, hparams)}
+        study.set_user_attr(REFERENCE_ATTR, refs)
+    return refs
