@@ -59,8 +59,8 @@ def test_search_options(tmp_path):
     opt = _instantiate(cfg, cfg.search)  # optuna is the default
     assert type(opt) is OptunaSearch and opt.name == "optuna"
     assert type(opt.space) is dict and load_space(opt.space) == load_space("default")
-    assert (opt.n_trials, opt.n_trials_total, opt.timeout, opt.warm_start) == (24, True, None, True)
-    assert (opt.trial_steps, opt.refit_steps, opt.refit_top, opt.references) == (40, 120, 3, True)
+    assert (opt.n_trials, opt.n_trials_total, opt.timeout, opt.warm_start) == (12, True, None, True)
+    assert (opt.trial_steps, opt.refit_steps, opt.refit_top, opt.references) == (50, 100, 2, True)
     assert opt.storage == f"sqlite:///{tmp_path}/outputs/optuna.db" and opt.study_name is None
     cfg = _compose(tmp_path, ["+device=rpi4", "search.n_trials=7", "space=last4",
                               "search.storage=sqlite:///x.db", "search.study_name=s1"])
