@@ -157,3 +157,17 @@ def test_flops_mismatch_is_flagged_and_agreement_is_not(tmp_path):
     stored = optuna.load_study(study_name="s", storage=st.storage)
     msgs = [m for t in stored.trials for m in t.user_attrs.get("autorank", {}).get("cost_model_mismatch", [])]
     assert msgs and all("measured FLOPs" in m and "3.0% off" in m for m in msgs)
+
+
+def test_warm_starts_take_at_most_half_and_leave_nothing_waiting(tmp_path):
+    """Measured on the GPU run of the default job: 15 warm-start plans for 12 trials left no trial
+    to the sampler and 3 trials WAITING. Warm starts now take at most half of a run's trials."""
+    from autorank.search.warmstart import warm_start_plans
+
+    wl = FakeWorkload()
+    space, st, kw = study_args(tmp_path, n_trials=4)
+    res = run_study(wl, DEVICE, space, st, **kw)
+    assert len(res.trials) == 4
+    assert sorted({r.state for r in res.trials}) <= ["complete", "infeasible"]
+    assert sum(r.source is not None for r in res.trials) == 2  # 4 // 2 warm starts
+    assert len(warm_start_plans(kw["profile"], DEVICE.budget_bytes, kw["cost"])) > 2  # the cap mattered

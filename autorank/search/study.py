@@ -177,7 +177,9 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
     hp0 = space.hparam_defaults(workload.finetune_settings().to_dict())  # warm starts: the trainer's
     if settings.warm_start and n_new > 0:
         with times.timed("predict"):
-            for src, ch in warm_start_plans(profile, budget, cost):
+            # at most half of this run's trials: the sampler gets the rest, and no enqueued trial
+            # is left WAITING at the end
+            for src, ch in warm_start_plans(profile, budget, cost)[:max(1, n_new // 2)]:
                 study.enqueue_trial({**ch, **hp0}, user_attrs={"source": src}, skip_if_exists=True)
     plan_meta = {"budget_bytes": budget, "device": device.name, "study": name}
     objective = PlanTrial(workload, device, profile, cost, plan_meta=plan_meta,

@@ -31,15 +31,20 @@ def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> li
         out.append(("full every candidate", {n: "full" for n in names}))
     levels = sorted(profile.space.get("levels", []))
     for lv in sorted({levels[0], levels[len(levels) // 2], levels[-1]} if levels else set()):
-        key = level_key(lv)
+        # the batch mode kept whole where the space offers it: measured to hold plain accuracy
+        # where compressing every mode lost 5 points (docs/BENCHMARKS.md)
+        key = level_key(lv, keep_batch=True)
+        if not any(key in profile.layer(n).choices for n in names):
+            key = level_key(lv)
         ch = {n: key for n in names if key in profile.layer(n).choices}
         if ch:
             out.append((f"uniform {key}", {n: ch.get(n, rest(n)) for n in names}))
-    for k in range(1, len(names) + 1):
+    for k in sorted({2, len(names) // 2, len(names) - 1} & set(range(1, len(names) + 1))):
         ch = {n: ("full" if i >= len(names) - k else "frozen") for i, n in enumerate(names)}
         if all(c in profile.layer(n).choices for n, c in ch.items()) and \
                 cost.peak(ch).total_bytes <= budget_bytes:
             out.append((f"full last {k}", ch))
+    # plainly trained last layers: a few depths, not every one (each is a trial the sampler does not get)
     seen, uniq = set(), []
     for src, ch in out:
         k = tuple(ch[n] for n in names)
