@@ -129,6 +129,12 @@ def _summary(result: Any, device: Any, tracker: Any) -> None:
                       f"{tracker.uri} --host 127.0.0.1)")
 
 
+def _mb(nbytes: float) -> str:
+    """Megabytes, with a decimal below 10 MB (small budgets)."""
+    v = nbytes / MB
+    return f"{v:.1f}" if v < 10 else f"{v:.0f}"
+
+
 def _acc(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -158,7 +164,7 @@ def _study_summary(console: Any, result: Any, device: Any) -> None:
     for r in sorted(result.front, key=lambda r: r.predicted_peak_bytes):
         lr = r.hparams.get("lr")
         table.add_row(str(r.number), _acc(r.val_accuracy), _acc(r.refit_accuracy),
-                      "-" if lr is None else f"{lr:.3g}", f"{r.predicted_peak_bytes / MB:.0f}",
+                      "-" if lr is None else f"{lr:.3g}", _mb(r.predicted_peak_bytes),
                       f"{r.flops / 1e9:.2f}", f"{device.step_time_s(r.flops):.2f}", _short_plan(r.choices))
     console.print(table)
     best = result.best
@@ -167,19 +173,19 @@ def _study_summary(console: Any, result: Any, device: Any) -> None:
         return
     acc = best.refit_accuracy if best.refit_accuracy is not None else best.val_accuracy
     kind = "refit" if best.refit_accuracy is not None else "proxy"
-    line = f"exported plan (trial {best.number}): {kind} acc {acc:.3f} at {best.predicted_peak_bytes / MB:.0f} MB"
+    line = f"exported plan (trial {best.number}): {kind} acc {acc:.3f} at {_mb(best.predicted_peak_bytes)} MB"
     plain = result.best_plain
     if plain is not None:
         pacc = plain.refit_accuracy if plain.refit_accuracy is not None else plain.val_accuracy
-        line += f"; best plain-only plan that fits: {pacc:.3f} at {plain.predicted_peak_bytes / MB:.0f} MB"
+        line += f"; best plain-only plan that fits: {pacc:.3f} at {_mb(plain.predicted_peak_bytes)} MB"
     ref = (result.references or {}).get("plain reference")
     if ref is not None:
         over = ", over budget" if ref["over_budget"] else ""
-        line += (f"; unconstrained plain reference: {ref['accuracy']:.3f} at {ref['peak_bytes'] / MB:.0f} MB"
+        line += (f"; unconstrained plain reference: {ref['accuracy']:.3f} at {_mb(ref['peak_bytes'])} MB"
                  f"{over} (gap {ref['accuracy'] - acc:+.3f})")
     head = (result.references or {}).get("head alone")
     if head is not None:
-        line += f"; head alone: {head['accuracy']:.3f} at {head['peak_bytes'] / MB:.0f} MB"
+        line += f"; head alone: {head['accuracy']:.3f} at {_mb(head['peak_bytes'])} MB"
     console.print(line)
     console.print(f"plan file: [bold]{result.export_path}[/]")
     curve = summary_lines(study_budget_curve(result.trials, device.budget_bytes))

@@ -72,5 +72,5 @@ def summary_lines(points: Sequence[BudgetPoint], n: int = 5) -> list[str]:
     def f(v):
         return "-" if v is None else f"{v:.3f}"
 
-    return [f"  {points[i].budget_bytes / MB:8.1f} MB: plain {f(points[i].plain_accuracy)}, "
+    return [f"  {points[i].budget_bytes / MB:9.2f} MB: plain {f(points[i].plain_accuracy)}, "
             f"with ranks {f(points[i].any_accuracy)}" for i in idx]
