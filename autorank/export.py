@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 
 from autorank.search.planfile import export_plan
-from autorank.search.records import TrialRecord, best_of, front_of, records_from_storage
+from autorank.search.records import TrialRecord, best_of, best_refit, front_of, records_from_storage
 from autorank.units import MB
 
 
@@ -44,9 +44,17 @@ def select(records: list[TrialRecord], *, max_mb: float | None = None, max_flops
     front = front_of(records)
     if not front:
         raise NoPlanFound("the study has no feasible complete trial: nothing to export")
-    ok = [r for r in front
-          if (max_mb is None or r.predicted_peak_bytes <= max_mb * MB)
-          and (max_flops is None or r.flops <= max_flops)]
+
+    def fits(r: TrialRecord) -> bool:
+        return ((max_mb is None or r.predicted_peak_bytes <= max_mb * MB)
+                and (max_flops is None or r.flops <= max_flops))
+
+    # Refit (full-fidelity) accuracy ranks before the proxy, as in the study's own export: the
+    # refit plans include the best plain-only plan, which need not be on the proxy front.
+    refit = best_refit([r for r in records if fits(r)])
+    if refit is not None:
+        return refit
+    ok = [r for r in front if fits(r)]
     if not ok:
         lo_mb = min(r.peak_mb for r in front)
         lo_fl = min(r.flops for r in front)

@@ -140,3 +140,22 @@ def test_export_stamps_fingerprint_of_the_settings_model(tmp_path, fmt):
                     fingerprint=other).to_dict()
     _, path = export("sqlite:///unused.db", "s", tmp_path / "q.yaml", trial=3, records=[rec])
     assert Plan.load(path).fingerprint == other
+
+
+def test_select_prefers_refit_accuracy():
+    """A study with refits exports the best refit plan (within the caps), even one off the proxy
+    front; without refits it falls back to the best proxy accuracy on the front."""
+    from autorank.export import select
+    from autorank.search.records import TrialRecord
+
+    def rec(n, acc, peak, refit=None, on_front=True):
+        return TrialRecord(number=n, state="complete", val_accuracy=acc, predicted_peak_bytes=peak,
+                           flops=1, plan={}, on_front=on_front, refit_accuracy=refit)
+
+    rs = [rec(0, 0.9, 300, refit=0.80), rec(1, 0.7, 100, refit=0.85, on_front=False), rec(2, 0.5, 50)]
+    assert select(rs).number == 1
+    assert select(rs, max_mb=200 / 2**20).number == 1
+    assert select(rs, max_mb=60 / 2**20).number == 2  # no refit within the cap: the proxy front
+    for r in rs:
+        r.refit_accuracy = None
+    assert select(rs).number == 0
