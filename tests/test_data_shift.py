@@ -54,7 +54,7 @@ def test_unknown_shift_is_a_config_error():
 
 
 def test_shift_from_a_config_override(compose_cfg):
-    cfg = compose_cfg(["+data=digits", "+data.downstream_shift=invert"], config_name=None)
+    cfg = compose_cfg(["+data=digits", "++data.downstream_shift=invert"], config_name=None)
     data = instantiate(cfg.data)
     assert data.downstream_shift == "invert"
     x0 = DigitsData().tensors("downstream", "val")[0]
