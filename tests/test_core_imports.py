@@ -3,21 +3,10 @@
 import subprocess
 import sys
 
-BLOCKER = r"""
-import sys
-BLOCKED = {"hydra", "optuna", "lightning", "pytorch_lightning", "mlflow", "torchvision", "optuna_integration"}
+from blocking import import_blocker
 
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, Blocker())
-for name in list(sys.modules):
-    if name.split(".")[0] in BLOCKED:
-        del sys.modules[name]
-
+BLOCKER = import_blocker({"hydra", "optuna", "lightning", "pytorch_lightning", "mlflow", "torchvision",
+                          "optuna_integration"}) + r"""
 import importlib, importlib.util
 import autorank.shortcut, autorank.plan, autorank.cost, autorank.io, autorank.errors, autorank.units
 # the rest of the torch-only core, where this tree has it yet (issue 7: models, the device runner)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import autorank.device.runner as runner
+from blocking import import_blocker
 from autorank.cost import predict_saved_bytes
 from autorank.device import main
 from autorank.models import mcunet_like, replace_head
@@ -20,17 +21,8 @@ ASI_LAYER = "features.14.conv.2"
 STACK = ("hydra", "optuna", "lightning", "pytorch_lightning", "mlflow", "torchvision", "optuna_integration")
 
 # Runs `python -m autorank.device ARGS` in a process where the search stack cannot be imported.
-BLOCKED_RUN = r"""
-import runpy, sys
-BLOCKED = set(sys.argv[1].split(","))
-
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, Blocker())
+BLOCKED_RUN = import_blocker(STACK) + r"""
+import runpy
 sys.argv = ["autorank-device", *sys.argv[2:]]
 try:
     runpy.run_module("autorank.device", run_name="__main__", alter_sys=True)

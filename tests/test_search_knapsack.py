@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from blocking import import_blocker
 from autorank.search.knapsack import BudgetTooSmall, knapsack, min_peak_bytes, solve
 from autorank.search.profile import LayerProfile, Profile, fill_peak_bytes
 
@@ -151,17 +152,7 @@ def test_knapsack_with_opaque_totals_never_over_budget(budget):
     assert res.sensitivity >= ref[0] - 1e-9
 
 
-PLANNER_WITHOUT_OPTUNA = r"""
-import sys
-BLOCKED = {"optuna", "optuna_integration", "mlflow"}
-
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, Blocker())
+PLANNER_WITHOUT_OPTUNA = import_blocker({"optuna", "optuna_integration", "mlflow"}) + r"""
 from types import SimpleNamespace
 import torch
 from torch import nn
