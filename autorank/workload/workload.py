@@ -30,6 +30,7 @@ from autorank.workload.data import ImageData
 from autorank.workload.device import DeviceProfile
 from autorank.workload.features import FeatureCache
 from autorank.models import ModelSpec, cut_name, replace_head, split_at_first_trained
+from autorank.workload.stepcost import measure_suffix_step, prefix_forward_flops
 from autorank.workload.module import PlanModule, TrainingFailed, evaluate
 
 __all__ = ["FineTuneResult", "Paths", "TrainerConfig", "TrainingFailed", "Workload"]
@@ -252,7 +253,6 @@ class Workload:
         searched hparams). eval_steps: optimizer steps
         after which the val accuracy is also measured, into extra["val_accuracy_at_step"] (their
         evaluation time is not in train_wall_s). extra["steps"]: the steps run."""
-        from autorank.cost import flop_counter, measure_saved_bytes
         from autorank.plan import apply_plan
 
         base = self.prepare()
@@ -302,48 +302,16 @@ class Workload:
 
         acc, val_loss = evaluate(suffix, val_loader)
 
-        # What the model saves for backward in one training step at the device's batch shape (the
-        # figure predict_saved_bytes predicts; the loss's own few bytes are in the peak's transient
-        # term). The frozen prefix records no graph, so the suffix on B cached features saves what
-        # the whole model would.
-        #
-        # FLOPs of that same step, counted on real tensors (a measurement, not the meta-device
-        # shortcut the prediction takes). Like with like: the study's objective and its prediction,
-        # train_step_flops(model, example_input, plan), are the whole model's step as the device
-        # runs it (the device has no feature cache): the frozen prefix's forward (no backward: it
-        # records no graph) plus the suffix's forward and backward. So the prefix's forward is
-        # counted here too, on one real downstream batch at the device's batch shape, and the
-        # suffix's step is the one whose saved bytes are measured. The loss is elementwise and
-        # counts 0, as output.sum() does in the prediction.
-        idx = torch.arange(bs) % len(x_train)
-        xb = x_train[idx]  # fresh storage: a view would count all of x_train
-        yb = y_train[idx]
+        # The step as the device runs it, measured on real tensors (the search compares it with
+        # the prediction): the suffix's step on cached features + the frozen prefix's forward.
         module.train()
-        prefix_flops = self._prefix_forward_flops(prefix)
-        outs: list[torch.Tensor] = []
-        with flop_counter() as counter:
-            saved = measure_saved_bytes(lambda: outs.append(suffix(xb)) or outs[-1], suffix)
-            F.cross_entropy(outs[0], yb).backward()
-        outs.clear()
-        suffix.zero_grad(set_to_none=True)
+        saved_bytes, suffix_flops = measure_suffix_step(suffix, x_train, y_train, bs)
+        batch, _ = next(iter(self.data.loader("downstream", "train")))
+        prefix_flops = prefix_forward_flops(prefix, batch, self.input_shape)
         return FineTuneResult(
-            val_accuracy=acc, train_loss=train_loss, measured_activation_bytes=saved.activation_bytes,
+            val_accuracy=acc, train_loss=train_loss, measured_activation_bytes=saved_bytes,
             train_wall_s=train_wall_s, epochs=epochs, features_wall_s=features_wall_s, cut=cut,
-            measured_flops=prefix_flops + int(counter.get_total_flops()),
+            measured_flops=prefix_flops + suffix_flops,
             extra={"val_loss": val_loss, "measured_prefix_flops": prefix_flops, "steps": steps,
                    "val_accuracy_at_step": at_steps.accuracy},
         )
-
-    def _prefix_forward_flops(self, prefix: nn.Module) -> int:
-        """FLOPs of the frozen prefix's forward on one real downstream batch at input_shape."""
-        from autorank.cost import flop_counter
-
-        if len(prefix) == 0:
-            return 0
-        x, _ = next(iter(self.data.loader("downstream", "train")))
-        x = x[torch.arange(self.input_shape[0]) % len(x)]
-        if tuple(x.shape) != self.input_shape:
-            raise RuntimeError(f"downstream batch {tuple(x.shape)} is not the device batch {self.input_shape}")
-        with torch.no_grad(), flop_counter() as counter:  # frozen: the same FLOPs with or without grad
-            prefix(x)
-        return int(counter.get_total_flops())
