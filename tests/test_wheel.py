@@ -97,11 +97,12 @@ def test_wheel_app_and_device_runner_from_another_folder(venv):
     assert not list(where.iterdir())  # everything went under paths.root
 
     from autorank.plan import Plan
+    from autorank.plan.plan import FineTuneSettings
 
-    meta = Plan.load(plan).meta
-    assert meta["model"]["factory"] == "autorank.models:small_cnn"
+    ft = FineTuneSettings.from_plan(Plan.load(plan))
+    assert ft.model_factory == "autorank.models:small_cnn"
     (ckpt,) = (root / ".cache" / "autorank" / "checkpoints").glob("*.pt")
-    n_classes, batch = meta["model"]["kwargs"]["num_classes"], meta["input_shape"][0]
+    n_classes, batch = ft.model_kwargs["num_classes"], ft.input_shape[0]
     g = torch.Generator().manual_seed(0)
     torch.save({"x": torch.randn(batch + 8, 3, 16, 16, generator=g),
                 "y": torch.randint(0, n_classes, (batch + 8,), generator=g)}, root / "data.pt")
