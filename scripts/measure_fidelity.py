@@ -9,7 +9,8 @@ bytes, and the wall seconds per step. Prints one table per workload and writes e
 Plans (names for --plans): head (last linear), last4, last8, f8l4 (first 8 + last 4), all (every
 conv/linear layer); asi<eps> (ASI on the first 8 at HOSVD_eps ranks of their inputs on one
 calibration batch, last 4 full) and asi<eps>b (the same with the batch mode kept whole), e.g.
-asi0.9 asi0.9b asi0.5.
+asi0.9 asi0.9b asi0.5; contiguous regions (a space with `fill: full`): from<k> (every layer from
+the k-th on, plainly) and asi<eps>[b]:<k> (ASI on the first k layers, every later one plainly).
 
     python scripts/measure_fidelity.py --sizes 64 --batches 128 --lrs 0.01 0.03 --steps 25 50 100
     python scripts/measure_fidelity.py --sizes 96 --shifts none invert --plans head f8l4 asi0.9b \\
@@ -40,7 +41,8 @@ from autorank.shortcut import ASIConv2d, ASILinear, hosvd_ranks  # noqa: E402
 
 MB = 2**20
 FIXED_PLANS = ("head", "last4", "last8", "f8l4", "all")
-ASI_RE = re.compile(r"^asi(\d*\.?\d+)(b?)$")
+ASI_RE = re.compile(r"^asi(\d*\.?\d+)(b?)(?::(\d+))?$")
+FROM_RE = re.compile(r"^from(\d+)$")
 
 
 def compose(size: int, batch: int, shift: str, seed: int, cache_dir: str, overrides: list[str], checkpoint=None):
@@ -56,7 +58,7 @@ def compose(size: int, batch: int, shift: str, seed: int, cache_dir: str, overri
     if checkpoint is not None:  # seeds > first: the same base model, another head init and order
         ov.append(f"model.checkpoint={checkpoint}")
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "autorank" / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=[*ov, *overrides])
 
 
@@ -89,12 +91,21 @@ def build_plans(model: nn.Module, names: list[str], calib_x: torch.Tensor) -> di
             info = {"first8_input_bytes": plain_in} if name in ("f8l4", "all") else {}
             plans[name] = (Plan(layers={n: full for n in fixed[name]}), info)
             continue
+        f = FROM_RE.match(name)
+        if f:  # a contiguous region: every layer from the k-th on, plainly
+            plans[name] = (Plan(layers={n: full for n in layers[int(f.group(1)):]}), {})
+            continue
         m = ASI_RE.match(name)
         if not m:
-            raise SystemExit(f"unknown plan {name!r}: use {', '.join(FIXED_PLANS)} or asi<eps>[b]")
+            raise SystemExit(f"unknown plan {name!r}: use {', '.join(FIXED_PLANS)}, from<k>, asi<eps>[b] "
+                             "or asi<eps>[b]:<k>")
         eps, keep_batch = float(m.group(1)), bool(m.group(2))
+        k = int(m.group(3)) if m.group(3) else None  # asi<eps>[b]:<k>: ASI on the first k, the rest full
+        asi_layers = first8 if k is None else layers[:k]
+        if k is not None:
+            inputs.update(layer_inputs(model, [n for n in asi_layers if n not in inputs], calib_x))
         choices, ranks, saved = {}, {}, 0
-        for n in first8:
+        for n in asi_layers:
             x = inputs[n]
             r = hosvd_ranks(x, eps)
             if keep_batch:
@@ -103,7 +114,7 @@ def build_plans(model: nn.Module, names: list[str], calib_x: torch.Tensor) -> di
             wrapper = (ASIConv2d if isinstance(mod, nn.Conv2d) else ASILinear)(mod, r)
             saved += wrapper.saved_bytes(tuple(x.shape), x.dtype)
             choices[n], ranks[n] = Choice.asi(r), r
-        choices.update({n: full for n in last4})
+        choices.update({n: full for n in (last4 if k is None else layers[k:])})
         plans[name] = (Plan(layers=choices), {"ranks": ranks, "first8_input_bytes": plain_in,
                                               "first8_asi_saved_bytes": saved})
     return plans

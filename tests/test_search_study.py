@@ -171,3 +171,19 @@ def test_warm_starts_take_at_most_half_and_leave_nothing_waiting(tmp_path):
     assert sorted({r.state for r in res.trials}) <= ["complete", "infeasible"]
     assert sum(r.source is not None for r in res.trials) == 2  # 4 // 2 warm starts
     assert len(warm_start_plans(kw["profile"], DEVICE.budget_bytes, kw["cost"])) > 2  # the cap mattered
+
+
+def test_warm_starts_hold_the_deepest_plain_plan_that_fits():
+    """The plain plan a plan with ranks has to beat: the most last candidates trained plainly
+    within the budget (here 1 of 3: two plain layers need 8000 bytes over a 5000-byte budget),
+    and no plain plan over the budget besides the explicit 'full every candidate' reference."""
+
+    from autorank.search.warmstart import warm_start_plans
+    from search_fakes import BASE, FakeCost, make_profile
+
+    _, prof = make_profile()
+    plans = dict(warm_start_plans(prof, BASE + 5000, FakeCost()))
+    assert plans["full last 1"] == {"l0": "frozen", "l1": "frozen", "l2": "full"}
+    assert "full last 2" not in plans
+    roomy = dict(warm_start_plans(prof, BASE + 8000, FakeCost()))
+    assert roomy["full last 2"] == {"l0": "frozen", "l1": "full", "l2": "full"}

@@ -105,6 +105,7 @@ class Profile:
     ref_peak_bytes: int = 0  # peak of {first candidate: full}, others frozen
     ref_transient_bytes: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)  # all conv/linear layers (space fill: full)
 
     @property
     def layer_names(self) -> list[str]:
@@ -117,13 +118,21 @@ class Profile:
         raise KeyError(name)
 
     def to_plan(self, choices: Choices, *, meta: Mapping[str, Any] | None = None) -> Plan:
-        """A `Plan` from choice keys (asi ranks from this profile); layers not named are frozen."""
+        """A `Plan` from choice keys (asi ranks from this profile); layers not named are frozen.
+        With the space's `fill: full` (self.order set), every non-candidate conv/linear layer after
+        the first trained candidate trains plainly: the trained region is contiguous."""
         layers = {}
         for lp in self.layers:
             key = choices.get(lp.name, "frozen")
             kind, _ = parse_choice_key(key)
             if kind != "frozen":
                 layers[lp.name] = Choice.full() if kind == "full" else Choice.asi(tuple(lp.ranks[key]))
+        trained = [n for n in self.order if n in layers]
+        if trained:
+            cand = set(self.layer_names)
+            start = self.order.index(trained[0])
+            fill = {n: Choice.full() for n in self.order[start:] if n not in cand}
+            layers = {n: layers.get(n) or fill[n] for n in self.order if n in layers or n in fill}
         m = {"choices": {n: choices.get(n, "frozen") for n in self.layer_names},
              "space": self.space.get("name"), "profile": self.key[:16], **(meta or {})}
         return Plan(layers=layers, bn=self.space.get("bn", "frozen"), lean=self.space.get("lean", True),
@@ -246,7 +255,7 @@ def profile_layers(model: nn.Module, batches: Batches, space: SearchSpace, *,
                                         [c[1][name] for c in captured], space,
                                         head=name == names[-1]))
             bar.advance(task)
-    prof = Profile(key=key or "", space=space.to_dict(), layers=layers)
+    prof = Profile(key=key or "", space=space.to_dict(), layers=layers, order=space.fill_order(model))
     if peak_fn is not None:
         fill_peak_bytes(prof, peak_fn, progress=progress)
     if cache_path is not None:

@@ -18,6 +18,10 @@ file of your own is `space.path=/abs/my_space.yaml`. A space file:
       lr: {low: 0.003, high: 0.1, log: true}
     overrides:                                     # per-layer choice lists (module name -> choices)
       classifier.1: [full, asi]
+    fill: frozen                   # layers between candidates that are not candidates themselves:
+                                   # frozen (they only pass gradients on), or full: every layer after
+                                   # the first trained one trains plainly (a contiguous trained region,
+                                   # as when fine-tuning "from layer k on")
     bn: frozen
     lean: true
 
@@ -45,7 +49,8 @@ BASE_CHOICES = ("frozen", "full", "asi")
 VARIANTS = ("all", "keep_batch")  # which ASI rank variants a space offers
 KEEP_BATCH = ":b"  # choice-key suffix of the keep_batch variant
 HEAD_RULES = ("full", "search")
-HPARAM_KEYS = ("lr", "momentum", "weight_decay")  # trainer settings Workload.finetune overrides
+HPARAM_KEYS = ("lr", "momentum", "weight_decay")
+FILLS = ("frozen", "full")  # what the non-candidate layers after the first trained one do  # trainer settings Workload.finetune overrides
 
 
 def level_key(level: float, keep_batch: bool = False) -> str:
@@ -86,6 +91,7 @@ class SearchSpace:
     variants: tuple[str, ...] = ("all",)
     head: str = "full"
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {low, high, log}
+    fill: str = "frozen"
 
     def __post_init__(self) -> None:
         for c in list(self.choices) + [c for cs in self.overrides.values() for c in cs]:
@@ -99,6 +105,8 @@ class SearchSpace:
             raise ConfigError(f"space {self.name!r}: levels must lie in (0, 1], got {self.levels}")
         if not self.variants or any(v not in VARIANTS for v in self.variants):
             raise ConfigError(f"space {self.name!r}: variants must be some of {VARIANTS}, got {self.variants}")
+        if self.fill not in FILLS:
+            raise ConfigError(f"space {self.name!r}: fill must be one of {FILLS}, got {self.fill!r}")
         if self.head not in HEAD_RULES:
             raise ConfigError(f"space {self.name!r}: head must be one of {HEAD_RULES}, got {self.head!r}")
         for k, r in self.hparams.items():
@@ -112,7 +120,7 @@ class SearchSpace:
     def from_dict(cls, d: dict[str, Any]) -> "SearchSpace":
         d = dict(d)
         known = {"name", "last", "first", "spread", "layers", "choices", "levels", "overrides", "bn",
-                 "lean", "variants", "head", "hparams"}
+                 "lean", "variants", "head", "hparams", "fill"}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"search space: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -152,6 +160,7 @@ class SearchSpace:
             "overrides": {k: list(v) for k, v in sorted(self.overrides.items())},
             "bn": self.bn, "lean": self.lean, "variants": list(self.variants), "head": self.head,
             "hparams": {k: dict(v) for k, v in sorted(self.hparams.items())},
+            **({"fill": self.fill} if self.fill != "frozen" else {}),  # old spaces keep their sha
         }
 
     @property
@@ -181,6 +190,11 @@ class SearchSpace:
             k = min(self.spread, len(middle))
             picked |= {middle[round(i * (len(middle) - 1) / max(k - 1, 1))] for i in range(k)}
         return [n for n in names if n in picked]
+
+    def fill_order(self, model: nn.Module) -> list[str]:
+        """Every conv/linear layer of `model` in forward order when `fill: full` (the profile
+        keeps it so plans fill the region after their first trained layer), else []."""
+        return conv_linear_layers(model) if self.fill == "full" else []
 
     def layer_choices(self, layer: str, *, head: bool = False) -> list[str]:
         """Expanded choice keys of one layer: frozen, full, asi@<level>, asi@<level>:b... The

@@ -14,8 +14,8 @@ def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> li
     """(source, choices) to enqueue first, without repeats: the knapsack plan; plain backprop of
     every candidate (recorded infeasible from its prediction when it does not fit, never trained);
     uniform-level plans at the lowest, middle and highest ASI level (each trains every candidate,
-    the expensive kind of trial, so not all levels); and the plainly trained last k layers that
-    fit (k = 1..N)."""
+    the expensive kind of trial, so not all levels); and the plainly trained last k candidates
+    for the deepest k that fits (the plain plan a plan with ranks has to beat), k = 2 and k = N/2."""
     names = profile.layer_names
     out: list[tuple[str, dict]] = []
 
@@ -39,11 +39,21 @@ def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> li
         ch = {n: key for n in names if key in profile.layer(n).choices}
         if ch:
             out.append((f"uniform {key}", {n: ch.get(n, rest(n)) for n in names}))
-    for k in sorted({2, len(names) // 2, len(names) - 1} & set(range(1, len(names) + 1))):
+    def plain_last(k: int) -> dict | None:  # the last k candidates plainly, when the space allows it
         ch = {n: ("full" if i >= len(names) - k else "frozen") for i, n in enumerate(names)}
-        if all(c in profile.layer(n).choices for n, c in ch.items()) and \
-                cost.peak(ch).total_bytes <= budget_bytes:
-            out.append((f"full last {k}", ch))
+        return ch if all(c in profile.layer(n).choices for n, c in ch.items()) else None
+
+    fits = {}
+    for k in range(len(names), 0, -1):  # the deepest plain plan that fits: the one to beat
+        ch = plain_last(k)
+        if ch is not None and cost.peak(ch).total_bytes <= budget_bytes:
+            fits[k] = ch
+            break
+    for k in sorted({2, len(names) // 2} & set(range(1, len(names) + 1))):
+        ch = plain_last(k)
+        if ch is not None and k not in fits and cost.peak(ch).total_bytes <= budget_bytes:
+            fits[k] = ch
+    out.extend((f"full last {k}", ch) for k, ch in sorted(fits.items()))
     # plainly trained last layers: a few depths, not every one (each is a trial the sampler does not get)
     seen, uniq = set(), []
     for src, ch in out:
