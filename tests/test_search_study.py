@@ -187,3 +187,37 @@ def test_warm_starts_hold_the_deepest_plain_plan_that_fits():
     assert "full last 2" not in plans
     roomy = dict(warm_start_plans(prof, BASE + 8000, FakeCost()))
     assert roomy["full last 2"] == {"l0": "frozen", "l1": "full", "l2": "full"}
+
+
+def test_fill_full_space_samples_the_region_start_evenly(tmp_path):
+    """With `fill: full` (profile.order set) the trial suggests where the trained region starts;
+    the candidates before it are frozen, and warm starts enqueue their start with their choices.
+    Per-layer sampling alone starts 7 of 8 plans at the first layer (P(frozen) = 1/4 here)."""
+    import optuna
+
+    from autorank.search.trial import START
+
+    wl = FakeWorkload()
+    space, st, kw = study_args(tmp_path, n_trials=30, warm_start=True)
+    kw["profile"].order = list(LAYERS)
+    res = run_study(wl, DEVICE, space, st, **kw)
+    study = optuna.load_study(study_name="s", storage=st.storage)
+    trials = [t for t in study.trials if t.state.is_finished()]
+    assert len(trials) == 30
+    starts = [LAYERS.index(t.params[START]) for t in trials]
+    assert all(s in starts for s in range(3))  # every depth tried
+    for t, rec in zip(trials, res.trials):
+        first = LAYERS.index(t.params[START])
+        assert all(rec.choices[n] == "frozen" for n in LAYERS[:first])
+        assert set(t.params) - {START, "lr"} == set(LAYERS[first:]) or rec.source is not None
+    for rec in res.trials:
+        if rec.source is not None:  # a warm start's region starts at its first trained layer
+            t = study.trials[rec.number]
+            trained = [n for n in LAYERS if rec.choices[n] != "frozen"]
+            assert t.params[START] == (trained[0] if trained else LAYERS[-1])
+    # without fill (order empty) no START param is suggested
+    space2, st2, kw2 = study_args(tmp_path / "b", n_trials=3)
+    (tmp_path / "b").mkdir()
+    st2 = type(st2)(**{**st2.__dict__, "storage": f"sqlite:///{tmp_path}/b/optuna.db"})
+    run_study(FakeWorkload(), DEVICE, space2, st2, **kw2)
+    assert all(START not in t.params for t in optuna.load_study(study_name="s", storage=st2.storage).trials)

@@ -39,7 +39,7 @@ from autorank.search.records import (DIRECTIONS, OBJECTIVE_NAMES, TrialRecord, b
                                      front_of, records_from_study)
 from autorank.search.refit import refit_references, refit_trials
 from autorank.search.space import SearchSpace
-from autorank.search.trial import PlanTrial, TimeSplit
+from autorank.search.trial import PlanTrial, TimeSplit, start_param
 from autorank.search.warmstart import warm_start_plans
 
 
@@ -180,7 +180,8 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
             # at most half of this run's trials: the sampler gets the rest, and no enqueued trial
             # is left WAITING at the end
             for src, ch in warm_start_plans(profile, budget, cost)[:max(1, n_new // 2)]:
-                study.enqueue_trial({**ch, **hp0}, user_attrs={"source": src}, skip_if_exists=True)
+                study.enqueue_trial({**ch, **start_param(profile, ch), **hp0}, user_attrs={"source": src},
+                                    skip_if_exists=True)
     plan_meta = {"budget_bytes": budget, "device": device.name, "study": name}
     objective = PlanTrial(workload, device, profile, cost, plan_meta=plan_meta,
                           max_epochs=settings.max_epochs, times=times, done=finished,

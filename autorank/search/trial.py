@@ -28,6 +28,16 @@ from autorank.search.protocols import Device, Workload
 from autorank.search.records import RECORD_ATTR, TrialRecord
 
 MISMATCH_TOLERANCE = 0.01  # measured vs predicted cost, relative
+START = "start"  # the searched first trained candidate of a `fill: full` space (an Optuna param)
+
+
+def start_param(profile: Profile, choices: Mapping[str, str]) -> dict[str, str]:
+    """{START: the first candidate the plan trains} for a `fill: full` profile (what a warm
+    start enqueues beside its choices), else {}."""
+    if not profile.order:
+        return {}
+    names = profile.layer_names
+    return {START: next((n for n in names if choices.get(n, "frozen") != "frozen"), names[-1])}
 
 
 @dataclass
@@ -94,8 +104,19 @@ class PlanTrial:
         if rec.state == "complete" and rec.duplicate_of is None:
             self.trained.setdefault(self.key(rec.choices, rec.hparams), rec)
 
+    def suggest_choices(self, trial: optuna.Trial) -> dict[str, str]:
+        """One choice per candidate. A `fill: full` space first suggests where the trained region
+        starts (START, uniform over the candidates), the candidates before it frozen: sampled
+        per layer, nearly every plan would start at the first layer (P(frozen) = 1/8 each)."""
+        first = self.names.index(trial.suggest_categorical(START, self.names)) if self.profile.order else 0
+        out = {}
+        for i, n in enumerate(self.names):
+            cs = self.profile.layer(n).choices
+            out[n] = "frozen" if i < first and "frozen" in cs else trial.suggest_categorical(n, cs)
+        return out
+
     def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
-        choices = {n: trial.suggest_categorical(n, self.profile.layer(n).choices) for n in self.names}
+        choices = self.suggest_choices(trial)
         hp = {k: trial.suggest_float(k, float(r["low"]), float(r["high"]), log=bool(r.get("log", False)))
               for k, r in self.hparams.items()}
         rec = TrialRecord(number=trial.number, state="running", choices=choices, hparams=hp)
