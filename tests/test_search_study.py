@@ -221,3 +221,15 @@ def test_fill_full_space_samples_the_region_start_evenly(tmp_path):
     st2 = type(st2)(**{**st2.__dict__, "storage": f"sqlite:///{tmp_path}/b/optuna.db"})
     run_study(FakeWorkload(), DEVICE, space2, st2, **kw2)
     assert all(START not in t.params for t in optuna.load_study(study_name="s", storage=st2.storage).trials)
+
+
+def test_warm_starts_come_most_telling_first():
+    """A study enqueues only the first n_trials // 2: the deepest plain plan that fits comes
+    right after the knapsack and the plain-everything reference, before the uniform levels."""
+    from autorank.search.warmstart import warm_start_plans
+    from search_fakes import BASE, FakeCost, make_profile
+
+    _, prof = make_profile()
+    srcs = [s for s, _ in warm_start_plans(prof, BASE + 8000, FakeCost())]
+    assert srcs == ["knapsack", "full every candidate", "full last 2", "uniform asi@0.9", "uniform asi@0.5",
+                    "full last 1"]

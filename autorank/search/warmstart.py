@@ -11,11 +11,12 @@ from autorank.search.space import level_key
 
 
 def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> list[tuple[str, dict]]:
-    """(source, choices) to enqueue first, without repeats: the knapsack plan; plain backprop of
-    every candidate (recorded infeasible from its prediction when it does not fit, never trained);
-    uniform-level plans at the lowest, middle and highest ASI level (each trains every candidate,
-    the expensive kind of trial, so not all levels); and the plainly trained last k candidates
-    for the deepest k that fits (the plain plan a plan with ranks has to beat), k = 2 and k = N/2."""
+    """(source, choices) to enqueue first, without repeats, most telling first (a study enqueues
+    only the first n_trials // 2): the knapsack plan; plain backprop of every candidate (recorded
+    infeasible from its prediction when it does not fit, never trained); the deepest plain plan
+    that fits (the last k candidates plainly: the plain plan a plan with ranks has to beat); the
+    uniform plan at the middle ASI level; the last 2 plainly; the uniform plans at the lowest and
+    highest level (each trains every candidate, the expensive kind of trial); the last N/2."""
     names = profile.layer_names
     out: list[tuple[str, dict]] = []
 
@@ -23,38 +24,32 @@ def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> li
         cs = profile.layer(n).choices
         return "frozen" if "frozen" in cs else ("full" if "full" in cs else cs[0])
 
-    try:
-        out.append(("knapsack", knapsack(profile, budget_bytes, cost.peak).choices))
-    except BudgetTooSmall as e:
-        warnings.warn(f"no knapsack warm start: {e}", stacklevel=2)
-    if all("full" in profile.layer(n).choices for n in names):
-        out.append(("full every candidate", {n: "full" for n in names}))
-    levels = sorted(profile.space.get("levels", []))
-    for lv in sorted({levels[0], levels[len(levels) // 2], levels[-1]} if levels else set()):
+    def uniform(lv: float) -> tuple[str, dict] | None:
         # the batch mode kept whole where the space offers it: measured to hold plain accuracy
         # where compressing every mode lost 5 points (docs/BENCHMARKS.md)
         key = level_key(lv, keep_batch=True)
         if not any(key in profile.layer(n).choices for n in names):
             key = level_key(lv)
         ch = {n: key for n in names if key in profile.layer(n).choices}
-        if ch:
-            out.append((f"uniform {key}", {n: ch.get(n, rest(n)) for n in names}))
-    def plain_last(k: int) -> dict | None:  # the last k candidates plainly, when the space allows it
-        ch = {n: ("full" if i >= len(names) - k else "frozen") for i, n in enumerate(names)}
-        return ch if all(c in profile.layer(n).choices for n, c in ch.items()) else None
+        return (f"uniform {key}", {n: ch.get(n, rest(n)) for n in names}) if ch else None
 
-    fits = {}
-    for k in range(len(names), 0, -1):  # the deepest plain plan that fits: the one to beat
-        ch = plain_last(k)
-        if ch is not None and cost.peak(ch).total_bytes <= budget_bytes:
-            fits[k] = ch
-            break
-    for k in sorted({2, len(names) // 2} & set(range(1, len(names) + 1))):
-        ch = plain_last(k)
-        if ch is not None and k not in fits and cost.peak(ch).total_bytes <= budget_bytes:
-            fits[k] = ch
-    out.extend((f"full last {k}", ch) for k, ch in sorted(fits.items()))
-    # plainly trained last layers: a few depths, not every one (each is a trial the sampler does not get)
+    def plain_last(k: int) -> tuple[str, dict] | None:  # the last k plainly, if allowed and it fits
+        ch = {n: ("full" if i >= len(names) - k else "frozen") for i, n in enumerate(names)}
+        ok = k >= 1 and all(c in profile.layer(n).choices for n, c in ch.items())
+        return (f"full last {k}", ch) if ok and cost.peak(ch).total_bytes <= budget_bytes else None
+
+    try:
+        out.append(("knapsack", knapsack(profile, budget_bytes, cost.peak).choices))
+    except BudgetTooSmall as e:
+        warnings.warn(f"no knapsack warm start: {e}", stacklevel=2)
+    if all("full" in profile.layer(n).choices for n in names):
+        out.append(("full every candidate", {n: "full" for n in names}))
+    deepest = next((p for p in map(plain_last, range(len(names), 0, -1)) if p is not None), None)
+    levels = sorted(profile.space.get("levels", []))
+    lows_highs = [uniform(lv) for lv in sorted({levels[0], levels[-1]} - {levels[len(levels) // 2]})] if levels else []
+    out.extend(p for p in (deepest, uniform(levels[len(levels) // 2]) if levels else None,
+                           plain_last(min(2, len(names))), *lows_highs, plain_last(len(names) // 2))
+               if p is not None)
     seen, uniq = set(), []
     for src, ch in out:
         k = tuple(ch[n] for n in names)
