@@ -155,23 +155,26 @@ def pretrain(
     output_dir: str | Path,
     progress: bool = True,
     optimizer: str = "adam",
+    channels_last: bool = False,
 ) -> tuple[nn.Module, dict[str, float]]:
     """Train every layer (BN in train mode) on the upstream task, then recompute the BatchNorm
     statistics with one pass over the upstream training data (recompute_bn_stats); returns
     (model, stats), the accuracy measured in eval mode with the statistics that are saved."""
     torch.manual_seed(seed)
     model = spec(num_classes=data.num_classes("upstream"))
-    module = PlanModule(model, lr=lr, momentum=momentum, bn_eval=False, optimizer=optimizer)
+    module = PlanModule(model, lr=lr, momentum=momentum, bn_eval=False, optimizer=optimizer,
+                        channels_last=channels_last)
     trainer = make_trainer(epochs, accelerator, output_dir, progress)
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=data.loader("upstream", "train", shuffle=True, batch_size=batch_size))
     wall_s = time.perf_counter() - t0
     val = data.loader("upstream", "val")
-    acc_ema, _ = evaluate(model, val)
+    acc_ema, _ = evaluate(model, val, channels_last)
     t1 = time.perf_counter()
     n_bn_batches = recompute_bn_stats(model, data.loader("upstream", "train", batch_size=batch_size))
     bn_wall_s = time.perf_counter() - t1
-    acc, loss = evaluate(model, val)
+    acc, loss = evaluate(model, val, channels_last)
+    model.to(memory_format=torch.contiguous_format)  # the checkpoint in the default layout
     return model, {"upstream_val_accuracy": acc, "upstream_val_loss": loss, "pretrain_wall_s": wall_s,
                    "upstream_val_accuracy_ema_bn": acc_ema, "bn_recompute_batches": n_bn_batches,
                    "bn_recompute_wall_s": bn_wall_s,
@@ -192,6 +195,7 @@ def base_checkpoint(
     output_dir: str | Path = ".",
     progress: bool = True,
     optimizer: str = "adam",
+    channels_last: bool = False,
 ) -> Path:
     """`spec.checkpoint` if set; else the cached upstream-pretrained checkpoint (trained on a miss)."""
     if spec.checkpoint:
@@ -206,7 +210,7 @@ def base_checkpoint(
         return path
     log.info("base model: pretraining %s on the upstream task for %d epochs (cached at %s)", spec.name, epochs, path)
     model, stats = pretrain(spec, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed, batch_size=batch_size,
-                            optimizer=optimizer,
+                            optimizer=optimizer, channels_last=channels_last,
                             accelerator=accelerator, output_dir=output_dir, progress=progress)
     atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
     text = json.dumps({"key": key, **stats}, indent=2, sort_keys=True, default=str)

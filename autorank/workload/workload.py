@@ -31,7 +31,7 @@ from autorank.workload.device import DeviceProfile
 from autorank.workload.features import FeatureCache
 from autorank.models import ModelSpec, cut_name, replace_head, split_at_first_trained
 from autorank.workload.stepcost import measure_suffix_step, prefix_forward_flops
-from autorank.workload.module import PlanModule, TrainingFailed, evaluate
+from autorank.workload.module import PlanModule, TrainingFailed, evaluate, use_channels_last
 
 __all__ = ["FineTuneResult", "Paths", "TrainerConfig", "TrainingFailed", "Workload"]
 
@@ -54,6 +54,7 @@ class TrainerConfig:
     pretrain_optimizer: str = "adam"  # from scratch, Adam converges in a few epochs where SGD does not
     pretrain_batch_size: int = 32  # smaller than the device batch: more steps for the same compute
     progress: bool = False  # Lightning bar per trial (pretraining always shows one)
+    channels_last: str | bool = "auto"  # auto: channels-last layout on CPU (2-5x faster steps)
 
 
 @dataclass
@@ -105,7 +106,8 @@ class EvalAtSteps(L.Callback):
         if step in self.steps and step not in self.accuracy:
             t0 = time.perf_counter()
             d = pl_module.device  # mid-fit the model may be on an accelerator, the features are not
-            self.accuracy[step], _ = evaluate(pl_module.model, ((x.to(d), y.to(d)) for x, y in self.val_batches))
+            self.accuracy[step], _ = evaluate(pl_module.model, ((x.to(d), y.to(d)) for x, y in self.val_batches),
+                                              channels_last=getattr(pl_module, "channels_last", False))
             pl_module.train()  # evaluate restores plain train mode; the module's keeps BN in eval
             self.wall_s += time.perf_counter() - t0
 
@@ -150,7 +152,7 @@ class Workload:
             self._checkpoint = base_checkpoint(
                 self.spec, self.data, self.paths.cache_dir, epochs=t.pretrain_epochs, lr=t.pretrain_lr,
                 momentum=t.momentum, seed=t.seed, batch_size=t.pretrain_batch_size, accelerator=t.accelerator,
-                optimizer=t.pretrain_optimizer,
+                optimizer=t.pretrain_optimizer, channels_last=use_channels_last(t.channels_last, t.accelerator),
                 output_dir=self.paths.output_dir, progress=progress,
             )
             model = self.spec(num_classes=self.data.num_classes("upstream"))
@@ -280,6 +282,7 @@ class Workload:
             return FineTuneResult(acc, loss, 0, 0.0, 0, features_wall_s, cut)
 
         g = torch.Generator().manual_seed(t.seed)
+        cl = use_channels_last(t.channels_last, t.accelerator)
         # drop_last: every step at the device's batch shape, the one the memory is predicted for
         # (and ASI's warm-started subspaces are per shape: a short last batch would restart them).
         loader = DataLoader(TensorDataset(x_train, y_train), batch_size=bs, shuffle=True, generator=g,
@@ -287,7 +290,7 @@ class Workload:
         module = PlanModule(suffix, lr=t.lr if lr is None else lr,
                             momentum=t.momentum if momentum is None else momentum,
                             weight_decay=t.weight_decay if weight_decay is None else weight_decay,
-                            bn_eval=t.bn_eval)
+                            bn_eval=t.bn_eval, channels_last=cl)
         val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=bs)
         at_steps = EvalAtSteps(eval_steps, val_loader)
         trainer = make_trainer(None if max_steps else epochs, t.accelerator, self.paths.output_dir, progress,
@@ -300,12 +303,12 @@ class Workload:
         if max_steps:  # epochs begun, the last possibly partial
             epochs = -(-steps // max(1, len(loader)))
 
-        acc, val_loss = evaluate(suffix, val_loader)
+        acc, val_loss = evaluate(suffix, val_loader, channels_last=cl)
 
         # The step as the device runs it, measured on real tensors (the search compares it with
         # the prediction): the suffix's step on cached features + the frozen prefix's forward.
         module.train()
-        saved_bytes, suffix_flops = measure_suffix_step(suffix, x_train, y_train, bs)
+        saved_bytes, suffix_flops = measure_suffix_step(suffix, x_train, y_train, bs, channels_last=cl)
         batch, _ = next(iter(self.data.loader("downstream", "train")))
         prefix_flops = prefix_forward_flops(prefix, batch, self.input_shape)
         return FineTuneResult(
