@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 # total with the public FlopCounterMode's, so a change in torch fails there, not silently).
 from torch.utils.flop_counter import _FlopCounterMode
 
+from autorank.cost.loss import logits_of
 from autorank.cost.meta import run_planned
 from autorank.shortcut import ASIFactorizer, TuckerLayer
 
@@ -152,7 +153,7 @@ def _count(model: nn.Module, example_input: torch.Tensor, lean: bool = False) ->
     else:
         counter = mode = flop_counter()
     with torch.random.fork_rng(devices=devices), mode:
-        out = model(example_input)
+        out = logits_of(model(example_input))
         if out.requires_grad:
             out.float().sum().backward()
     return int(counter.total if lean else counter.get_total_flops())

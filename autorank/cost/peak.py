@@ -39,10 +39,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from autorank.cost.fastmeta import active_fast_meta
 from autorank.cost.live import LiveBytes
+from autorank.cost.loss import check_loss, label_shape, logits_of, training_loss
 from autorank.cost.meta import run_planned, storage_key
 from autorank.cost.saved import trace_training_forward
 from autorank.shortcut import ASIFactorizer, TuckerLayer
@@ -73,19 +73,21 @@ class PeakMemory:
 
 
 def predict_peak_training_bytes(model: nn.Module, example_input: torch.Tensor, plan=None,
-                                optimizer: str = "sgd", momentum: float = 0.9) -> PeakMemory:
+                                optimizer: str = "sgd", momentum: float = 0.9, loss: str = "class") -> PeakMemory:
     """Predicted peak memory of one training step of `model` (with `plan` applied to a copy, or
-    as it is when plan=None) on a batch shaped like `example_input`: forward, cross-entropy,
+    as it is when plan=None) on a batch shaped like `example_input`: forward, cross-entropy
+    (`loss`: "class", or "token" for a language model's (B, L, V) logits: autorank.cost.loss),
     backward, optimizer.step(), zero_grad(set_to_none=True). Runs on a meta-device shadow of the
     model (see predict_saved_bytes)."""
     opt = optimizer.lower()
     if opt not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZER_STATES)}")
+    check_loss(loss)
     return run_planned(model, plan, example_input,
-                       lambda m, x: _peak(m, x, example_input.is_cuda, opt, momentum))
+                       lambda m, x: _peak(m, x, example_input.is_cuda, opt, momentum, loss))
 
 
-def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool):
+def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool, loss_kind: str = "class"):
     """Forward (traced for the saved bytes), loss and backward of `model` on x under LiveBytes.
     Returns (saved-bytes prediction, label shape, forward peak, backward peak), the peaks in live
     bytes of the storages the step allocates (what existed before it is not counted)."""
@@ -102,10 +104,11 @@ def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool):
     try:
         with fast.observing(live) if fast is not None else live:
             saved, out = trace_training_forward(model, x, cuda)
-            labels = torch.zeros((out.shape[0], *out.shape[2:]), dtype=torch.int64, device=out.device)
+            logits = logits_of(out)
+            labels = torch.zeros(label_shape(logits.shape, loss_kind), dtype=torch.int64, device=logits.device)
             live.forget(labels)  # the batch's labels: resident, in batch_bytes
-            loss = F.cross_entropy(out, labels)
-            del out
+            loss = training_loss(logits, labels, loss_kind)
+            del out, logits
             forward = live.peak_bytes
             live.reset_peak()
             if loss.requires_grad:
@@ -132,7 +135,8 @@ def _step_temporaries(opt: str, trained: list[torch.Tensor], cuda: bool) -> int:
     return max(2 * s + prev for s, prev in zip(sizes, [0, *sizes]))
 
 
-def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, momentum: float) -> PeakMemory:
+def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, momentum: float,
+          loss: str = "class") -> PeakMemory:
     """The parts, from the planned model (real or meta: shapes only) and a simulated step on it."""
     storages = {storage_key(t): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
     weights = sum(storages.values())
@@ -143,12 +147,12 @@ def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, m
     if opt != "sgd":
         optimizer_bytes += 4 * len(trained)  # Adam's `step` counter: a float32 scalar per parameter
 
-    saved, label_shape, forward, backward = _simulate_step(model, example_input, cuda)
+    saved, labels_shape, forward, backward = _simulate_step(model, example_input, cuda, loss)
     modules = dict(model.named_modules())
     state = sum(int(modules[name].state_bytes(in_shape, dtype)) for name, in_shape, _, dtype in saved.region_shapes
                 if isinstance(modules[name], TuckerLayer))
     x_bytes = example_input.numel() * example_input.element_size()
-    labels = math.prod(label_shape) * 8  # int64
+    labels = math.prod(labels_shape) * 8  # int64
     batch = labels if saved.input_saved else labels + x_bytes
 
     # resident when the step starts. The ASI state is too, and it is replaced during the forward;
