@@ -9,7 +9,8 @@
 - activations: predict_saved_bytes (every saved tensor, storages counted once).
 - batch: the input (unless it is itself saved, then it is in activations already) and the int64
   labels, one per output position.
-- state: ASI warm-start factors held between steps (layer.state_bytes).
+- state: ASI warm-start factors held between steps (layer.state_bytes; the simulated step
+  starts with them alive, as a real step after the first does).
 - transient: how far the step's peak rises above the parts above (never below 0).
 
 The peak comes from simulating the step on the meta-device shadow: the forward with autograd on
@@ -89,8 +90,9 @@ def predict_peak_training_bytes(model: nn.Module, example_input: torch.Tensor, p
 
 def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool, loss_kind: str = "class"):
     """Forward (traced for the saved bytes), loss and backward of `model` on x under LiveBytes.
-    Returns (saved-bytes prediction, label shape, forward peak, backward peak), the peaks in live
-    bytes of the storages the step allocates (what existed before it is not counted)."""
+    Returns (saved-bytes prediction, label shape, forward peak, backward peak, state), the peaks
+    in live bytes of the storages the step allocates (what existed before it is not counted)
+    plus the warm-start state held from the step before (`state`, also returned)."""
     live = LiveBytes()
     # each simulation runs on a copy of the layer's factorizer (it leaves no state behind), and
     # simulates a steady-state step: no extra cold-start iterations (same peak, less time)
@@ -103,6 +105,7 @@ def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool, loss_kind: str
     fast = active_fast_meta()  # on a meta shadow: count through its mode, not one more
     try:
         with fast.observing(live) if fast is not None else live:
+            state = _warm_up(model, x, tucker, live)
             saved, out = trace_training_forward(model, x, cuda)
             logits = logits_of(out)
             labels = torch.zeros(label_shape(logits.shape, loss_kind), dtype=torch.int64, device=logits.device)
@@ -118,7 +121,21 @@ def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool, loss_kind: str
     finally:
         for m, f in zip(tucker, factorizers):
             m.factorizer = f
-    return saved, tuple(labels.shape), forward, backward
+    return saved, tuple(labels.shape), forward, backward, state
+
+
+def _warm_up(model: nn.Module, x: torch.Tensor, tucker: list, live: LiveBytes) -> int:
+    """A step after the first holds the ASI factors of the step before, and replaces them layer
+    by layer as its forward runs (the old ones freed as the new ones are made). One forward
+    (graph dropped) leaves that state behind, counted live, so the simulated step replaces it as
+    a real one does. Returns its bytes (0 without ASI layers: nothing runs)."""
+    if not any(isinstance(m.factorizer, ASIFactorizer) for m in tucker):
+        return 0
+    devices = [x.device.index or 0] if x.is_cuda else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        model(x)
+    live.reset_peak()
+    return live.live_bytes
 
 
 def _step_temporaries(opt: str, trained: list[torch.Tensor], cuda: bool) -> int:
@@ -147,7 +164,7 @@ def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, m
     if opt != "sgd":
         optimizer_bytes += 4 * len(trained)  # Adam's `step` counter: a float32 scalar per parameter
 
-    saved, labels_shape, forward, backward = _simulate_step(model, example_input, cuda, loss)
+    saved, labels_shape, forward, backward, warm = _simulate_step(model, example_input, cuda, loss)
     modules = dict(model.named_modules())
     state = sum(int(modules[name].state_bytes(in_shape, dtype)) for name, in_shape, _, dtype in saved.region_shapes
                 if isinstance(modules[name], TuckerLayer))
@@ -155,12 +172,12 @@ def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, m
     labels = math.prod(labels_shape) * 8  # int64
     batch = labels if saved.input_saved else labels + x_bytes
 
-    # resident when the step starts. The ASI state is too, and it is replaced during the forward;
-    # the simulation starts cold and allocates it there: counted twice while both live (small)
-    resident = weights + optimizer_bytes + x_bytes + labels + state
+    # resident when the step starts; the ASI state (`warm`, held from the step before and
+    # replaced during the forward) is inside the simulated phases' live bytes
+    resident = weights + optimizer_bytes + x_bytes + labels
     forward_peak = resident + forward
     backward_peak = resident + backward
-    step_peak = resident + grads + _step_temporaries(opt, trained, cuda)
+    step_peak = resident + warm + grads + _step_temporaries(opt, trained, cuda)
     parts = weights + grads + optimizer_bytes + saved.activation_bytes + batch + state
     total = max(parts, forward_peak, backward_peak, step_peak)
     return PeakMemory(weights, grads, optimizer_bytes, saved.activation_bytes, batch, total - parts, state, total,

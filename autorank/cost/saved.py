@@ -25,7 +25,8 @@ What autograd saves (torch 2.14, checked against saved_tensors_hooks):
   add, sub, views, reshape, flatten, cat, mean, sum: nothing
   transformer ops (attention, layer/RMS norm, embedding, pow, rsqrt, ...): autorank.cost.seqrules
 autorank.shortcut's layers (ShortcutLayer: ASI/HOSVD layers and the lean companions) are opaque:
-their own `saved_bytes` formula is used, as a fresh storage.
+their own `saved_bytes` formula is used, as a fresh storage; those marked `traced` (LoRA) are
+traced op by op like any module.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class _Tracer(TorchFunctionMode):
     def pre_hook(self, name):
         def hook(module, args):
             self.stack.append(name)
-            if isinstance(module, ShortcutLayer) and self.opaque == 0:
+            if isinstance(module, ShortcutLayer) and not module.traced and self.opaque == 0:
                 self.opaque += 1
                 self.opened.add(id(module))
         return hook

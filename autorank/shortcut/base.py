@@ -33,7 +33,13 @@ def elem_bytes(dtype: torch.dtype) -> int:
 
 
 class ShortcutLayer(nn.Module):
-    """A wrapper around ``base_layer`` that a plan swaps in (and remove_plan swaps out)."""
+    """A wrapper around ``base_layer`` that a plan swaps in (and remove_plan swaps out).
+
+    ``traced``: False (the default), the cost model takes the layer's ``saved_bytes`` formula
+    and does not look inside; True, it traces the layer's forward op by op like any module (a
+    composite of ordinary layers, such as LoRA, whose input storage others may share)."""
+
+    traced = False
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
