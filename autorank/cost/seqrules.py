@@ -5,7 +5,8 @@ against saved_tensors_hooks on the tiny ViT and Llama of autorank.models; tests/
                                 (B, H, L) in float32 (float64 for float64 inputs), plus the mask
                                 when given; the math path (dropout, ...) is not covered
   layer_norm                    input, and mean and rstd (one float32 each per normalised row)
-  rms_norm                      input, and rstd (one float32 per normalised row)
+  rms_norm                      input and rstd (one float32 per row) when the input needs a
+                                gradient; the normalised input when the weight trains
   embedding                     the indices (the batch of token ids), when the table trains
   pow (tensor ** scalar)        the input;  rsqrt, sqrt, reciprocal: the result
   cos, sin                      the input
@@ -58,9 +59,13 @@ def layer_norm_rule(tracer, args, kwargs, out) -> None:
 
 
 def rms_norm_rule(tracer, args, kwargs, out) -> None:
-    x = args[0]
-    tracer.save(x)
-    tracer.save_fresh(_rows(x, _arg(args, kwargs, 1, "normalized_shape")) * _acc_bytes(x.dtype))
+    # torch's CPU rms_norm is a composite: x * rsqrt(mean(x^2) + eps), then * weight
+    x, weight = args[0], _arg(args, kwargs, 2, "weight")
+    if tracer.need(x):
+        tracer.save(x)
+        tracer.save_fresh(_rows(x, _arg(args, kwargs, 1, "normalized_shape")) * _acc_bytes(x.dtype))  # rstd
+    if isinstance(weight, torch.Tensor) and tracer.need(weight):
+        tracer.save_fresh(x.numel() * x.element_size())  # the normalised x, for the weight's gradient
 
 
 def embedding_rule(tracer, args, kwargs, out) -> None:
