@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autorank.models import SelfAttention, vit_tiny
+from autorank.models import SelfAttention, transformer_blocks, vit_tiny
 from autorank.plan import Choice, Plan, apply_plan, candidate_layers, remove_plan
 from autorank.shortcut import ASILinear, FrozenLinear, LoRALinear, tucker_reconstruct
 
@@ -153,10 +153,9 @@ def vit_model():
 
 
 def mixed_plan(model):
-    c = candidate_layers(model)
-    q, k, v, o, up1, up2, down = c[-8:-1]
+    q, k, v, o, up1, *_, down = transformer_blocks(model)[-1][1]
     return Plan({q: Choice.lora(4), k: Choice.lora(2, [2, 4, 8]), v: Choice.asi([2, 4, 8]), o: Choice.full(),
-                 down: Choice.asi([2, 4, 8]), c[-1]: Choice.full()})
+                 down: Choice.asi([2, 4, 8]), candidate_layers(model)[-1]: Choice.full()})
 
 
 @pytest.mark.parametrize("make", [vit_model, tiny_llama_model], ids=["vit", "llama"])
@@ -167,7 +166,7 @@ def test_apply_and_remove_restore_transformers_exactly(make):
     modules = dict(model.named_modules())
     plan = mixed_plan(model)
     apply_plan(model, plan)
-    q, k, v, o, up1, up2, down = names[-8:-1]
+    q, k, v, o, up1, *_, down = transformer_blocks(model)[-1][1]
     got = dict(model.named_modules())
     assert isinstance(got[q], LoRALinear) and got[q].asi_ranks is None
     assert isinstance(got[k], LoRALinear) and got[k].asi_ranks == [2, 4, 8]

@@ -17,7 +17,8 @@ from autorank.models.factories import (
 )
 from autorank.models.llm import tiny_llama
 from autorank.models.spec import FACTORY_ALIASES, FACTORY_MODULE, ModelSpec, factory_path
-from autorank.models.split import cut_name, flatten_blocks, split_at_first_trained, trained_module_names
+from autorank.models.split import (cut_name, flatten_blocks, split_at_first_trained, trained_module_names,
+                                   transformer_blocks)
 from autorank.models.vit import SelfAttention, vit_tiny
 
 FACTORIES = ("small_cnn", "mcunet_like", "mobilenet_v2", "resnet18", "vit_tiny", "tiny_llama")
@@ -26,5 +27,5 @@ __all__ = [
     "FACTORIES", "FACTORY_ALIASES", "FACTORY_MODULE", "InvertedResidual", "ModelSpec", "classifier_name",
     "cut_name", "factory_path", "flatten_blocks", "mcunet_like", "mobilenet_v2", "replace_head",
     "resnet18", "SelfAttention", "small_cnn", "split_at_first_trained", "tiny_llama", "trained_module_names",
-    "vit_tiny",
+    "transformer_blocks", "vit_tiny",
 ]
