@@ -18,7 +18,7 @@ from autorank.cost.attention import CpuAttention
 from autorank.cost.live import measure_peak_training
 from autorank.cost.loss import label_shape, logits_of, training_loss
 from autorank.models import transformer_blocks, vit_tiny
-from autorank.plan import Choice, Plan, apply_plan, candidate_layers
+from autorank.plan import Choice, Plan, apply_plan, candidate_layers, remove_plan
 
 B = 2
 
@@ -143,3 +143,41 @@ def test_token_loss_is_the_flattened_cross_entropy():
     assert training_loss((logits[:, 0],), labels[:, 0]) == F.cross_entropy(logits[:, 0], labels[:, 0])
     with pytest.raises(ValueError):
         training_loss(logits, labels, "regression")
+
+
+def test_peft_wrapped_llama_bytes_and_restore():
+    """A peft-wrapped model takes plans like any other: peft's own LoRA layers alone (no plan),
+    then a plan that compresses the input of peft's lora_A (ASI), trains lora_B, puts our
+    LoRA + ASI on a layer peft left alone, and trains the head. Bytes exact; removal exact."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(copy.deepcopy(built("llama")),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    x, y, loss = batch("llama")
+    pre = "base_model.model.model.layers.1."
+    plan = Plan({pre + "self_attn.q_proj.lora_A.default": Choice.asi([2, 8, 16]),
+                 pre + "self_attn.q_proj.lora_B.default": Choice.full(),
+                 pre + "self_attn.v_proj.lora_A.default": Choice.asi([B, 8, 16]),
+                 pre + "self_attn.v_proj.lora_B.default": Choice.full(),
+                 pre + "mlp.down_proj": Choice.lora(4, [2, 8, 16]), "base_model.model.lm_head": Choice.full()})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in (None, plan):
+        m = copy.deepcopy(model)
+        saved = predict_saved_bytes(m, x, p)
+        peak = predict_peak_training_bytes(m, x, p, loss=loss)
+        if p is not None:
+            apply_plan(m, p)
+            assert sum(q.requires_grad for q in m.parameters()) == 7
+        assert saved.unknown_ops == []
+        assert saved.activation_bytes == measure_saved_bytes(lambda: logits_of(m(x)), m).activation_bytes
+        live = measure_peak_training(m, x, y, loss=loss)
+        assert (peak.forward_peak_bytes, peak.backward_peak_bytes, peak.step_peak_bytes) == (
+            live.forward_peak_bytes, live.backward_peak_bytes, live.step_peak_bytes)
+    apply_plan(model, plan)
+    model(x)
+    remove_plan(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}

@@ -49,6 +49,17 @@ class ShortcutLayer(nn.Module):
         """The original module (peft's name for it)."""
         return self.base_layer
 
+    # The base layer's weight and bias, read through the wrapper (as peft's layers do): code that
+    # reads `layer.weight` of a module it calls (peft's LoRA reads lora_A.weight.dtype) works on
+    # a wrapped one. Not parameters of the wrapper: they stay registered under base_layer only.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.get_base_layer().bias
+
     def saved_bytes(self, input_shape, dtype: torch.dtype = torch.float32) -> int:
         """Bytes the autograd node saves for one training forward on an input of this shape and
         dtype (parameters, resident anyway, are not counted)."""
