@@ -181,3 +181,20 @@ def test_peft_wrapped_llama_bytes_and_restore():
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("meta", [False, True], ids=["cpu", "meta"])
+def test_attention_flops_by_hand(meta):
+    """The CPU attention kernel's FLOPs (the stock counter leaves them at 0), the same on the meta
+    shadow (which runs the CPU's kernel) as on real tensors; the rest of Attend is elementwise."""
+    from autorank.cost import train_step_flops
+    from autorank.cost.meta import real_tensors_only
+
+    x = torch.randn(3, 10, 16, requires_grad=True)
+    b, h, s, d = 3, 4, 10, 4
+    forward, backward = 2 * b * h * s * s * (d + d), 2 * b * h * s * s * (3 * d + 2 * d)
+    if meta:
+        assert train_step_flops(Attend(), x) == forward + backward
+    else:
+        with real_tensors_only():
+            assert train_step_flops(Attend(), x) == forward + backward
