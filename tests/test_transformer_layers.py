@@ -200,3 +200,24 @@ def test_vit_attention_equals_torchvisions():
                                                                                  "out_proj"]
     with pytest.raises(ValueError):
         attn(x, x + 1, x)
+
+
+def test_transformer_blocks_name_each_blocks_linear_layers():
+    vit = vit_model()
+    blocks = transformer_blocks(vit)
+    assert [name for name, _ in blocks] == ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1"]
+    assert [n.rsplit(".", 2)[-2:] for n in blocks[1][1]] == [
+        ["self_attention", "q_proj"], ["self_attention", "k_proj"], ["self_attention", "v_proj"],
+        ["self_attention", "out_proj"], ["mlp", "0"], ["mlp", "3"]]
+    apply_plan(vit, mixed_plan(vit))
+    assert transformer_blocks(vit) == blocks  # a plan applied is seen through
+    from autorank.models import mcunet_like
+
+    assert transformer_blocks(mcunet_like()) == []  # no stack of blocks with linear layers
+
+
+def test_wrappers_read_the_base_layers_weight():
+    lin, _, _ = linear_and_input()
+    for wrapper in (ASILinear(lin, [2, 3, 4]), FrozenLinear(lin), LoRALinear(lin, 2)):
+        assert wrapper.weight is lin.weight and wrapper.bias is lin.bias
+        assert "weight" not in dict(wrapper.named_parameters(recurse=False))
