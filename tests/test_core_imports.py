@@ -6,7 +6,7 @@ import sys
 from blocking import import_blocker
 
 BLOCKER = import_blocker({"hydra", "optuna", "lightning", "pytorch_lightning", "mlflow", "torchvision",
-                          "optuna_integration"}) + r"""
+                          "optuna_integration", "transformers", "peft"}) + r"""
 import importlib, importlib.util
 import autorank.shortcut, autorank.plan, autorank.cost, autorank.io, autorank.errors, autorank.units
 # the rest of the torch-only core, where this tree has it yet (issue 7: models, the device runner)

@@ -16,6 +16,8 @@ elementwise work (BN, activations, adds). Two faults are fixed here through its 
     SVD (R-SVD): values only 2 M k^2 + 2 k^3; thin U, V: 6 M k^2 + 20 k^3; full U, V: 4 M^2 k + 22 k^3
     eigh (symmetric QR): values only 4 n^3 / 3; with vectors 9 n^3
   Batched inputs multiply by the batch size.
+- The CPU's fused attention kernel (_scaled_dot_product_flash_attention_for_cpu) and its backward
+  count 0 in the stock table: torch's formulas for the CUDA attention kernels are used for them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 # total with the public FlopCounterMode's, so a change in torch fails there, not silently).
 from torch.utils.flop_counter import _FlopCounterMode
 
+from autorank.cost.loss import logits_of
 from autorank.cost.meta import run_planned
 from autorank.shortcut import ASIFactorizer, TuckerLayer
 
@@ -113,7 +116,31 @@ def _eigh(a_shape, *args, out_shape=None, **kwargs) -> int:
     return _batch(a_shape) * eigh_flops(a_shape[-1], compute_v)
 
 
+def _attention_shapes(query_shape, key_shape, value_shape) -> tuple[int, int, int, int, int]:
+    """(B * query heads, query length, key length, d_q, d_v); grouped-query keys (fewer heads,
+    enable_gqa) are broadcast to the query heads, so the query's heads count."""
+    *bh, s_q, d_q = query_shape
+    return math.prod(bh), s_q, key_shape[-2], d_q, value_shape[-1]
+
+
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """The CPU flash kernel, which the stock table leaves out: q k^T and (.) v, 2 FLOPs per
+    multiply-add (causal masking not discounted, as torch's formulas for the CUDA kernels)."""
+    bh, s_q, s_k, d_q, d_v = _attention_shapes(query_shape, key_shape, value_shape)
+    return 2 * bh * s_q * s_k * (d_q + d_v)
+
+
+def _sdpa_cpu_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                       **kwargs) -> int:
+    """Its backward: the scores recomputed (d_q), grad_out v^T and scores^T grad_out (d_v each),
+    grad_scores^T q and grad_scores k (d_q each): torch's formula for the CUDA kernels."""
+    bh, s_q, s_k, d_q, d_v = _attention_shapes(query_shape, key_shape, value_shape)
+    return 2 * bh * s_q * s_k * (3 * d_q + 2 * d_v)
+
+
 CUSTOM_FLOP_FORMULAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward,
     aten.convolution_backward: _conv_backward,
     aten.linalg_qr: _qr,
     aten.geqrf: _geqrf,
@@ -152,7 +179,7 @@ def _count(model: nn.Module, example_input: torch.Tensor, lean: bool = False) ->
     else:
         counter = mode = flop_counter()
     with torch.random.fork_rng(devices=devices), mode:
-        out = model(example_input)
+        out = logits_of(model(example_input))
         if out.requires_grad:
             out.float().sum().backward()
     return int(counter.total if lean else counter.get_total_flops())

@@ -28,12 +28,12 @@ import weakref
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # torch documents TorchDispatchMode under this private module and has no public alias for it
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autorank.cost.fastmeta import tensors_in
+from autorank.cost.loss import check_loss, training_loss
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -131,12 +131,14 @@ def _storage_bytes(tensors) -> int:
 
 
 def measure_peak_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: str = "sgd",
-                          momentum: float = 0.9, lr: float = 1e-3) -> LivePeak:
+                          momentum: float = 0.9, lr: float = 1e-3, loss: str = "class") -> LivePeak:
     """Live bytes of one training step of a copy of `model` (as it is: apply a plan first):
-    cross-entropy forward, backward, optimizer.step(), zero_grad(set_to_none=True).
+    cross-entropy forward (`loss`: "class" or "token", autorank.cost.loss), backward,
+    optimizer.step(), zero_grad(set_to_none=True).
 
     A warm-up step runs first, under the same mode, so that what it leaves (optimizer state, ASI
     warm-start factors) is counted as resident. `model` itself is not changed."""
+    check_loss(loss)
     model = copy.deepcopy(model)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer, momentum, lr)
     before = _storage_bytes(itertools.chain(model.parameters(), model.buffers(), (x, y)))
@@ -145,11 +147,11 @@ def measure_peak_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor, op
 
     def step():
         live.reset_peak()
-        loss = F.cross_entropy(model(x), y)
+        value = training_loss(model(x), y, loss)
         phases.append(live.peak_bytes)
         live.reset_peak()
-        loss.backward()
-        del loss
+        value.backward()
+        del value
         phases.append(live.peak_bytes)
         live.reset_peak()
         opt.step()
@@ -169,6 +171,6 @@ def measure_peak_training(model: nn.Module, x: torch.Tensor, y: torch.Tensor, op
 
 
 def measure_peak_training_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: str = "sgd",
-                                momentum: float = 0.9, lr: float = 1e-3) -> int:
+                                momentum: float = 0.9, lr: float = 1e-3, loss: str = "class") -> int:
     """Peak live tensor bytes of one training step (see measure_peak_training)."""
-    return measure_peak_training(model, x, y, optimizer, momentum, lr).peak_bytes
+    return measure_peak_training(model, x, y, optimizer, momentum, lr, loss).peak_bytes

@@ -26,6 +26,7 @@ import weakref
 import torch
 import torch.nn as nn
 
+from autorank.cost.attention import CpuAttention
 from autorank.cost.fastmeta import FastMeta
 from autorank.plan import applied_plan, apply_plan, remove_plan
 from autorank.shortcut import TuckerLayer
@@ -136,7 +137,7 @@ def run_planned(model: nn.Module, plan, example_input: torch.Tensor, fn):
     if _REAL_ONLY[0]:
         return fn(real_copy(model, plan), example_input)
     try:
-        with shadow(model, plan) as m:
+        with shadow(model, plan, cuda=example_input.is_cuda) as m:
             return fn(m, meta_tensor(example_input).requires_grad_(example_input.requires_grad))
     except META_FAILURES as exc:
         fell_back(exc)
@@ -144,9 +145,10 @@ def run_planned(model: nn.Module, plan, example_input: torch.Tensor, fn):
 
 
 @contextlib.contextmanager
-def shadow(model: nn.Module, plan=None):
+def shadow(model: nn.Module, plan=None, cuda: bool = False):
     """A meta copy of `model` with `plan` applied (as it is for plan=None), for one trace, run
-    under FastMeta (enter a FlopCounterMode inside it).
+    under FastMeta (enter a FlopCounterMode inside it) and, standing for a CPU step (not cuda),
+    CpuAttention (attention kernels as the CPU picks them).
 
     Raises NeedsData when the planned model needs real values. The shadow is cached for the
     next call unless the trace failed or it could not be restored (a plan that replaced one the
@@ -163,7 +165,7 @@ def shadow(model: nn.Module, plan=None):
             apply_plan(m, plan)
         if needs_data(m):
             raise NeedsData
-        with FastMeta():
+        with FastMeta(), (contextlib.nullcontext() if cuda else CpuAttention()):
             yield m
         ok = True
     finally:

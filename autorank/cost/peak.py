@@ -9,7 +9,8 @@
 - activations: predict_saved_bytes (every saved tensor, storages counted once).
 - batch: the input (unless it is itself saved, then it is in activations already) and the int64
   labels, one per output position.
-- state: ASI warm-start factors held between steps (layer.state_bytes).
+- state: ASI warm-start factors held between steps (layer.state_bytes; the simulated step
+  starts with them alive, as a real step after the first does).
 - transient: how far the step's peak rises above the parts above (never below 0).
 
 The peak comes from simulating the step on the meta-device shadow: the forward with autograd on
@@ -39,10 +40,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from autorank.cost.fastmeta import active_fast_meta
 from autorank.cost.live import LiveBytes
+from autorank.cost.loss import check_loss, label_shape, logits_of, training_loss
 from autorank.cost.meta import run_planned, storage_key
 from autorank.cost.saved import trace_training_forward
 from autorank.shortcut import ASIFactorizer, TuckerLayer
@@ -73,22 +74,25 @@ class PeakMemory:
 
 
 def predict_peak_training_bytes(model: nn.Module, example_input: torch.Tensor, plan=None,
-                                optimizer: str = "sgd", momentum: float = 0.9) -> PeakMemory:
+                                optimizer: str = "sgd", momentum: float = 0.9, loss: str = "class") -> PeakMemory:
     """Predicted peak memory of one training step of `model` (with `plan` applied to a copy, or
-    as it is when plan=None) on a batch shaped like `example_input`: forward, cross-entropy,
+    as it is when plan=None) on a batch shaped like `example_input`: forward, cross-entropy
+    (`loss`: "class", or "token" for a language model's (B, L, V) logits: autorank.cost.loss),
     backward, optimizer.step(), zero_grad(set_to_none=True). Runs on a meta-device shadow of the
     model (see predict_saved_bytes)."""
     opt = optimizer.lower()
     if opt not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZER_STATES)}")
+    check_loss(loss)
     return run_planned(model, plan, example_input,
-                       lambda m, x: _peak(m, x, example_input.is_cuda, opt, momentum))
+                       lambda m, x: _peak(m, x, example_input.is_cuda, opt, momentum, loss))
 
 
-def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool):
+def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool, loss_kind: str = "class"):
     """Forward (traced for the saved bytes), loss and backward of `model` on x under LiveBytes.
-    Returns (saved-bytes prediction, label shape, forward peak, backward peak), the peaks in live
-    bytes of the storages the step allocates (what existed before it is not counted)."""
+    Returns (saved-bytes prediction, label shape, forward peak, backward peak, state), the peaks
+    in live bytes of the storages the step allocates (what existed before it is not counted)
+    plus the warm-start state held from the step before (`state`, also returned)."""
     live = LiveBytes()
     # each simulation runs on a copy of the layer's factorizer (it leaves no state behind), and
     # simulates a steady-state step: no extra cold-start iterations (same peak, less time)
@@ -101,11 +105,13 @@ def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool):
     fast = active_fast_meta()  # on a meta shadow: count through its mode, not one more
     try:
         with fast.observing(live) if fast is not None else live:
+            state = _warm_up(model, x, tucker, live)
             saved, out = trace_training_forward(model, x, cuda)
-            labels = torch.zeros((out.shape[0], *out.shape[2:]), dtype=torch.int64, device=out.device)
+            logits = logits_of(out)
+            labels = torch.zeros(label_shape(logits.shape, loss_kind), dtype=torch.int64, device=logits.device)
             live.forget(labels)  # the batch's labels: resident, in batch_bytes
-            loss = F.cross_entropy(out, labels)
-            del out
+            loss = training_loss(logits, labels, loss_kind)
+            del out, logits
             forward = live.peak_bytes
             live.reset_peak()
             if loss.requires_grad:
@@ -115,7 +121,21 @@ def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool):
     finally:
         for m, f in zip(tucker, factorizers):
             m.factorizer = f
-    return saved, tuple(labels.shape), forward, backward
+    return saved, tuple(labels.shape), forward, backward, state
+
+
+def _warm_up(model: nn.Module, x: torch.Tensor, tucker: list, live: LiveBytes) -> int:
+    """A step after the first holds the ASI factors of the step before, and replaces them layer
+    by layer as its forward runs (the old ones freed as the new ones are made). One forward
+    (graph dropped) leaves that state behind, counted live, so the simulated step replaces it as
+    a real one does. Returns its bytes (0 without ASI layers: nothing runs)."""
+    if not any(isinstance(m.factorizer, ASIFactorizer) for m in tucker):
+        return 0
+    devices = [x.device.index or 0] if x.is_cuda else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        model(x)
+    live.reset_peak()
+    return live.live_bytes
 
 
 def _step_temporaries(opt: str, trained: list[torch.Tensor], cuda: bool) -> int:
@@ -132,7 +152,8 @@ def _step_temporaries(opt: str, trained: list[torch.Tensor], cuda: bool) -> int:
     return max(2 * s + prev for s, prev in zip(sizes, [0, *sizes]))
 
 
-def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, momentum: float) -> PeakMemory:
+def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, momentum: float,
+          loss: str = "class") -> PeakMemory:
     """The parts, from the planned model (real or meta: shapes only) and a simulated step on it."""
     storages = {storage_key(t): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
     weights = sum(storages.values())
@@ -143,20 +164,20 @@ def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, m
     if opt != "sgd":
         optimizer_bytes += 4 * len(trained)  # Adam's `step` counter: a float32 scalar per parameter
 
-    saved, label_shape, forward, backward = _simulate_step(model, example_input, cuda)
+    saved, labels_shape, forward, backward, warm = _simulate_step(model, example_input, cuda, loss)
     modules = dict(model.named_modules())
     state = sum(int(modules[name].state_bytes(in_shape, dtype)) for name, in_shape, _, dtype in saved.region_shapes
                 if isinstance(modules[name], TuckerLayer))
     x_bytes = example_input.numel() * example_input.element_size()
-    labels = math.prod(label_shape) * 8  # int64
+    labels = math.prod(labels_shape) * 8  # int64
     batch = labels if saved.input_saved else labels + x_bytes
 
-    # resident when the step starts. The ASI state is too, and it is replaced during the forward;
-    # the simulation starts cold and allocates it there: counted twice while both live (small)
-    resident = weights + optimizer_bytes + x_bytes + labels + state
+    # resident when the step starts; the ASI state (`warm`, held from the step before and
+    # replaced during the forward) is inside the simulated phases' live bytes
+    resident = weights + optimizer_bytes + x_bytes + labels
     forward_peak = resident + forward
     backward_peak = resident + backward
-    step_peak = resident + grads + _step_temporaries(opt, trained, cuda)
+    step_peak = resident + warm + grads + _step_temporaries(opt, trained, cuda)
     parts = weights + grads + optimizer_bytes + saved.activation_bytes + batch + state
     total = max(parts, forward_peak, backward_peak, step_peak)
     return PeakMemory(weights, grads, optimizer_bytes, saved.activation_bytes, batch, total - parts, state, total,

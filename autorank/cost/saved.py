@@ -23,8 +23,10 @@ What autograd saves (torch 2.14, checked against saved_tensors_hooks):
   sigmoid, tanh, softmax, log_softmax: result;  silu, gelu, hardswish, hardsigmoid: input
   mul              each tensor operand whose partner requires grad
   add, sub, views, reshape, flatten, cat, mean, sum: nothing
+  transformer ops (attention, layer/RMS norm, embedding, pow, rsqrt, ...): autorank.cost.seqrules
 autorank.shortcut's layers (ShortcutLayer: ASI/HOSVD layers and the lean companions) are opaque:
-their own `saved_bytes` formula is used, as a fresh storage.
+their own `saved_bytes` formula is used, as a fresh storage; those marked `traced` (LoRA) are
+traced op by op like any module.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from autorank.cost.fastmeta import tensors_in
 from autorank.cost.meta import run_planned, storage_key
+from autorank.cost.seqrules import SEQUENCE_RULES
 from autorank.shortcut import ShortcutLayer, TuckerLayer
 from autorank.shortcut.tucker import clip_ranks, compute_dtype
 
@@ -124,7 +127,7 @@ class _Tracer(TorchFunctionMode):
     def pre_hook(self, name):
         def hook(module, args):
             self.stack.append(name)
-            if isinstance(module, ShortcutLayer) and self.opaque == 0:
+            if isinstance(module, ShortcutLayer) and not module.traced and self.opaque == 0:
                 self.opaque += 1
                 self.opened.add(id(module))
         return hook
@@ -199,12 +202,15 @@ class _Tracer(TorchFunctionMode):
         elif name in ("linear", "matmul", "mm"):
             w = args[1] if len(args) > 1 else kwargs["weight"]
             if self.need(w):
-                # linear folds leading dims with reshape: a view of a contiguous input, else a copy
-                self.save(x) if x.is_contiguous() else self.save_fresh(_nbytes(x))
+                # a 2-D input is saved as it is (a view keeps its whole storage); more dims are
+                # folded with reshape: a view of a contiguous input, else a copy
+                self.save(x) if x.dim() <= 2 or x.is_contiguous() else self.save_fresh(_nbytes(x))
                 if name == "linear" and w.requires_grad:
                     self.conv_input_bytes += _nbytes(x)
             if self.need(x):
                 self.save(w)
+        elif name in SEQUENCE_RULES:
+            SEQUENCE_RULES[name](self, args, kwargs, out)
         elif name == "batch_norm":
             self.batch_norm_rule(func, x, args, kwargs)
         elif name in _SAVE_RESULT:

@@ -16,9 +16,9 @@ FACTORY_ALIASES = {"autorank.workload.models": FACTORY_MODULE}
 def factory_path(fn: Callable[..., nn.Module]) -> str:
     """'module.function' of a model factory; autorank's own by their public module
     (autorank.models.mcunet_like), the name a plan file records."""
-    from autorank.models import factories
+    import autorank.models as models
 
-    if getattr(factories, fn.__name__, None) is fn:
+    if getattr(models, fn.__name__, None) is fn:
         return f"{FACTORY_MODULE}.{fn.__name__}"
     return f"{fn.__module__}.{fn.__qualname__}"
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from autorank.shortcut import ShortcutLayer
+
 
 def _is_plain_sequential(m: nn.Module) -> bool:
     # Subclasses of Sequential that keep its forward (torchvision's Conv2dNormActivation) may be
@@ -73,3 +75,42 @@ def cut_name(model: nn.Module, plan_or_names: Any) -> str:
     blocks = flatten_blocks(model)
     _, suffix = split_at_first_trained(model, plan_or_names)
     return blocks[len(blocks) - len(suffix)][0] if len(suffix) else ""
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """(block name, its nn.Linear layers' names) for each block of a transformer, in order.
+
+    The blocks are the children of the longest nn.ModuleList / nn.Sequential whose children are
+    all of one type holding linear layers (a Llama's `model.layers.N`, the ViT's
+    `encoder.layers.encoder_layer_N`). [] when the model has no such stack."""
+    best: tuple[str, list[tuple[str, nn.Module]]] | None = None
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.ModuleList, nn.Sequential)):
+            continue
+        kids = list(m.named_children())
+        if len(kids) < 1 or len({type(k) for _, k in kids}) != 1:
+            continue
+        if not all(any(isinstance(s, nn.Linear) for s in k.modules()) for _, k in kids):
+            continue
+        if best is None or len(kids) > len(best[1]):
+            best = (name, kids)
+    if best is None:
+        return []
+    prefix = best[0] + "." if best[0] else ""
+    return [(prefix + kname, [f"{prefix}{kname}.{n}" for n in _linears(k)]) for kname, k in best[1]]
+
+
+def _linears(block: nn.Module) -> list[str]:
+    """Names of the linear layers of `block`, a plan applied to it seen through (a ShortcutLayer
+    around a linear layer counts as that layer; its insides are not the model's)."""
+    names, inside = [], []
+    for name, m in block.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, ShortcutLayer):
+            inside.append(name)
+            if isinstance(m.get_base_layer(), nn.Linear):
+                names.append(name)
+        elif isinstance(m, nn.Linear):
+            names.append(name)
+    return names

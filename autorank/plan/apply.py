@@ -11,6 +11,7 @@ companion that saves nothing there because no gradient flows through it.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import torch.nn as nn
@@ -49,9 +50,15 @@ def _check_names(model: nn.Module, plan: Plan) -> None:
             raise ValueError(f"plan names layer {name!r}, which is not a conv/linear layer of this model")
 
 
-def _wrap(module: nn.Module, choice: Choice) -> nn.Module:
+def _wrap(module: nn.Module, choice: Choice, name: str) -> nn.Module:
     if choice.kind in ("full", "frozen"):
         return module
+    if choice.kind == "lora":
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"a lora choice needs a linear layer; {name!r} is {type(module).__name__}")
+        module.requires_grad_(False)  # the base weight stays frozen; A and B train
+        # A's start is drawn from the layer's name: the same plan gives the same model anywhere
+        return shortcut.LoRALinear(module, choice.rank, asi_ranks=choice.ranks, seed=zlib.crc32(name.encode()))
     conv = isinstance(module, nn.Conv2d)
     if choice.kind == "asi":
         cls = shortcut.ASIConv2d if conv else shortcut.ASILinear
@@ -81,8 +88,9 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def apply_plan(model: nn.Module, plan_or_path: Plan | str | Path, *, strict: bool = True) -> nn.Module:
     """Apply a plan in place and return the model.
 
-    - asi -> ASIConv2d / ASILinear(base, ranks); hosvd -> HOSVD*(base, eps); full -> the plain
-      layer, trained; frozen (or not listed) -> requires_grad False.
+    - asi -> ASIConv2d / ASILinear(base, ranks); hosvd -> HOSVD*(base, eps); lora ->
+      LoRALinear(base, rank, asi_ranks) with the base frozen; full -> the plain layer, trained;
+      frozen (or not listed) -> requires_grad False.
     - Every parameter not trained gets requires_grad False, so nothing before the first trained
       layer records a graph or saves a tensor. BN affine inside the trained region trains only
       with bn='train'.
@@ -112,7 +120,7 @@ def apply_plan(model: nn.Module, plan_or_path: Plan | str | Path, *, strict: boo
         module = modules[name]
         if name in trained:
             module.requires_grad_(True)
-            new = _wrap(module, plan.layers[name])
+            new = _wrap(module, plan.layers[name], name)
         else:
             if plan.bn == "train" and isinstance(module, BATCH_NORMS):
                 module.requires_grad_(True)

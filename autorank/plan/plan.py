@@ -23,33 +23,43 @@ from autorank.io import atomic_write  # re-exported: autorank.plan.atomic_write
 from autorank.shortcut import ShortcutLayer
 
 FORMAT_VERSION = 1
-KINDS = ("frozen", "full", "asi", "hosvd")
+KINDS = ("frozen", "full", "asi", "hosvd", "lora")
 BN_MODES = ("frozen", "train")
 
 _CHOICE_RE = re.compile(r"^(frozen|full|asi|hosvd)(?:\[([^\]]*)\])?$")
+_LORA_RE = re.compile(r"^lora\[([^\]]*)\](?:\+asi\[([^\]]*)\])?$")
 
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
     """What one conv/linear layer does in training: `frozen`, `full` (plain backprop), `asi`
-    with one rank per input mode, or `hosvd` with an explained-variance level eps."""
+    with one rank per input mode, `hosvd` with an explained-variance level eps, or `lora` (a
+    linear layer only) with a LoRA rank, the weight frozen, and, with `ranks`, LoRA + ASI: the
+    input A needs for its gradient kept at those ASI ranks (autorank.shortcut.LoRALinear)."""
 
     kind: str
     ranks: tuple[int, ...] | None = None
     eps: float | None = None
+    rank: int | None = None  # the LoRA rank
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown choice kind {self.kind!r}; expected one of {KINDS}")
-        if self.kind == "asi":
+        if self.kind == "asi" or (self.kind == "lora" and self.ranks is not None):
             if not self.ranks:
-                raise ValueError("an asi choice needs ranks (one int per input mode)")
+                raise ValueError(f"an {self.kind} choice's ranks are one int per input mode, got none")
             ranks = tuple(int(r) for r in self.ranks)
             if any(r < 1 for r in ranks):
                 raise ValueError(f"asi ranks must be >= 1, got {ranks}")
             object.__setattr__(self, "ranks", ranks)
         elif self.ranks is not None:
             raise ValueError(f"a {self.kind} choice takes no ranks")
+        if self.kind == "lora":
+            if self.rank is None or int(self.rank) < 1:
+                raise ValueError(f"a lora choice needs a rank >= 1, got {self.rank!r}")
+            object.__setattr__(self, "rank", int(self.rank))
+        elif self.rank is not None:
+            raise ValueError(f"a {self.kind} choice takes no LoRA rank")
         if self.kind == "hosvd":
             if self.eps is None or not 0.0 < float(self.eps) <= 1.0:
                 raise ValueError(f"a hosvd choice needs eps in (0, 1], got {self.eps!r}")
@@ -73,6 +83,11 @@ class Choice:
     def hosvd(cls, eps: float) -> Choice:
         return cls("hosvd", eps=eps)
 
+    @classmethod
+    def lora(cls, rank: int, asi_ranks=None) -> Choice:
+        """LoRA at `rank`; with `asi_ranks`, LoRA + ASI (A's input kept at those ranks)."""
+        return cls("lora", rank=rank, ranks=None if asi_ranks is None else tuple(asi_ranks))
+
     @property
     def trained(self) -> bool:
         return self.kind != "frozen"
@@ -82,14 +97,27 @@ class Choice:
             return "asi[" + ",".join(str(r) for r in self.ranks) + "]"
         if self.kind == "hosvd":
             return f"hosvd[{self.eps:g}]"
+        if self.kind == "lora":
+            asi = "" if self.ranks is None else "+asi[" + ",".join(str(r) for r in self.ranks) + "]"
+            return f"lora[{self.rank}]{asi}"
         return self.kind
 
     @classmethod
     def parse(cls, text: str) -> Choice:
-        """Inverse of str(): 'frozen', 'full', 'asi[8,64,4,4]', 'hosvd[0.8]'."""
+        """Inverse of str(): 'frozen', 'full', 'asi[8,64,4,4]', 'hosvd[0.8]', 'lora[8]',
+        'lora[8]+asi[8,64,32]'."""
+        lora = _LORA_RE.match(str(text).replace(" ", ""))
+        if lora is not None:
+            rank, asi = lora.groups()
+            if not rank.isdigit():
+                raise ValueError(f"cannot parse choice {text!r}: lora needs one rank, e.g. lora[8]")
+            if asi is not None and not asi:
+                raise ValueError(f"cannot parse choice {text!r}: +asi needs ranks, e.g. lora[8]+asi[8,64,32]")
+            return cls.lora(int(rank), None if asi is None else [int(r) for r in asi.split(",")])
         m = _CHOICE_RE.match(str(text).replace(" ", ""))
         if m is None:
-            raise ValueError(f"cannot parse choice {text!r}; expected frozen, full, asi[r,...] or hosvd[eps]")
+            raise ValueError(f"cannot parse choice {text!r}; expected frozen, full, asi[r,...], hosvd[eps], "
+                             "lora[r] or lora[r]+asi[r,...]")
         kind, arg = m.groups()
         if kind == "asi":
             if not arg:

@@ -6,6 +6,7 @@ the cost model know them by. ASI / HOSVD layers are TuckerLayers (they save a co
 
 from .base import BATCH_NORMS, ShortcutLayer, TuckerLayer
 from .layers import ASIConv2d, ASIFactorizer, ASILinear, HOSVDConv2d, HOSVDFactorizer, HOSVDLinear
+from .lora import LoRALinear
 from .lean import FrozenBatchNorm2d, FrozenConv2d, FrozenLinear, PackedReLU, pack_bits, unpack_bits
 from .tucker import hosvd_ranks, mode_product, tucker_core, tucker_reconstruct
 
@@ -19,6 +20,7 @@ __all__ = [
     "HOSVDConv2d",
     "HOSVDFactorizer",
     "HOSVDLinear",
+    "LoRALinear",
     "FrozenBatchNorm2d",
     "PackedReLU",
     "FrozenConv2d",

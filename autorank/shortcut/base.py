@@ -33,7 +33,13 @@ def elem_bytes(dtype: torch.dtype) -> int:
 
 
 class ShortcutLayer(nn.Module):
-    """A wrapper around ``base_layer`` that a plan swaps in (and remove_plan swaps out)."""
+    """A wrapper around ``base_layer`` that a plan swaps in (and remove_plan swaps out).
+
+    ``traced``: False (the default), the cost model takes the layer's ``saved_bytes`` formula
+    and does not look inside; True, it traces the layer's forward op by op like any module (a
+    composite of ordinary layers, such as LoRA, whose input storage others may share)."""
+
+    traced = False
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -42,6 +48,17 @@ class ShortcutLayer(nn.Module):
     def get_base_layer(self) -> nn.Module:
         """The original module (peft's name for it)."""
         return self.base_layer
+
+    # The base layer's weight and bias, read through the wrapper (as peft's layers do): code that
+    # reads `layer.weight` of a module it calls (peft's LoRA reads lora_A.weight.dtype) works on
+    # a wrapped one. Not parameters of the wrapper: they stay registered under base_layer only.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.get_base_layer().bias
 
     def saved_bytes(self, input_shape, dtype: torch.dtype = torch.float32) -> int:
         """Bytes the autograd node saves for one training forward on an input of this shape and
