@@ -19,7 +19,8 @@ import torch.nn as nn
 import yaml
 
 import autorank
-from autorank.io import atomic_write  # re-exported: autorank.plan.atomic_write
+from autorank.errors import PlanError
+from autorank.io import atomic_write, read_mapping  # atomic_write re-exported: autorank.plan.atomic_write
 from autorank.shortcut import ShortcutLayer
 
 FORMAT_VERSION = 1
@@ -40,22 +41,29 @@ class Choice:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"unknown choice kind {self.kind!r}; expected one of {KINDS}")
+            raise PlanError(f"unknown choice kind {self.kind!r}; expected one of {KINDS}")
         if self.kind == "asi":
             if not self.ranks:
-                raise ValueError("an asi choice needs ranks (one int per input mode)")
-            ranks = tuple(int(r) for r in self.ranks)
+                raise PlanError("an asi choice needs ranks (one int per input mode)")
+            try:
+                ranks = tuple(int(r) for r in self.ranks)
+            except (TypeError, ValueError) as e:
+                raise PlanError(f"asi ranks must be whole numbers, got {self.ranks!r}") from e
             if any(r < 1 for r in ranks):
-                raise ValueError(f"asi ranks must be >= 1, got {ranks}")
+                raise PlanError(f"asi ranks must be >= 1, got {ranks}")
             object.__setattr__(self, "ranks", ranks)
         elif self.ranks is not None:
-            raise ValueError(f"a {self.kind} choice takes no ranks")
+            raise PlanError(f"a {self.kind} choice takes no ranks")
         if self.kind == "hosvd":
-            if self.eps is None or not 0.0 < float(self.eps) <= 1.0:
-                raise ValueError(f"a hosvd choice needs eps in (0, 1], got {self.eps!r}")
-            object.__setattr__(self, "eps", float(self.eps))
+            try:
+                eps = float(self.eps) if self.eps is not None else float("nan")
+            except (TypeError, ValueError):
+                eps = float("nan")
+            if not 0.0 < eps <= 1.0:
+                raise PlanError(f"a hosvd choice needs eps in (0, 1], got {self.eps!r}")
+            object.__setattr__(self, "eps", eps)
         elif self.eps is not None:
-            raise ValueError(f"a {self.kind} choice takes no eps")
+            raise PlanError(f"a {self.kind} choice takes no eps")
 
     @classmethod
     def frozen(cls) -> Choice:
@@ -89,18 +97,26 @@ class Choice:
         """Inverse of str(): 'frozen', 'full', 'asi[8,64,4,4]', 'hosvd[0.8]'."""
         m = _CHOICE_RE.match(str(text).replace(" ", ""))
         if m is None:
-            raise ValueError(f"cannot parse choice {text!r}; expected frozen, full, asi[r,...] or hosvd[eps]")
+            raise PlanError(f"cannot parse choice {text!r}; expected frozen, full, asi[r,...] or hosvd[eps]")
         kind, arg = m.groups()
         if kind == "asi":
             if not arg:
-                raise ValueError(f"cannot parse choice {text!r}: asi needs ranks, e.g. asi[8,64,4,4]")
-            return cls.asi(int(r) for r in arg.split(","))
+                raise PlanError(f"cannot parse choice {text!r}: asi needs ranks, e.g. asi[8,64,4,4]")
+            try:
+                return cls.asi(int(r) for r in arg.split(","))
+            except ValueError as e:
+                raise PlanError(f"cannot parse choice {text!r}: asi ranks are whole numbers >= 1, "
+                                "e.g. asi[8,64,4,4]") from e
         if kind == "hosvd":
             if not arg:
-                raise ValueError(f"cannot parse choice {text!r}: hosvd needs eps, e.g. hosvd[0.8]")
-            return cls.hosvd(float(arg))
+                raise PlanError(f"cannot parse choice {text!r}: hosvd needs eps, e.g. hosvd[0.8]")
+            try:
+                return cls.hosvd(float(arg))
+            except ValueError as e:
+                raise PlanError(f"cannot parse choice {text!r}: hosvd needs eps in (0, 1], "
+                                "e.g. hosvd[0.8]") from e
         if arg:
-            raise ValueError(f"cannot parse choice {text!r}: {kind} takes no argument")
+            raise PlanError(f"cannot parse choice {text!r}: {kind} takes no argument")
         return cls(kind)
 
 
@@ -188,8 +204,13 @@ def model_fingerprint(model: nn.Module) -> dict:
 
 
 def check_fingerprint(expected: dict, model: nn.Module) -> None:
-    """ValueError naming the first layer where `model` differs from the `expected` fingerprint."""
+    """PlanError (a ValueError) naming the first layer where `model` differs from the `expected`
+    fingerprint."""
     actual = model_fingerprint(model)
+    if not isinstance(expected, dict) or not isinstance(expected.get("layers", []), list) \
+            or not all(isinstance(w, list) and w for w in expected.get("layers", [])):
+        raise PlanError("the plan's fingerprint is malformed: expected {sha256: ..., layers: [[name, "
+                        "type, shape], ...]} as model_fingerprint() writes it")
     if actual["sha256"] == expected.get("sha256"):
         return
     want, have = expected.get("layers", []), actual["layers"]
@@ -198,11 +219,11 @@ def check_fingerprint(expected: dict, model: nn.Module) -> None:
         h = have[i] if i < len(have) else None
         if w is None or h is None or list(w) != list(h):
             name = (w or h)[0]
-            raise ValueError(
+            raise PlanError(
                 f"plan does not fit this model: first mismatched layer {name!r} "
                 f"(plan made for {w}, model has {h})"
             )
-    raise ValueError("plan does not fit this model: fingerprint sha256 differs")
+    raise PlanError("plan does not fit this model: fingerprint sha256 differs")
 
 
 @dataclasses.dataclass
@@ -224,7 +245,7 @@ class Plan:
 
     def __post_init__(self):
         if self.bn not in BN_MODES:
-            raise ValueError(f"bn must be one of {BN_MODES}, got {self.bn!r}")
+            raise PlanError(f"bn must be one of {BN_MODES}, got {self.bn!r}")
         self.layers = {
             str(k): (v if isinstance(v, Choice) else Choice.parse(v)) for k, v in self.layers.items()
         }
@@ -253,14 +274,22 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """A Plan from to_dict()'s form; PlanError names what is wrong."""
         if not isinstance(d, dict):
-            raise ValueError(f"a plan must be a mapping, got {type(d).__name__}")
+            raise PlanError(f"a plan must be a mapping, got {type(d).__name__}")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(f"unsupported plan format_version {version!r} (this autorank reads {FORMAT_VERSION})")
+            raise PlanError(f"unsupported plan format_version {version!r} (this autorank reads {FORMAT_VERSION})")
         unknown = set(d) - {"format_version", "autorank_version", "bn", "lean", "layers", "meta", "fingerprint"}
         if unknown:
-            raise ValueError(f"unknown plan keys: {sorted(unknown)}")
+            raise PlanError(f"unknown plan keys: {sorted(unknown)}")
+        for key, kind in (("layers", dict), ("meta", dict), ("fingerprint", dict), ("bn", str), ("lean", bool)):
+            if d.get(key) is not None and not isinstance(d[key], kind):
+                raise PlanError(f"plan key {key!r} must be a {kind.__name__}, got {type(d[key]).__name__}")
+        bad = [k for k, v in (d.get("layers") or {}).items() if not isinstance(v, (str, Choice))]
+        if bad:
+            raise PlanError(f"plan layer {bad[0]!r}: expected a choice such as frozen, full, asi[8,64,4,4] "
+                            f"or hosvd[0.8], got {d['layers'][bad[0]]!r}")
         return cls(layers=dict(d.get("layers") or {}), bn=d.get("bn", "frozen"), lean=d.get("lean", True),
                    meta=dict(d.get("meta") or {}), fingerprint=d.get("fingerprint"))
 
@@ -279,7 +308,13 @@ class Plan:
 
     @classmethod
     def load(cls, path) -> Plan:
-        path = Path(path)
-        with open(path) as f:
-            d = json.load(f) if path.suffix.lower() == ".json" else yaml.safe_load(f)
-        return cls.from_dict(d)
+        """Read a plan file (YAML, or JSON by suffix) with yaml.safe_load / json.loads only. Any
+        bad file - missing, a directory, binary, empty, malformed, not a plan - is a PlanError
+        naming the file."""
+        d = read_mapping(path, what="plan file", error=PlanError,
+                         expected="a plan written by `python -m autorank` or Plan.save "
+                                  "(a mapping with format_version, layers, bn, lean, meta)")
+        try:
+            return cls.from_dict(d)
+        except PlanError as e:
+            raise PlanError(f"{path} is not a valid plan file: {e}") from e

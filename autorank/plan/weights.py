@@ -37,7 +37,7 @@ def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     try:
         return model.state_dict()
     finally:
-        apply_plan(model, plan, strict=False)
+        apply_plan(model, plan, strict=False, allow_untrained=True)
 
 
 def _read_state(path_or_state_dict) -> tuple[dict, str]:
@@ -102,7 +102,7 @@ def load_base_weights(model: nn.Module, path_or_state_dict, *, skip_mismatched_h
         model.load_state_dict(state, strict=True)
     finally:
         if plan is not None:
-            apply_plan(model, plan, strict=False)
+            apply_plan(model, plan, strict=False, allow_untrained=True)
     return skipped
 
 
