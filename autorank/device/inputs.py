@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from autorank.plan import Plan, build_model_from_factory, load_base_weights
+from autorank.plan import Plan, PlanError, build_model_from_factory, load_base_weights
 from autorank.plan.plan import FineTuneSettings
 
 DEFAULT_LR = 0.01  # the workload's fine-tuning default (conf trainer.lr)
@@ -48,8 +48,8 @@ def load_plan(path: str) -> Plan:
                        "or `python -m autorank.export`")
     try:
         return Plan.load(path)
-    except Exception as e:  # YAML/JSON syntax, unknown keys, bad choices, wrong format version
-        raise BadInput(f"{path} is not a valid plan file: {e}") from e
+    except PlanError as e:  # a directory, binary, empty, YAML/JSON syntax, unknown keys, bad choices, version
+        raise BadInput(str(e)) from e
 
 
 def load_weights(model: torch.nn.Module, checkpoint: str) -> list[str]:
