@@ -138,6 +138,15 @@ def check_config(cfg: Any) -> None:
     for key in ("search.storage", "tracking.uri"):  # an unset ${oc.env:...} is named here
         _value(cfg, key)
     check_space_file(cfg)
+    present, value = _value(cfg, "model.checkpoint")
+    if present and value:
+        path = Path(str(value)).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"model.checkpoint={path} is a directory: pass the weights file "
+                              "(torch.save(model.state_dict(), path)), or null to pretrain one")
+        if not path.exists():
+            raise ConfigError(f"model.checkpoint={path} does not exist: pass a weights file "
+                              "(torch.save(model.state_dict(), path)), or null to pretrain one")
     present, value = _value(cfg, "export.path")
     if present and value is not None:
         check_writable(value, "export.path")
