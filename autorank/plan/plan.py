@@ -103,18 +103,20 @@ class Choice:
             if not arg:
                 raise PlanError(f"cannot parse choice {text!r}: asi needs ranks, e.g. asi[8,64,4,4]")
             try:
-                return cls.asi(int(r) for r in arg.split(","))
+                ranks = [int(r) for r in arg.split(",")]
             except ValueError as e:
                 raise PlanError(f"cannot parse choice {text!r}: asi ranks are whole numbers >= 1, "
                                 "e.g. asi[8,64,4,4]") from e
+            return cls.asi(ranks)
         if kind == "hosvd":
             if not arg:
                 raise PlanError(f"cannot parse choice {text!r}: hosvd needs eps, e.g. hosvd[0.8]")
             try:
-                return cls.hosvd(float(arg))
+                eps = float(arg)
             except ValueError as e:
                 raise PlanError(f"cannot parse choice {text!r}: hosvd needs eps in (0, 1], "
                                 "e.g. hosvd[0.8]") from e
+            return cls.hosvd(eps)
         if arg:
             raise PlanError(f"cannot parse choice {text!r}: {kind} takes no argument")
         return cls(kind)
@@ -203,14 +205,20 @@ def model_fingerprint(model: nn.Module) -> dict:
     return {"sha256": digest, "layers": layers}
 
 
+def check_fingerprint_form(fingerprint: Any) -> None:
+    """PlanError unless `fingerprint` has model_fingerprint()'s form."""
+    layers = fingerprint.get("layers", []) if isinstance(fingerprint, dict) else None
+    if not isinstance(layers, list) or not all(isinstance(w, list) and w for w in layers) \
+            or not isinstance(fingerprint.get("sha256", ""), str):
+        raise PlanError("the plan's fingerprint is malformed: expected {sha256: ..., layers: [[name, "
+                        "type, shape], ...]} as model_fingerprint() writes it")
+
+
 def check_fingerprint(expected: dict, model: nn.Module) -> None:
     """PlanError (a ValueError) naming the first layer where `model` differs from the `expected`
     fingerprint."""
+    check_fingerprint_form(expected)
     actual = model_fingerprint(model)
-    if not isinstance(expected, dict) or not isinstance(expected.get("layers", []), list) \
-            or not all(isinstance(w, list) and w for w in expected.get("layers", [])):
-        raise PlanError("the plan's fingerprint is malformed: expected {sha256: ..., layers: [[name, "
-                        "type, shape], ...]} as model_fingerprint() writes it")
     if actual["sha256"] == expected.get("sha256"):
         return
     want, have = expected.get("layers", []), actual["layers"]
@@ -286,6 +294,8 @@ class Plan:
         for key, kind in (("layers", dict), ("meta", dict), ("fingerprint", dict), ("bn", str), ("lean", bool)):
             if d.get(key) is not None and not isinstance(d[key], kind):
                 raise PlanError(f"plan key {key!r} must be a {kind.__name__}, got {type(d[key]).__name__}")
+        if d.get("fingerprint") is not None:
+            check_fingerprint_form(d["fingerprint"])
         bad = [k for k, v in (d.get("layers") or {}).items() if not isinstance(v, (str, Choice))]
         if bad:
             raise PlanError(f"plan layer {bad[0]!r}: expected a choice such as frozen, full, asi[8,64,4,4] "
