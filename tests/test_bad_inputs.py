@@ -287,3 +287,21 @@ def test_the_budget_checks_reject_non_finite_values_in_the_api_too():
         with pytest.raises(ConfigError, match="must be finite numbers"):
             DeviceProfile(**args)
     assert DeviceProfile("d", 1024, 700, 2.0, budget_mb=100).budget_bytes == 100 * 2**20
+
+
+@pytest.mark.slow
+def test_budget_below_the_smallest_plan_fails_before_any_trial(tmp_path, pretrained_cache):
+    """The profile knows the smallest plan's peak: exit 2 naming it and the override, before the
+    study, a trial or an MLflow run exists."""
+    cache, args = pretrained_cache
+    p = subprocess.run([sys.executable, "-m", "autorank", "+device=rpi4", *args, f"paths.cache_dir={cache}",
+                        "device.budget_mb=0.05", "search.n_trials=3", "search.trial_steps=4"],
+                       cwd=tmp_path, env={**os.environ, "AUTORANK_ROOT": str(tmp_path)}, capture_output=True,
+                       text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "pretraining" not in p.stdout + p.stderr
+    (err,) = [line for line in p.stderr.splitlines() if line.startswith("autorank: error:")]
+    m = re.search(r"smallest possible plan: ([0-9.]+) MB .* device\.budget_mb=([0-9.]+)", err)
+    assert m, err
+    assert 0.05 < float(m.group(1)) <= float(m.group(2)) < float(m.group(1)) + 0.011
+    assert not (tmp_path / "outputs" / "optuna.db").exists() and not (tmp_path / "mlruns").exists()
