@@ -128,9 +128,12 @@ def check_space_file(cfg: Any) -> None:
 
 def check_config(cfg: Any) -> None:
     """Every check of this module, in the order a user reads the config; the first failure raises."""
+    device = _value(cfg, "device.name")[1]
     for key, kind, low, none_ok, why in RULES:
         present, value = _value(cfg, key)
         if present:
+            if key.startswith("device.") and device:
+                why = f"{why}; device {device!r}"
             check_value(key, value, kind, low, none_ok, why)
     present, value = _value(cfg, "data.val_fraction")
     if present and value is not None:
