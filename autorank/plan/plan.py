@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -21,106 +20,11 @@ import yaml
 import autorank
 from autorank.errors import PlanError
 from autorank.io import atomic_write, read_mapping  # atomic_write re-exported: autorank.plan.atomic_write
+from autorank.plan.choice import KINDS, Choice  # re-exported: autorank.plan.plan.Choice
 from autorank.shortcut import ShortcutLayer
 
 FORMAT_VERSION = 1
-KINDS = ("frozen", "full", "asi", "hosvd")
 BN_MODES = ("frozen", "train")
-
-_CHOICE_RE = re.compile(r"^(frozen|full|asi|hosvd)(?:\[([^\]]*)\])?$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Choice:
-    """What one conv/linear layer does in training: `frozen`, `full` (plain backprop), `asi`
-    with one rank per input mode, or `hosvd` with an explained-variance level eps."""
-
-    kind: str
-    ranks: tuple[int, ...] | None = None
-    eps: float | None = None
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise PlanError(f"unknown choice kind {self.kind!r}; expected one of {KINDS}")
-        if self.kind == "asi":
-            if not self.ranks:
-                raise PlanError("an asi choice needs ranks (one int per input mode)")
-            try:
-                ranks = tuple(int(r) for r in self.ranks)
-            except (TypeError, ValueError) as e:
-                raise PlanError(f"asi ranks must be whole numbers, got {self.ranks!r}") from e
-            if any(r < 1 for r in ranks):
-                raise PlanError(f"asi ranks must be >= 1, got {ranks}")
-            object.__setattr__(self, "ranks", ranks)
-        elif self.ranks is not None:
-            raise PlanError(f"a {self.kind} choice takes no ranks")
-        if self.kind == "hosvd":
-            try:
-                eps = float(self.eps) if self.eps is not None else float("nan")
-            except (TypeError, ValueError):
-                eps = float("nan")
-            if not 0.0 < eps <= 1.0:
-                raise PlanError(f"a hosvd choice needs eps in (0, 1], got {self.eps!r}")
-            object.__setattr__(self, "eps", eps)
-        elif self.eps is not None:
-            raise PlanError(f"a {self.kind} choice takes no eps")
-
-    @classmethod
-    def frozen(cls) -> Choice:
-        return cls("frozen")
-
-    @classmethod
-    def full(cls) -> Choice:
-        return cls("full")
-
-    @classmethod
-    def asi(cls, ranks) -> Choice:
-        return cls("asi", ranks=tuple(ranks))
-
-    @classmethod
-    def hosvd(cls, eps: float) -> Choice:
-        return cls("hosvd", eps=eps)
-
-    @property
-    def trained(self) -> bool:
-        return self.kind != "frozen"
-
-    def __str__(self) -> str:
-        if self.kind == "asi":
-            return "asi[" + ",".join(str(r) for r in self.ranks) + "]"
-        if self.kind == "hosvd":
-            return f"hosvd[{self.eps:g}]"
-        return self.kind
-
-    @classmethod
-    def parse(cls, text: str) -> Choice:
-        """Inverse of str(): 'frozen', 'full', 'asi[8,64,4,4]', 'hosvd[0.8]'."""
-        m = _CHOICE_RE.match(str(text).replace(" ", ""))
-        if m is None:
-            raise PlanError(f"cannot parse choice {text!r}; expected frozen, full, asi[r,...] or hosvd[eps]")
-        kind, arg = m.groups()
-        if kind == "asi":
-            if not arg:
-                raise PlanError(f"cannot parse choice {text!r}: asi needs ranks, e.g. asi[8,64,4,4]")
-            try:
-                ranks = [int(r) for r in arg.split(",")]
-            except ValueError as e:
-                raise PlanError(f"cannot parse choice {text!r}: asi ranks are whole numbers >= 1, "
-                                "e.g. asi[8,64,4,4]") from e
-            return cls.asi(ranks)
-        if kind == "hosvd":
-            if not arg:
-                raise PlanError(f"cannot parse choice {text!r}: hosvd needs eps, e.g. hosvd[0.8]")
-            try:
-                eps = float(arg)
-            except ValueError as e:
-                raise PlanError(f"cannot parse choice {text!r}: hosvd needs eps in (0, 1], "
-                                "e.g. hosvd[0.8]") from e
-            return cls.hosvd(eps)
-        if arg:
-            raise PlanError(f"cannot parse choice {text!r}: {kind} takes no argument")
-        return cls(kind)
-
 
 @dataclasses.dataclass(frozen=True)
 class FineTuneSettings:
