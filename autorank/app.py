@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from autorank.errors import ConfigError
-from autorank.redact import guard_console, redact_text, redact_url
+from autorank.redact import guard_console, guard_logging, redact_text, redact_url
 from autorank.units import MB
 from autorank.validate import check_config
 
@@ -235,6 +235,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     import traceback
 
     redact_hydra_files(cfg)
+    guard_logging()  # Hydra's <job>.log in the run folder: no password either
     # ConfigError covers UsageError, BudgetTooSmall, DatasetMissing and every bad config value
     # (autorank/errors.py); any other exception is a bug and keeps its traceback, printed here
     # (through the redacting stderr of main()) rather than by Hydra, whose report repeats every

@@ -9,6 +9,8 @@
     guard_console()         sys.stdout / sys.stderr pass every write through redact_text (the
                             app's safety net for what libraries print: Hydra's error lines,
                             tracebacks, warnings)
+    guard_logging()         the same for every record the root logger's handlers write (Hydra's
+                            <job>.log file in the run folder)
 
 Our own few regexes rather than SQLAlchemy's URL masking (`URL.render_as_string`): they must
 also work on free text and on URLs SQLAlchemy cannot parse (http://, file options), and stay at
@@ -17,12 +19,13 @@ the bottom layer (no imports of autorank or of the search stack).
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MASK", "guard_console", "redact_config", "redact_text", "redact_url"]
+__all__ = ["MASK", "guard_console", "guard_logging", "redact_config", "redact_text", "redact_url"]
 
 MASK = "***"
 
@@ -86,3 +89,22 @@ def guard_console() -> None:
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, RedactingStream):
             setattr(sys, name, RedactingStream(stream))
+
+
+class RedactingFilter(logging.Filter):
+    """Formats a record's message once, redacted (its args are consumed)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def guard_logging() -> None:
+    """Add a RedactingFilter to every handler of the root logger (once): call it after logging is
+    configured (Hydra does it before the job starts)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())

@@ -59,6 +59,25 @@ def test_redact_config_masks_every_string_and_keeps_the_rest():
     assert PW in cfg["search"]["storage"], "the input is not changed"
 
 
+def test_log_records_are_redacted(tmp_path):
+    import logging
+
+    from autorank.redact import guard_logging
+
+    handler = logging.FileHandler(tmp_path / "job.log")
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        guard_logging()
+        guard_logging()  # once is enough: no second filter
+        assert len(handler.filters) == 1
+        logging.getLogger("some.library").warning("connecting to %s", f"postgresql://u:{PW}@h/db")
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    assert (tmp_path / "job.log").read_text() == "connecting to postgresql://u:***@h/db\n"
+
+
 def test_files_get_ordinary_permissions(tmp_path):
     """Not 0600 as tempfile.mkstemp would give: the umask decides, as for open()."""
     import torch
