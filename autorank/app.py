@@ -15,7 +15,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from autorank.errors import ConfigError
+from autorank.redact import guard_console, guard_logging, redact_text, redact_url
 from autorank.units import MB
+from autorank.validate import check_config
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data: ships in the wheel
 
@@ -54,11 +56,13 @@ def _quiet() -> None:
 
 def run(cfg: DictConfig) -> Any:
     """Build everything from the composed config and run the configured search."""
+    _require_device(cfg)
+    check_config(cfg)  # before torch, data and pretraining: a bad value costs a second
+
     from hydra.utils import instantiate
 
     from autorank.workload.workload import Workload
 
-    _require_device(cfg)
     _quiet()
     workload = Workload.from_config(cfg)
     device = workload.device
@@ -125,8 +129,8 @@ def _summary(result: Any, device: Any, tracker: Any) -> None:
             console.print(f"  {name}: {choice}")
         console.print(f"plan: [bold]{result.export_path}[/]")
     if tracker is not None:
-        console.print(f"MLflow: {tracker.uri}  (open with: mlflow ui --backend-store-uri "
-                      f"{tracker.uri} --host 127.0.0.1)")
+        uri = redact_url(tracker.uri)
+        console.print(f"MLflow: {uri}  (open with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")
 
 
 def _mb(nbytes: float) -> str:
@@ -150,7 +154,7 @@ def _study_summary(console: Any, result: Any, device: Any) -> None:
     states: dict[str, int] = {}
     for r in result.trials:
         states[r.state] = states.get(r.state, 0) + 1
-    console.print(f"\nstudy [bold]{result.study_name}[/] in {result.storage}: "
+    console.print(f"\nstudy [bold]{result.study_name}[/] in {redact_url(result.storage)}: "
                   f"{len(result.trials)} trials ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}), "
                   f"{result.n_new} new, {result.wall_s:.0f} s")
     steps = f" at {result.refit_steps} steps" if result.refit_steps else ""
@@ -205,23 +209,50 @@ def _short_plan(choices: dict[str, str]) -> str:
     return " ".join(code(c) for c in choices.values())
 
 
+def redact_hydra_files(cfg: DictConfig) -> None:
+    """Hydra saved the config and the command line's overrides under <output_dir>/.hydra before
+    the job started: rewrite them (atomically) with every URL password masked. (A URL taken from
+    the environment, search.storage='${oc.env:AUTORANK_STORAGE}', is saved unresolved anyway.)"""
+    from hydra.core.hydra_config import HydraConfig
+
+    from autorank.io import atomic_write
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # not run by Hydra (tests compose configs themselves)
+        return
+    if hc.output_subdir is None:
+        return
+    for path in (Path(hc.runtime.output_dir) / hc.output_subdir).glob("*.yaml"):
+        text = path.read_text()
+        clean = redact_text(text)
+        if clean != text:
+            atomic_write(path, lambda tmp: tmp.write_text(clean))
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    from hydra.errors import InstantiationException
+    import traceback
 
+    redact_hydra_files(cfg)
+    guard_logging()  # Hydra's <job>.log in the run folder: no password either
     # ConfigError covers UsageError, BudgetTooSmall, DatasetMissing and every bad config value
-    # (autorank/errors.py); any other exception is a bug and keeps its traceback.
+    # (autorank/errors.py); any other exception is a bug and keeps its traceback, printed here
+    # (through the redacting stderr of main()) rather than by Hydra, whose report repeats every
+    # override of the command line, passwords included.
     try:
         run(cfg)
-    except (ConfigError, InstantiationException) as e:
+    except Exception as e:
         err = config_error(e)
         if err is None:
-            raise
-        print(f"autorank: error: {err}", file=sys.stderr)
+            traceback.print_exc()
+            sys.exit(1)
+        print(f"autorank: error: {redact_text(str(err))}", file=sys.stderr)
         sys.exit(2)
 
 
 def main() -> None:
+    guard_console()  # before Hydra and logging hold the streams: no password reaches the console
     _hydra_main()
 
 

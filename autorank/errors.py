@@ -11,3 +11,9 @@ class ConfigError(ValueError):
 
 class ConfigFileNotFound(ConfigError, FileNotFoundError):
     """A file named by the config (checkpoint, search space, data set) does not exist."""
+
+
+class PlanError(ValueError):
+    """A plan file or Plan is unusable: the file is missing, a directory, binary, empty, not YAML/
+    JSON, not a plan mapping, names unknown keys or choices, does not fit the model, or trains
+    nothing. The one exception type the torch-only API (autorank.plan) raises for a bad plan."""

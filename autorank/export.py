@@ -21,6 +21,8 @@ from pathlib import Path
 
 import optuna
 
+from autorank.errors import ConfigError
+from autorank.redact import guard_console, redact_text, redact_url
 from autorank.search.planfile import export_plan
 from autorank.search.records import TrialRecord, best_of, best_refit, front_of, records_from_storage
 from autorank.units import MB
@@ -67,7 +69,11 @@ def select(records: list[TrialRecord], *, max_mb: float | None = None, max_flops
 
 
 class StorageError(ValueError):
-    """The study could not be read from its storage (bad URL, unreachable, missing, not a study)."""
+    """The study could not be read from its storage (bad URL, unreachable, missing, not a study).
+    Its message never holds the URL's password (redacted here, the one place)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact_text(message))
 
 
 def _sqlite_path(storage: str) -> Path | None:
@@ -119,7 +125,7 @@ def export(storage: str, study_name: str, out: str | Path, *, max_mb: float | No
         records = read_records(storage, study_name)
     rec = select(records, max_mb=max_mb, max_flops=max_flops, trial=trial)
     return rec, export_plan(rec.plan, out, meta={
-        "exported_from": {"storage": storage, "study": study_name, "trial": rec.number},
+        "exported_from": {"storage": redact_url(storage), "study": study_name, "trial": rec.number},
         "val_accuracy": rec.val_accuracy})
 
 
@@ -134,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--list", action="store_true", help="print the front and exit")
     ap.add_argument("--out", default="plan.yaml", help="plan file to write (.yaml or .json)")
     a = ap.parse_args(argv)
+    if not a.list:
+        from autorank.validate import check_writable
+
+        try:  # before the study is read: a path we cannot write is known at once
+            check_writable(a.out, "--out")
+        except ConfigError as e:
+            print(f"error: {str(e).replace('--out=', '--out ')}", file=sys.stderr)
+            return 2
     try:
         records = read_records(a.storage, a.study)
     except StorageError as e:
@@ -159,4 +173,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    guard_console()  # no storage password reaches the console, whatever prints it
     sys.exit(main())

@@ -1,5 +1,6 @@
-"""Writing files so that a reader never sees half of one (no imports of autorank: any layer may
-use it, the torch-only core included)."""
+"""Writing files so that a reader never sees half of one, and reading the YAML/JSON mappings a
+user hands us with one clear error for every way such a file can be wrong (no imports of autorank:
+any layer may use it, the torch-only core included)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "read_mapping"]
 
 
 def _new_temp(path: Path) -> Path:
@@ -43,3 +44,43 @@ def atomic_write(path, write_fn: Callable[[Path], Any]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def read_mapping(path, *, what: str, expected: str, error: type[Exception] = ValueError) -> dict:
+    """The mapping a YAML file (JSON for a .json suffix) holds. Every way the file can be wrong is
+    one `error(message)` naming the file, what is wrong and `expected` (the form it must have): it
+    does not exist, is a directory, is binary or not UTF-8, is empty (an empty file is not "the
+    defaults"), is not valid YAML/JSON (the parser's line and column), or holds no mapping.
+    `what` names the file's role ("plan file", "search space file")."""
+    import json
+
+    import yaml
+
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"{what} {p} is a directory: expected {expected}")
+    if not p.is_file():
+        raise error(f"{what} {p} does not exist: expected {expected}")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise error(f"{what} {p} cannot be read ({e.strerror or e}): expected {expected}") from e
+    try:
+        text = data.decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", data, text.index("\x00"), text.index("\x00") + 1, "NUL byte")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {p} is binary, not text (byte {e.start}): expected {expected}") from e
+    if not text.strip():
+        raise error(f"{what} {p} is empty: expected {expected}")
+    try:
+        d = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        kind = "JSON" if p.suffix.lower() == ".json" else "YAML"
+        mark = getattr(e, "problem_mark", None)
+        detail = (f"{e.problem} at line {mark.line + 1}, column {mark.column + 1}"
+                  if mark is not None and getattr(e, "problem", None) else " ".join(str(e).split()))
+        raise error(f"{what} {p} is not valid {kind} ({detail}): expected {expected}") from e
+    if not isinstance(d, dict):
+        raise error(f"{what} {p} holds a {type(d).__name__}, not a mapping of keys: expected {expected}")
+    return d

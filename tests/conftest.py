@@ -38,3 +38,26 @@ def compose_cfg(tmp_path: Path):
 
     yield compose_cfg
     GlobalHydra.instance().clear()
+
+
+# The small end-to-end settings of the app (a 6 k-parameter CNN on 16 px digits), shared by the
+# slow tests that need a pretrained base model.
+SMALL_APP_ARGS = ("model=small_cnn", "data.input_size=16", "data.batch_size=32", "trainer.max_epochs=2",
+                  "trainer.pretrain_epochs=2", "trainer.steps=6", "space=small")
+
+
+@pytest.fixture(scope="session")
+def pretrained_cache(tmp_path_factory):
+    """(cache_dir, args): a cache folder (paths.cache_dir=...) holding the base model and profile
+    of the small settings `args`, made once per session by a knapsack run of the app, so that a
+    slow test of a later step starts where the work begins."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("pretrained")
+    p = subprocess.run([sys.executable, "-m", "autorank", "+device=rpi4", *SMALL_APP_ARGS, "search=knapsack",
+                        f"export.path={root}/plan.yaml"], cwd=root, env={**os.environ, "AUTORANK_ROOT": str(root)},
+                       capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root / ".cache" / "autorank", list(SMALL_APP_ARGS)

@@ -207,7 +207,7 @@ def _narrow_checkpoint(tmp_path: Path) -> str:
     (lambda t: ["search.space=nosuchspace"], ["nosuchspace", "not found", "default"]),
     (lambda t: [f"space.path={t}/none.yaml"], ["none.yaml", "not found", "space.path="]),
     (lambda t: [f"space.path={_bad_space(t)}"], ["'wide'", "levels must lie in (0, 1]", "1.5"]),
-    (lambda t: ["device.budget_mb=-5"], ["rpi4", "-5", "not positive"]),
+    (lambda t: ["device.budget_mb=-5"], ["rpi4", "device.budget_mb=-5", "a finite number > 0"]),
     (lambda t: ["trainer.feature_cache=ram"], ["trainer.feature_cache", "'ram'"]),
 ], ids=["missing_checkpoint", "checkpoint_misfit", "unknown_space", "missing_space_file", "invalid_space",
         "negative_budget", "bad_feature_cache"])

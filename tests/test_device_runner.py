@@ -142,7 +142,7 @@ def _junk(p):
 BAD_INPUTS = {
     "missing plan": (lambda t: [t / "nope.yaml", t / "ckpt.pt", t / "data.pt"], "plan file", "does not exist"),
     "invalid plan": (lambda t: [(t / "bad.yaml").write_text("layers: [") and t / "bad.yaml", t / "ckpt.pt",
-                                t / "data.pt"], "is not a valid plan file", ""),
+                                t / "data.pt"], "bad.yaml is not valid YAML", "at line 1"),
     "fingerprint": (lambda t: [t / "plan.yaml", t / "ckpt.pt", t / "data.pt", "--model",
                                "autorank.models:mcunet_like", "--model-kwargs",
                                '{"num_classes": 4, "width_mult": 0.5}'],

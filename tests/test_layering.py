@@ -1,7 +1,7 @@
 """The layers import only downwards (docs/ARCHITECTURE.md; issue 7), read from the source with ast.
 
-    bottom (errors, units, io, conf: nothing of autorank) < shortcut < models < plan, cost and
-    the device runner < workload < search < tracking < app (app, __main__, export)
+    bottom (errors, units, io, redact, conf: nothing of autorank) < shortcut < models < plan, cost and
+    the device runner < workload < search < tracking < app (app, __main__, export, validate)
 
 Every `import` / `from ... import` in every module of autorank/ counts, inside functions too, and
 importlib.import_module("autorank...") with a literal name. The torch-only core (shortcut,
@@ -19,14 +19,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autorank"
 
 # first component under autorank/ (a subpackage, or a module's stem) -> layer
 LAYERS = {
-    "__init__": 0, "errors": 0, "units": 0, "io": 0, "conf": 0,
+    "__init__": 0, "errors": 0, "units": 0, "io": 0, "conf": 0, "redact": 0,
     "shortcut": 1,
     "models": 2,
     "plan": 3, "cost": 3, "device": 3,  # device*.py: the torch-only device runner
     "workload": 4,
     "search": 5,
     "tracking": 6,
-    "app": 7, "__main__": 7, "export": 7,
+    "app": 7, "__main__": 7, "export": 7, "validate": 7,
 }
 LAYER_NAMES = {0: "bottom", 1: "shortcut", 2: "models", 3: "plan/cost", 4: "workload", 5: "search",
                6: "tracking", 7: "app"}

@@ -112,7 +112,7 @@ def real_copy(model: nn.Module, plan=None) -> nn.Module:
     """A deep copy of `model` with `plan` applied (the real-tensor path)."""
     model = copy.deepcopy(model)
     if plan is not None:
-        apply_plan(model, plan)
+        apply_plan(model, plan, allow_untrained=True)
     return model
 
 
@@ -162,7 +162,7 @@ def shadow(model: nn.Module, plan=None, cuda: bool = False):
     ok = False
     try:
         if plan is not None:
-            apply_plan(m, plan)
+            apply_plan(m, plan, allow_untrained=True)
         if needs_data(m):
             raise NeedsData
         with FastMeta(), (contextlib.nullcontext() if cuda else CpuAttention()):

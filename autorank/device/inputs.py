@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from autorank.plan import Plan, build_model_from_factory, load_base_weights
+from autorank.plan import Plan, PlanError, build_model_from_factory, load_base_weights, read_weights_file
 from autorank.plan.plan import FineTuneSettings
 
 DEFAULT_LR = 0.01  # the workload's fine-tuning default (conf trainer.lr)
@@ -48,8 +48,8 @@ def load_plan(path: str) -> Plan:
                        "or `python -m autorank.export`")
     try:
         return Plan.load(path)
-    except Exception as e:  # YAML/JSON syntax, unknown keys, bad choices, wrong format version
-        raise BadInput(f"{path} is not a valid plan file: {e}") from e
+    except PlanError as e:  # a directory, binary, empty, YAML/JSON syntax, unknown keys, bad choices, version
+        raise BadInput(str(e)) from e
 
 
 def load_weights(model: torch.nn.Module, checkpoint: str) -> list[str]:
@@ -60,11 +60,9 @@ def load_weights(model: torch.nn.Module, checkpoint: str) -> list[str]:
                        "(torch.save(model.state_dict(), path))")
     try:
         return load_base_weights(model, checkpoint, skip_mismatched_head=True)
-    except ValueError as e:
-        raise BadInput(f"{e}; pass the checkpoint of the model the plan was made for") from e
-    except Exception as e:  # not a torch file, truncated, pickled objects refused by weights_only
-        raise BadInput(f"cannot read checkpoint {checkpoint}: {type(e).__name__}: {e}; it must be a "
-                       "state dict saved with torch.save(model.state_dict(), path)") from e
+    except ValueError as e:  # unreadable (random bytes, truncated, other pickles), or keys that do not fit
+        hint = "" if str(e).startswith("cannot read") else "; pass the checkpoint of the model the plan was made for"
+        raise BadInput(f"{e}{hint}") from e
 
 
 def _read_data(path: str):
@@ -72,10 +70,9 @@ def _read_data(path: str):
     if not Path(path).is_file():
         raise BadInput(f"data file {path} does not exist")
     try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInput(f"cannot read data file {path}: {type(e).__name__}: {e}; save it with "
-                       'torch.save({"x": x, "y": y}, path)') from e
+        d = read_weights_file(path, what="data file", how='torch.save({"x": x, "y": y}, path)')
+    except ValueError as e:
+        raise BadInput(str(e)) from e
     if isinstance(d, (tuple, list)) and len(d) == 2:
         return d[0], d[1], None, None
     if not isinstance(d, dict):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from autorank.device.inputs import (
     settings,
 )
 from autorank.models import classifier_name, replace_head
-from autorank.plan import Plan, apply_plan, check_fingerprint, finetune_mode, save_base_weights
+from autorank.plan import Plan, PlanError, apply_plan, check_fingerprint, finetune_mode, save_base_weights
 
 
 def _model_kwargs(text: str | None) -> dict | None:
@@ -95,7 +97,27 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.o
     return True
 
 
+def check_args(a: argparse.Namespace) -> None:
+    """The numbers and paths on the command line, before any file is read: BadInput naming the
+    option, the value and what is allowed."""
+    if a.batch_size is not None and a.batch_size < 1:
+        raise BadInput(f"--batch-size must be >= 1, got {a.batch_size} (leave it out for the plan's batch)")
+    if a.epochs < 0:
+        raise BadInput(f"--epochs must be >= 0 (0: load, check and evaluate without training), got {a.epochs}")
+    if a.lr is not None and not (math.isfinite(a.lr) and a.lr > 0):
+        raise BadInput(f"--lr must be a finite number > 0, got {a.lr} (leave it out for the plan's lr)")
+    if not (math.isfinite(a.momentum) and 0 <= a.momentum < 1):
+        raise BadInput(f"--momentum must lie in [0, 1), got {a.momentum}")
+    for name in ("plan", "checkpoint", "data"):
+        path = getattr(a, name)
+        if Path(path).is_dir():
+            raise BadInput(f"{name} {path} is a directory: pass the {name} file itself")
+    if a.out and Path(a.out).is_dir():
+        raise BadInput(f"--out {a.out} is a directory: pass the file to write, e.g. {Path(a.out) / 'weights.pt'}")
+
+
 def run(a: argparse.Namespace) -> int:
+    check_args(a)
     torch.manual_seed(0)
     plan = load_plan(a.plan)
     model = load_model(a, plan)
@@ -105,9 +127,9 @@ def run(a: argparse.Namespace) -> int:
     base = finetune_mode(model, bn_eval=True)
     ft = settings(plan)
     shape = (ft.input_shape if ft is not None else None) or None
-    bs = a.batch_size or (int(shape[0]) if shape else 32)
+    bs = a.batch_size if a.batch_size is not None else (int(shape[0]) if shape else 32)
     if bs < 1:
-        raise BadInput(f"--batch-size must be >= 1, got {bs}")
+        raise BadInput(f"the plan's input_shape {list(shape)} has batch {bs}: pass --batch-size N (N >= 1)")
     xb = x[torch.arange(bs) % len(x)]  # one batch at the costed size (fresh storage: a view would count all of x)
     try:
         predicted = predict_saved_bytes(base, xb, plan).activation_bytes
@@ -117,7 +139,10 @@ def run(a: argparse.Namespace) -> int:
     except RuntimeError as e:  # the data's shape does not fit the model
         raise BadInput(f"the model cannot run on the data (x has shape {list(x.shape)}): {e}") from e
     check_labels(model, xb, {"y": y, "y_val": yv})
-    model = apply_plan(base, plan)  # in place; checked above on a copy
+    try:
+        model = apply_plan(base, plan)  # in place; checked above on a copy
+    except PlanError as e:  # a plan that trains nothing
+        raise BadInput(f"{e}: export a plan with at least one trained layer") from e
     finetune_mode(model, bn_eval=True)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

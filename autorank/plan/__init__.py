@@ -8,11 +8,14 @@ from autorank.plan.apply import (
     remove_plan,
     trained_region,
 )
+from autorank.errors import PlanError
 from autorank.plan.plan import Choice, Plan, atomic_write, check_fingerprint, model_fingerprint, original_modules
-from autorank.plan.weights import build_model_from_factory, classifier_head, load_base_weights, save_base_weights
+from autorank.plan.weights import (build_model_from_factory, classifier_head, load_base_weights, read_weights_file,
+                                   save_base_weights)
 
 __all__ = [
     "Choice",
+    "PlanError",
     "Plan",
     "apply_plan",
     "applied_plan",
@@ -25,6 +28,7 @@ __all__ = [
     "load_base_weights",
     "model_fingerprint",
     "original_modules",
+    "read_weights_file",
     "remove_plan",
     "save_base_weights",
     "trained_region",

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from autorank import shortcut
+from autorank.errors import PlanError
 from autorank.plan.plan import Choice, Plan, check_fingerprint, original_modules
 from autorank.shortcut import BATCH_NORMS, lean
 
@@ -47,7 +48,8 @@ def _check_names(model: nn.Module, plan: Plan) -> None:
     candidates = set(candidate_layers(model))
     for name in plan.layers:
         if name not in candidates:
-            raise ValueError(f"plan names layer {name!r}, which is not a conv/linear layer of this model")
+            raise PlanError(f"plan names layer {name!r}, which is not a conv/linear layer of this model "
+                            f"(its conv/linear layers: {', '.join(candidate_layers(model)[-4:])}, ...)")
 
 
 def _wrap(module: nn.Module, choice: Choice, name: str) -> nn.Module:
@@ -85,7 +87,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def apply_plan(model: nn.Module, plan_or_path: Plan | str | Path, *, strict: bool = True) -> nn.Module:
+def apply_plan(model: nn.Module, plan_or_path: Plan | str | Path, *, strict: bool = True,
+               allow_untrained: bool = False) -> nn.Module:
     """Apply a plan in place and return the model.
 
     - asi -> ASIConv2d / ASILinear(base, ranks); hosvd -> HOSVD*(base, eps); lora ->
@@ -98,9 +101,19 @@ def apply_plan(model: nn.Module, plan_or_path: Plan | str | Path, *, strict: boo
       (bn='frozen'), ReLU/ReLU6/Hardtanh -> PackedReLU, frozen conv/linear -> FrozenConv2d /
       FrozenLinear.
     strict: check the plan's fingerprint (if it has one). Names are always checked. A plan
-    already applied is removed first.
+    already applied is removed first. A plan that trains no layer is a PlanError (nothing would
+    get a gradient: backward would fail later) unless allow_untrained (the cost model prices
+    such plans). Every bad plan or plan file is a PlanError (a ValueError).
     """
-    plan = plan_or_path if isinstance(plan_or_path, Plan) else Plan.load(plan_or_path)
+    if isinstance(plan_or_path, Plan):
+        plan = plan_or_path
+    elif isinstance(plan_or_path, (str, Path)):
+        plan = Plan.load(plan_or_path)
+    else:
+        raise PlanError(f"apply_plan takes a Plan or a plan file's path, got {type(plan_or_path).__name__}")
+    if not allow_untrained and not plan.trained_layers():
+        raise PlanError("the plan trains no layer (every layer it lists is frozen): fine-tuning with it "
+                        "would have no gradient; train at least one layer (e.g. the classifier: full)")
     if getattr(model, _STATE_ATTR, None) is not None:
         remove_plan(model)
     if strict and plan.fingerprint is not None:

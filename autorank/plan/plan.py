@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,117 +18,13 @@ import torch.nn as nn
 import yaml
 
 import autorank
-from autorank.io import atomic_write  # re-exported: autorank.plan.atomic_write
+from autorank.errors import PlanError
+from autorank.io import atomic_write, read_mapping  # atomic_write re-exported: autorank.plan.atomic_write
+from autorank.plan.choice import KINDS, Choice  # re-exported: autorank.plan.plan.Choice
 from autorank.shortcut import ShortcutLayer
 
 FORMAT_VERSION = 1
-KINDS = ("frozen", "full", "asi", "hosvd", "lora")
 BN_MODES = ("frozen", "train")
-
-_CHOICE_RE = re.compile(r"^(frozen|full|asi|hosvd)(?:\[([^\]]*)\])?$")
-_LORA_RE = re.compile(r"^lora\[([^\]]*)\](?:\+asi\[([^\]]*)\])?$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Choice:
-    """What one conv/linear layer does in training: `frozen`, `full` (plain backprop), `asi`
-    with one rank per input mode, `hosvd` with an explained-variance level eps, or `lora` (a
-    linear layer only) with a LoRA rank, the weight frozen, and, with `ranks`, LoRA + ASI: the
-    input A needs for its gradient kept at those ASI ranks (autorank.shortcut.LoRALinear)."""
-
-    kind: str
-    ranks: tuple[int, ...] | None = None
-    eps: float | None = None
-    rank: int | None = None  # the LoRA rank
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown choice kind {self.kind!r}; expected one of {KINDS}")
-        if self.kind == "asi" or (self.kind == "lora" and self.ranks is not None):
-            if not self.ranks:
-                raise ValueError(f"an {self.kind} choice's ranks are one int per input mode, got none")
-            ranks = tuple(int(r) for r in self.ranks)
-            if any(r < 1 for r in ranks):
-                raise ValueError(f"asi ranks must be >= 1, got {ranks}")
-            object.__setattr__(self, "ranks", ranks)
-        elif self.ranks is not None:
-            raise ValueError(f"a {self.kind} choice takes no ranks")
-        if self.kind == "lora":
-            if self.rank is None or int(self.rank) < 1:
-                raise ValueError(f"a lora choice needs a rank >= 1, got {self.rank!r}")
-            object.__setattr__(self, "rank", int(self.rank))
-        elif self.rank is not None:
-            raise ValueError(f"a {self.kind} choice takes no LoRA rank")
-        if self.kind == "hosvd":
-            if self.eps is None or not 0.0 < float(self.eps) <= 1.0:
-                raise ValueError(f"a hosvd choice needs eps in (0, 1], got {self.eps!r}")
-            object.__setattr__(self, "eps", float(self.eps))
-        elif self.eps is not None:
-            raise ValueError(f"a {self.kind} choice takes no eps")
-
-    @classmethod
-    def frozen(cls) -> Choice:
-        return cls("frozen")
-
-    @classmethod
-    def full(cls) -> Choice:
-        return cls("full")
-
-    @classmethod
-    def asi(cls, ranks) -> Choice:
-        return cls("asi", ranks=tuple(ranks))
-
-    @classmethod
-    def hosvd(cls, eps: float) -> Choice:
-        return cls("hosvd", eps=eps)
-
-    @classmethod
-    def lora(cls, rank: int, asi_ranks=None) -> Choice:
-        """LoRA at `rank`; with `asi_ranks`, LoRA + ASI (A's input kept at those ranks)."""
-        return cls("lora", rank=rank, ranks=None if asi_ranks is None else tuple(asi_ranks))
-
-    @property
-    def trained(self) -> bool:
-        return self.kind != "frozen"
-
-    def __str__(self) -> str:
-        if self.kind == "asi":
-            return "asi[" + ",".join(str(r) for r in self.ranks) + "]"
-        if self.kind == "hosvd":
-            return f"hosvd[{self.eps:g}]"
-        if self.kind == "lora":
-            asi = "" if self.ranks is None else "+asi[" + ",".join(str(r) for r in self.ranks) + "]"
-            return f"lora[{self.rank}]{asi}"
-        return self.kind
-
-    @classmethod
-    def parse(cls, text: str) -> Choice:
-        """Inverse of str(): 'frozen', 'full', 'asi[8,64,4,4]', 'hosvd[0.8]', 'lora[8]',
-        'lora[8]+asi[8,64,32]'."""
-        lora = _LORA_RE.match(str(text).replace(" ", ""))
-        if lora is not None:
-            rank, asi = lora.groups()
-            if not rank.isdigit():
-                raise ValueError(f"cannot parse choice {text!r}: lora needs one rank, e.g. lora[8]")
-            if asi is not None and not asi:
-                raise ValueError(f"cannot parse choice {text!r}: +asi needs ranks, e.g. lora[8]+asi[8,64,32]")
-            return cls.lora(int(rank), None if asi is None else [int(r) for r in asi.split(",")])
-        m = _CHOICE_RE.match(str(text).replace(" ", ""))
-        if m is None:
-            raise ValueError(f"cannot parse choice {text!r}; expected frozen, full, asi[r,...], hosvd[eps], "
-                             "lora[r] or lora[r]+asi[r,...]")
-        kind, arg = m.groups()
-        if kind == "asi":
-            if not arg:
-                raise ValueError(f"cannot parse choice {text!r}: asi needs ranks, e.g. asi[8,64,4,4]")
-            return cls.asi(int(r) for r in arg.split(","))
-        if kind == "hosvd":
-            if not arg:
-                raise ValueError(f"cannot parse choice {text!r}: hosvd needs eps, e.g. hosvd[0.8]")
-            return cls.hosvd(float(arg))
-        if arg:
-            raise ValueError(f"cannot parse choice {text!r}: {kind} takes no argument")
-        return cls(kind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,8 +110,19 @@ def model_fingerprint(model: nn.Module) -> dict:
     return {"sha256": digest, "layers": layers}
 
 
+def check_fingerprint_form(fingerprint: Any) -> None:
+    """PlanError unless `fingerprint` has model_fingerprint()'s form."""
+    layers = fingerprint.get("layers", []) if isinstance(fingerprint, dict) else None
+    if not isinstance(layers, list) or not all(isinstance(w, list) and w for w in layers) \
+            or not isinstance(fingerprint.get("sha256", ""), str):
+        raise PlanError("the plan's fingerprint is malformed: expected {sha256: ..., layers: [[name, "
+                        "type, shape], ...]} as model_fingerprint() writes it")
+
+
 def check_fingerprint(expected: dict, model: nn.Module) -> None:
-    """ValueError naming the first layer where `model` differs from the `expected` fingerprint."""
+    """PlanError (a ValueError) naming the first layer where `model` differs from the `expected`
+    fingerprint."""
+    check_fingerprint_form(expected)
     actual = model_fingerprint(model)
     if actual["sha256"] == expected.get("sha256"):
         return
@@ -226,11 +132,11 @@ def check_fingerprint(expected: dict, model: nn.Module) -> None:
         h = have[i] if i < len(have) else None
         if w is None or h is None or list(w) != list(h):
             name = (w or h)[0]
-            raise ValueError(
+            raise PlanError(
                 f"plan does not fit this model: first mismatched layer {name!r} "
                 f"(plan made for {w}, model has {h})"
             )
-    raise ValueError("plan does not fit this model: fingerprint sha256 differs")
+    raise PlanError("plan does not fit this model: fingerprint sha256 differs")
 
 
 @dataclasses.dataclass
@@ -252,7 +158,7 @@ class Plan:
 
     def __post_init__(self):
         if self.bn not in BN_MODES:
-            raise ValueError(f"bn must be one of {BN_MODES}, got {self.bn!r}")
+            raise PlanError(f"bn must be one of {BN_MODES}, got {self.bn!r}")
         self.layers = {
             str(k): (v if isinstance(v, Choice) else Choice.parse(v)) for k, v in self.layers.items()
         }
@@ -281,14 +187,24 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """A Plan from to_dict()'s form; PlanError names what is wrong."""
         if not isinstance(d, dict):
-            raise ValueError(f"a plan must be a mapping, got {type(d).__name__}")
+            raise PlanError(f"a plan must be a mapping, got {type(d).__name__}")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(f"unsupported plan format_version {version!r} (this autorank reads {FORMAT_VERSION})")
+            raise PlanError(f"unsupported plan format_version {version!r} (this autorank reads {FORMAT_VERSION})")
         unknown = set(d) - {"format_version", "autorank_version", "bn", "lean", "layers", "meta", "fingerprint"}
         if unknown:
-            raise ValueError(f"unknown plan keys: {sorted(unknown)}")
+            raise PlanError(f"unknown plan keys: {sorted(unknown)}")
+        for key, kind in (("layers", dict), ("meta", dict), ("fingerprint", dict), ("bn", str), ("lean", bool)):
+            if d.get(key) is not None and not isinstance(d[key], kind):
+                raise PlanError(f"plan key {key!r} must be a {kind.__name__}, got {type(d[key]).__name__}")
+        if d.get("fingerprint") is not None:
+            check_fingerprint_form(d["fingerprint"])
+        bad = [k for k, v in (d.get("layers") or {}).items() if not isinstance(v, (str, Choice))]
+        if bad:
+            raise PlanError(f"plan layer {bad[0]!r}: expected a choice such as frozen, full, asi[8,64,4,4] "
+                            f"or hosvd[0.8], got {d['layers'][bad[0]]!r}")
         return cls(layers=dict(d.get("layers") or {}), bn=d.get("bn", "frozen"), lean=d.get("lean", True),
                    meta=dict(d.get("meta") or {}), fingerprint=d.get("fingerprint"))
 
@@ -307,7 +223,13 @@ class Plan:
 
     @classmethod
     def load(cls, path) -> Plan:
-        path = Path(path)
-        with open(path) as f:
-            d = json.load(f) if path.suffix.lower() == ".json" else yaml.safe_load(f)
-        return cls.from_dict(d)
+        """Read a plan file (YAML, or JSON by suffix) with yaml.safe_load / json.loads only. Any
+        bad file - missing, a directory, binary, empty, malformed, not a plan - is a PlanError
+        naming the file."""
+        d = read_mapping(path, what="plan file", error=PlanError,
+                         expected="a plan written by `python -m autorank` or Plan.save "
+                                  "(a mapping with format_version, layers, bn, lean, meta)")
+        try:
+            return cls.from_dict(d)
+        except PlanError as e:
+            raise PlanError(f"{path} is not a valid plan file: {e}") from e

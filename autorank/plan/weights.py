@@ -10,6 +10,8 @@ loaded into a model built for the downstream classes keeps its fresh head).
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,7 +39,37 @@ def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     try:
         return model.state_dict()
     finally:
-        apply_plan(model, plan, strict=False)
+        apply_plan(model, plan, strict=False, allow_untrained=True)
+
+
+def _load_failure(e: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a few words (torch's own message is a
+    paragraph that also suggests weights_only=False, which would run the file's code)."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        return f"random bytes, or pickled objects other than tensors: {' '.join(detail.split())}"
+    if isinstance(e, EOFError):
+        return "the file ends early (empty or truncated)"
+    first = text.split(". ", 1)[0].splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def read_weights_file(path, what: str = "checkpoint",
+                      how: str = "torch.save(model.state_dict(), path)") -> object:
+    """torch.load(path, weights_only=True) on the CPU: tensors and plain containers only, a
+    pickled object never runs. A file it cannot read (random bytes, truncated, a pickle of other
+    objects, a directory) is a ValueError naming the file (`what`) and how to write one (`how`)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"cannot read {what} {p}: it is a directory; pass the file ({how})")
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol ...": the refusal below says it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        raise ValueError(f"cannot read {what} {p}: not a file torch.load(weights_only=True) reads "
+                         f"({_load_failure(e)}); save one with {how}") from e
 
 
 def _read_state(path_or_state_dict) -> tuple[dict, str]:
@@ -45,7 +77,7 @@ def _read_state(path_or_state_dict) -> tuple[dict, str]:
         state, where = path_or_state_dict, "the state dict"
     else:
         where = str(path_or_state_dict)
-        state = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+        state = read_weights_file(path_or_state_dict)
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):  # Lightning checkpoint
         state = state["state_dict"]
         if state and all(str(k).startswith("model.") for k in state):
@@ -102,7 +134,7 @@ def load_base_weights(model: nn.Module, path_or_state_dict, *, skip_mismatched_h
         model.load_state_dict(state, strict=True)
     finally:
         if plan is not None:
-            apply_plan(model, plan, strict=False)
+            apply_plan(model, plan, strict=False, allow_untrained=True)
     return skipped
 
 

@@ -18,6 +18,7 @@ The returned plan is therefore never over budget by the predictor's own figure.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -37,8 +38,8 @@ class BudgetTooSmall(ConfigError):
         super().__init__(
             f"memory budget {budget_bytes / MB:.2f} MB is below the smallest possible plan: "
             f"{min_peak_bytes / MB:.2f} MB predicted peak training memory (training {trained}). "
-            f"Raise the budget (device.budget_mb=...) to at least {min_peak_bytes / MB:.2f} MB, "
-            f"or use a smaller batch/input size.")
+            f"Raise the budget to at least that: device.budget_mb={math.ceil(min_peak_bytes / MB * 100) / 100:.2f} "
+            f"(or use a smaller data.batch_size / data.input_size).")
 
 
 @dataclass
@@ -160,6 +161,14 @@ def _result(prof, keys, sens, peak, additive, budget, cheapest, true_peak, n) ->
     return KnapsackResult(choices=dict(zip(prof.layer_names, keys)), sensitivity=float(sens),
                           predicted_peak_bytes=int(peak), additive_bytes=int(additive),
                           budget_bytes=budget, min_peak_bytes=int(min_peak), n_verified=n)
+
+
+def check_budget(prof: Profile, budget_bytes: int,
+                 peak_fn: Callable[[Mapping[str, str]], object] | None = None) -> None:
+    """BudgetTooSmall (naming the smallest plan's predicted peak and the override to use) when no
+    plan that trains a layer fits under budget_bytes: a study checks this before its first trial,
+    instead of running a whole search of infeasible trials."""
+    knapsack(prof, budget_bytes, peak_fn)
 
 
 def min_peak_bytes(prof: Profile, peak_fn: Callable[[Mapping[str, str]], int] | None = None) -> int:

@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 from torch import nn
 
 from autorank.errors import ConfigError, ConfigFileNotFound
+from autorank.io import read_mapping
 from autorank.plan import candidate_layers
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "conf" / "space"  # the `space` config group
@@ -143,9 +143,8 @@ class SearchSpace:
             avail = sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))
             raise ConfigFileNotFound(f"search space {str(path)!r} not found (available: {avail}; "
                                      "or a YAML file of your own: space.path=/abs/my_space.yaml)")
-        d = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(d, dict):
-            raise ConfigError(f"search space file {p} holds a {type(d).__name__}, not a mapping of keys")
+        d = read_mapping(p, what="search space file", error=ConfigError,
+                         expected="a YAML mapping of search-space keys (see autorank/conf/space/default.yaml)")
         if d.pop("path", None) is not None:
             raise ConfigError(f"search space file {p}: `path` belongs on the command line "
                               "(space.path=...), not inside a space file")

@@ -30,6 +30,7 @@ import optuna
 from rich.progress import Progress, TaskID
 
 from autorank.search.cost import CostModel, PlanCost
+from autorank.search.knapsack import check_budget
 from autorank.search.planfile import export_plan
 from autorank.search.profile import Profile, profile_workload
 from autorank.search.progress import progress_bar
@@ -160,6 +161,7 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
                                        cache_dir=settings.cache_dir, progress=settings.progress)
     cost = cost or PlanCost(workload.model, workload.example_input(), profile)
     budget = int(device.budget_bytes)
+    check_budget(profile, budget, cost.peak)  # BudgetTooSmall before any trial or stored study
     storage = settings.storage_url()
     name = settings.study_name or default_study_name(device.name, space, {
         "ckpt": workload.checkpoint_sha256, "input_shape": list(workload.input_shape),

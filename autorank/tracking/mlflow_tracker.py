@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from autorank.redact import redact_config, redact_url
 from autorank.units import MB
 
 # MLflow 3 opens an experiment on its GenAI overview (traces, judges) unless the experiment is
@@ -84,7 +85,7 @@ class MlflowTracker:
         """The MLflow UI's runs table of this experiment, filtered to one study's runs (or one
         run's page): at the tracking server's own address, or `mlflow ui`'s default for a local
         store."""
-        base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else LOCAL_UI
+        base = redact_url(self.uri).rstrip("/") if self.uri.startswith(("http://", "https://")) else LOCAL_UI
         url = f"{base}/#/experiments/{self.connect()}/runs"
         if run_id:
             return f"{url}/{run_id}"
@@ -97,7 +98,7 @@ class MlflowTracker:
         hint = f"MLflow runs: {self.runs_url(study_name, run_id)}"
         if self.uri.startswith(("http://", "https://")):
             return hint
-        return f"{hint}  (serve them first: mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1)"
+        return f"{hint}  (serve them first: mlflow ui --backend-store-uri {redact_url(self.uri)} --host 127.0.0.1)"
 
     def _params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -114,7 +115,8 @@ class MlflowTracker:
 
     # --- the Tracker protocol of autorank.search.protocols ---
     def start_study(self, info: Mapping[str, Any]) -> str:
-        self.info = dict(info)
+        info = redact_config(dict(info))  # no URL password in a param, a tag or config.yaml
+        self.info = info
         c = self.client
         name = self.run_name or f"study {info.get('study_name')}"
         run = c.create_run(self.experiment_id, run_name=name, tags={
@@ -230,6 +232,7 @@ class MlflowTracker:
     # --- a single run (search=knapsack) ---
     def log_single_run(self, info: Mapping[str, Any], choices: Mapping[str, str],
                        metrics: Mapping[str, float | None], artifacts: Mapping[str, Path] = {}) -> str:
+        info = redact_config(dict(info))  # no URL password in a param or config.yaml
         c = self.client
         run = c.create_run(self.experiment_id, run_name=self.run_name or "knapsack",
                            tags={"autorank.kind": str(info.get("kind", "knapsack"))})

@@ -6,6 +6,7 @@ Each option of the `device` config group (conf/device/*.yaml) builds one `Device
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from autorank.errors import ConfigError
@@ -28,6 +29,13 @@ class DeviceProfile:
     sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        figures = {"ram_mb": self.ram_mb, "reserved_mb": self.reserved_mb, "gflops_fp32": self.gflops_fp32,
+                   "budget_mb": 1.0 if self.budget_mb is None else self.budget_mb}
+        bad = {k: v for k, v in figures.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
+        if bad:
+            raise ConfigError(f"device {self.name!r}: {', '.join(f'{k}={v!r}' for k, v in bad.items())} "
+                              "must be finite numbers")
         if self.ram_mb <= 0 or self.reserved_mb < 0 or self.gflops_fp32 <= 0:
             raise ConfigError(f"device {self.name!r}: ram_mb, gflops_fp32 must be > 0, reserved_mb >= 0")
         if self.effective_budget_mb <= 0:

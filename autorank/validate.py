@@ -1,0 +1,155 @@
+"""The composed config checked before any work: `check_config(cfg)` is the app's first step, before
+torch, the data or the pretraining are touched (a bad value costs a second, not a pretraining).
+
+Each bad value is a ConfigError whose message names the override, the value given and what is
+allowed; the app prints it as one line and exits 2. Only values the user chooses are checked here;
+what needs the model or the data (a space's layers, a checkpoint that does not fit, a budget below
+the smallest plan) is checked where those are first known, still before any trial.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from autorank.errors import ConfigError
+from autorank.io import read_mapping
+
+__all__ = ["check_config", "check_writable", "SPACE_FORM"]
+
+SPACE_FORM = ("a YAML mapping of search-space keys such as `last: 4`, `choices: [frozen, full, asi]`, "
+              "`levels: [0.8, 0.9]` (see autorank/conf/space/default.yaml)")
+
+# (key, kind, low, none allowed, why): kind "int" is a whole number >= low; "pos" a finite
+# number > low; "num" a finite number >= low.
+RULES: list[tuple[str, str, float, bool, str]] = [
+    ("trainer.max_epochs", "int", 1, False, "-1 would mean 'no limit' to Lightning, 0 no training"),
+    ("trainer.steps", "int", 1, True, "SGD steps of a full fine-tune; null: trainer.max_epochs"),
+    ("trainer.pretrain_epochs", "int", 1, False, "epochs of the one-off upstream pretraining"),
+    ("trainer.pretrain_batch_size", "int", 1, False, "samples per pretraining step"),
+    ("trainer.lr", "pos", 0, False, "the SGD learning rate"),
+    ("trainer.pretrain_lr", "pos", 0, False, "the pretraining learning rate"),
+    ("trainer.momentum", "num", 0, False, "SGD momentum, 0 <= m < 1"),
+    ("trainer.weight_decay", "num", 0, False, "0 for none"),
+    ("data.batch_size", "int", 1, False, "the device's training batch"),
+    ("data.input_size", "int", 1, False, "image side in pixels"),
+    ("search.n_trials", "int", 1, False, "finished trials the study should hold"),
+    ("search.timeout", "pos", 0, True, "seconds for this run's trials; null: no limit"),
+    ("search.trial_steps", "int", 1, True, "SGD steps per trial; null: epochs"),
+    ("search.max_epochs", "int", 1, True, "epochs per trial; null: trainer.max_epochs"),
+    ("search.refit_steps", "int", 1, True, "SGD steps of a refit; null: no refit"),
+    ("search.refit_top", "int", 0, False, "front plans refit at full fidelity"),
+    ("search.n_calibration_batches", "int", 1, False, "batches the profile reads"),
+    ("device.ram_mb", "pos", 0, False, "the device's RAM in MB"),
+    ("device.reserved_mb", "num", 0, False, "MB the OS and runtime keep"),
+    ("device.gflops_fp32", "pos", 0, False, "sustained GFLOP/s"),
+    ("device.budget_mb", "pos", 0, True, "the training budget in MB; null: ram_mb - reserved_mb"),
+]
+UPPER = {"trainer.momentum": 1.0, "data.val_fraction": 1.0}
+
+
+def _value(cfg: Any, key: str) -> tuple[bool, Any]:
+    """(present, value) of a dotted key; a value that cannot be resolved (an unset ${oc.env:...})
+    is a ConfigError naming the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    node, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, node) if node else cfg
+    if parent is None or not hasattr(parent, "keys") or leaf not in parent:
+        return False, None
+    try:
+        return True, OmegaConf.select(cfg, key, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{key} cannot be read: {first}") from e
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_value(key: str, value: Any, kind: str, low: float, none_ok: bool, why: str) -> None:
+    """ConfigError when `value` breaks the rule (see RULES)."""
+    if value is None:
+        if none_ok:
+            return
+        raise ConfigError(f"{key} is not set: {why}")
+    high = UPPER.get(key)
+    if kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+        allowed = f"a whole number >= {low:g}"
+    else:
+        ok = _is_number(value) and math.isfinite(value) and (value > low if kind == "pos" else value >= low)
+        ok = ok and (high is None or value < high)
+        allowed = f"a finite number {'>' if kind == 'pos' else '>='} {low:g}" + (f" and < {high:g}" if high else "")
+    if not ok:
+        null = " or null" if none_ok else ""
+        raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}{null} ({why})")
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """ConfigError unless a file can be written at `path`: it is not a directory, and the nearest
+    existing folder above it is a folder we can create files in (tried with a temporary file, which
+    is removed: permission bits alone say nothing for root or on a read-only mount)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what}={p} is a directory: give a file path, e.g. {what}={p / 'plan.yaml'}")
+    folder = p.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{what}={p} cannot be written: {folder} is a file, not a folder")
+    probe = folder / f".autorank-write-test-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise ConfigError(f"{what}={p} cannot be written: no file can be created in {folder} "
+                          f"({e.strerror or e}); choose a writable path ({what}=...)") from e
+    os.close(fd)
+    probe.unlink(missing_ok=True)
+
+
+def check_space_file(cfg: Any) -> None:
+    """A search-space file named by space.path (or the older search.space=PATH) must hold a
+    mapping: an empty file is not 'the defaults'."""
+    for key in ("space.path", "search.space"):
+        present, value = _value(cfg, key)
+        if not present or not isinstance(value, str) or not value:
+            continue
+        p = Path(value)
+        if not p.exists():
+            continue  # a space option's name (search.space=last4) or a missing file: load_space says which
+        read_mapping(p, what=f"search space file ({key}=)", expected=SPACE_FORM, error=ConfigError)
+
+
+def check_config(cfg: Any) -> None:
+    """Every check of this module, in the order a user reads the config; the first failure raises."""
+    device = _value(cfg, "device.name")[1]
+    for key, kind, low, none_ok, why in RULES:
+        present, value = _value(cfg, key)
+        if present:
+            if key.startswith("device.") and device:
+                why = f"{why}; device {device!r}"
+            check_value(key, value, kind, low, none_ok, why)
+    present, value = _value(cfg, "data.val_fraction")
+    if present and value is not None:
+        check_value("data.val_fraction", value, "pos", 0, False, "the held-out share, 0 < f < 1")
+    for key in ("search.storage", "tracking.uri"):  # an unset ${oc.env:...} is named here
+        _value(cfg, key)
+    check_space_file(cfg)
+    present, value = _value(cfg, "model.checkpoint")
+    if present and value:
+        path = Path(str(value)).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"model.checkpoint={path} is a directory: pass the weights file "
+                              "(torch.save(model.state_dict(), path)), or null to pretrain one")
+        if not path.exists():
+            raise ConfigError(f"model.checkpoint={path} does not exist: pass a weights file "
+                              "(torch.save(model.state_dict(), path)), or null to pretrain one")
+    present, value = _value(cfg, "export.path")
+    if present and value is not None:
+        check_writable(value, "export.path")
