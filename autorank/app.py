@@ -209,10 +209,17 @@ def _short_plan(choices: dict[str, str]) -> str:
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.errors import InstantiationException
 
+    from autorank.interrupt import Interrupted, stop_on_signals
+
     # ConfigError covers UsageError, BudgetTooSmall, DatasetMissing and every bad config value
-    # (autorank/errors.py); any other exception is a bug and keeps its traceback.
+    # (autorank/errors.py); any other exception is a bug and keeps its traceback. SIGINT/SIGTERM:
+    # the study closes its trial (autorank/interrupt.py), then one line and 128 + the signal.
     try:
-        run(cfg)
+        with stop_on_signals():
+            run(cfg)
+    except Interrupted as e:
+        print(f"\n{e.message()}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     except (ConfigError, InstantiationException) as e:
         err = config_error(e)
         if err is None:
