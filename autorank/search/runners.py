@@ -17,7 +17,7 @@ import optuna
 from autorank.search.planner import KnapsackRun, KnapsackSearch, run_knapsack
 from autorank.search.protocols import Device, Tracker, Workload
 from autorank.search.space import load_space
-from autorank.search.storage import HEARTBEAT_S
+from autorank.search.storage import HEARTBEAT_S, check_driver
 from autorank.search.study import StudyResult, StudySettings, run_study
 
 __all__ = ["KnapsackRun", "KnapsackSearch", "OptunaSearch", "run_knapsack"]
@@ -44,6 +44,10 @@ class OptunaSearch:
     n_calibration_batches: int = 2
     heartbeat_s: int | None = HEARTBEAT_S  # a running trial's heartbeat (a dead worker's trial is retried)
     name: str = "optuna"
+
+    def __post_init__(self) -> None:
+        if self.storage:  # before pretraining: a PostgreSQL URL without its driver
+            check_driver(self.storage)
 
     def settings(self, *, run_dir: str | Path = ".", export_path: str | Path | None = None,
                  cache_dir: str | Path | None = None, progress: bool = True) -> StudySettings:

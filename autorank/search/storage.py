@@ -9,14 +9,14 @@
   database a few retries.
 - Heartbeat: every running trial writes a heartbeat each `heartbeat_s`; a trial whose heartbeat is
   older than `grace_s` (its worker was killed, or its machine lost power) is failed by the next
-  worker that starts a trial, and queued again (Optuna's RetryHeartbeatStaleTrialCallback, up to
-  MAX_RETRY times: a plan that kills its worker every time is given up, and counts as failed).
+  worker that starts a trial, and queued again (RetryTrial: up to MAX_RETRY times, so a plan that
+  kills its worker every time is given up, and counts as failed).
 - A PostgreSQL URL without its driver is a one-line ConfigError naming the extra to install.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import time
 import warnings
 import zlib
@@ -43,10 +43,12 @@ def check_driver(url: str) -> None:
     if not scheme.startswith(("postgresql", "postgres")):
         return
     module = "psycopg2" if scheme.endswith("psycopg2") else "psycopg"
-    if importlib.util.find_spec(module) is None:
+    try:
+        importlib.import_module(module)
+    except ImportError:
         raise ConfigError(
             f"a {scheme}:// storage needs the PostgreSQL driver {module}, which is not installed: "
-            "pip install 'autorank[postgres]'")
+            "pip install 'autorank[postgres]'") from None
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -97,6 +99,27 @@ def with_retries(fn: Callable[[], T], what: str, tries: int = 5, wait_s: float =
     raise AssertionError(what)  # not reached
 
 
+class RetryTrial:
+    """A failed trial queued again: a WAITING copy with its params (or its enqueued fixed_params)
+    and its `source`; system attrs `failed_trial` (the first of the series) and `retry_history`,
+    as Optuna's RetryHeartbeatStaleTrialCallback writes them. Ours because that one also copies
+    the failed trial's constraints, which Optuna then refuses to set again ("already set"), and
+    its record (its figures belong to the failed run, not the copy's)."""
+
+    def __init__(self, max_retry: int = MAX_RETRY):
+        self.max_retry = max_retry
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        history = [*trial.system_attrs.get("retry_history", ()), trial.number]
+        if len(history) > self.max_retry:
+            return
+        system = {k: v for k, v in trial.system_attrs.items() if k == "fixed_params"}
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            user_attrs={k: v for k, v in trial.user_attrs.items() if k == "source"},
+            system_attrs={**system, "failed_trial": history[0], "retry_history": history}))
+
+
 def open_storage(url: str, *, heartbeat_s: int | None = HEARTBEAT_S) -> optuna.storages.BaseStorage | str:
     """An RDBStorage for a database URL (heartbeat on unless heartbeat_s is None; grace period
     3 heartbeats); any other Optuna storage URL is left to Optuna."""
@@ -110,8 +133,7 @@ def open_storage(url: str, *, heartbeat_s: int | None = HEARTBEAT_S) -> optuna.s
         kw = {}
         if heartbeat_s:
             kw = dict(heartbeat_interval=int(heartbeat_s), grace_period=3 * int(heartbeat_s),
-                      heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                          max_retry=MAX_RETRY))
+                      heartbeat_stale_trial_callback=RetryTrial())
         with creation_lock(url):
             return with_retries(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kw),
                                 "create the study's storage")

@@ -3,8 +3,8 @@
 
 What counts: complete trials (infeasible ones included: Optuna stores them COMPLETE with a
 violated constraint) and failed ones that were not queued again. A trial whose worker died or was
-interrupted is FAIL and has a WAITING copy (`retry_history` in its system attrs, Optuna's
-RetryHeartbeatStaleTrialCallback): the copy counts, the original does not. So after any fault,
+interrupted is FAIL and has a WAITING copy (`retry_history` in its system attrs, written by
+storage.RetryTrial): the copy counts, the original does not. So after any fault,
 running the same command finishes the study with exactly n_trials counted trials.
 
 Exactness with N workers: Optuna numbers trials atomically, so a worker that has just been given
@@ -27,7 +27,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autorank.interrupt import Interrupted
-from autorank.search.storage import MAX_RETRY
+from autorank.search.storage import RetryTrial
 
 SURPLUS_ATTR = "surplus"  # user attr of a trial closed PRUNED unrun (why)
 
@@ -127,8 +127,6 @@ def close_interrupted(study: optuna.Study, numbers: Sequence[int]) -> list[Froze
             continue
         study.tell(n, state=TrialState.FAIL)
         failed = study.get_trials(deepcopy=True)[n]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, failed)
+        RetryTrial()(study, failed)
         out.append(failed)
     return out
