@@ -188,3 +188,25 @@ def test_workers_started_at_once_create_the_sqlite_stores_once(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-1500:] for o in outs]
     assert len(optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/o.db")) == 1
+
+
+def test_one_parent_run_per_study_even_when_two_workers_create_one(tmp_path, monkeypatch):
+    from mlflow.entities import ViewType
+
+    from autorank.tracking.mlflow_tracker import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    a, b = MlflowTracker(uri, experiment="e"), MlflowTracker(uri, experiment="e")
+    first, created = a.study_run("s1")
+    assert created and b.study_run("s1") == (first, False)  # found by the study's name
+    assert b.study_run("s2")[0] != first  # another study: its own
+    # b created its own at the same moment, before it could see a's: it keeps a's, deletes its own
+    calls = []
+    real = MlflowTracker._study_runs
+    monkeypatch.setattr(MlflowTracker, "_study_runs",
+                        lambda self, n: real(self, n) if calls.append(n) or len(calls) > 1 else [])
+    assert b.study_run("s1") == (first, False)
+    runs = b.client.search_runs([b.connect()], filter_string="tags.study_name = 's1'")
+    assert [r.info.run_id for r in runs] == [first]
+    deleted = b.client.search_runs([b.connect()], filter_string="tags.study_name = 's1'", run_view_type=ViewType.DELETED_ONLY)
+    assert len(deleted) == 1 and deleted[0].info.run_id != first

@@ -126,6 +126,15 @@ def open_study(storage: str, study_name: str, sampler: optuna.samplers.BaseSampl
     return study, finished
 
 
+def enqueue_warm_starts(study: optuna.Study, plans: list[tuple[str, dict]], hparams: Mapping[str, float],
+                        n_new: int) -> None:
+    """The first plans of `plans`, at most half of this run's trials (the sampler gets the rest,
+    and no enqueued trial is left WAITING at the end), each once per study (skip_if_exists; two
+    workers enqueuing one at the same moment: workers.py runs the first copy only)."""
+    for src, ch in plans[:max(1, n_new // 2)]:
+        study.enqueue_trial({**ch, **hparams}, user_attrs={"source": src}, skip_if_exists=True)
+
+
 class TrialLogger:
     """Optuna callback after each trial: the tracker's nested run, and the progress bar with the
     best feasible accuracy and the front's size (study.best_trials, re-read when a feasible
@@ -197,10 +206,7 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
                     "profile_key": profile.key})
         if settings.warm_start and n_new > 0:
             with times.timed("predict"):
-                # at most half of this run's trials: the sampler gets the rest, and no enqueued
-                # trial is left WAITING at the end
-                for src, ch in warm_start_plans(profile, budget, cost)[:max(1, n_new // 2)]:
-                    study.enqueue_trial({**ch, **hp0}, user_attrs={"source": src}, skip_if_exists=True)
+                enqueue_warm_starts(study, warm_start_plans(profile, budget, cost), hp0, n_new)
         with progress_bar(settings.progress) as bar:
             logger = TrialLogger(study, bar, bar.add_task("trials", total=n_new), tracker, times)
             run_trials(study, objective, timeout=settings.timeout, callbacks=[logger],
