@@ -101,7 +101,7 @@ def test_signal_mid_trial_then_the_same_command_finishes(root, sig):
 
     name = sig.name.lower()
     storage = f"sqlite:///{root}/{name}.db"
-    args = ["search.n_trials=3", "search.trial_steps=100"]
+    args = ["search.n_trials=3", "search.trial_steps=50"]
     p = start(root, name, *args)
     (n,) = wait_running(storage)[:1]
     time.sleep(0.5)
@@ -137,7 +137,7 @@ def test_sigkill_mid_trial_then_the_same_command_retries_it(root):
     from optuna.trial import TrialState
 
     storage = f"sqlite:///{root}/kill.db"
-    args = ["search.n_trials=3", "search.trial_steps=100"]
+    args = ["search.n_trials=3", "search.trial_steps=50"]
     p = start(root, "kill", *args)
     (n,) = wait_running(storage)[:1]
     time.sleep(0.5)
@@ -193,15 +193,15 @@ def test_three_workers_at_once_on_a_fresh_postgres_database(root, pg_db):
 def test_a_worker_killed_mid_trial_is_retried_by_the_others(root, pg_db):
     from optuna.trial import TrialState
 
-    args = ["search.n_trials=6", "search.trial_steps=100"]
+    args = ["search.n_trials=5", "search.trial_steps=40"]
     procs = [start(root, "pgkill", *args, storage=pg_db) for _ in range(3)]
     wait_running(pg_db, n=3)  # every worker in a trial
-    time.sleep(0.5)
+    time.sleep(0.2)
     procs[0].kill()
     outs = [p.communicate(timeout=600) for p in procs]
     assert procs[0].returncode == -signal.SIGKILL
     assert [p.returncode for p in procs[1:]] == [0, 0], [o[1][-2000:] for o in outs[1:]]
-    ts = assert_finished_exactly(pg_db, 6)
+    ts = assert_finished_exactly(pg_db, 5)
     dead = [t for t in ts if t.state == TrialState.FAIL]
     assert len(dead) == 1
     (copy,) = [t for t in ts if t.system_attrs.get("retry_history") == [dead[0].number]]
