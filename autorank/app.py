@@ -46,7 +46,8 @@ def _quiet() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for name in ("mlflow", "mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+    for name in ("mlflow", "mlflow.store.db.utils", "alembic", "alembic.runtime.migration",
+                 "lightning.pytorch.trainer.connectors.signal_connector"):  # "Received SIGTERM"
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

@@ -227,8 +227,10 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
         if tracker is not None:
             with times.timed("log"):
                 tracker.end_study(result, result.plan_files)
-    except Interrupted:
+    except Interrupted as e:
         closed = close_interrupted(study, objective.started)
+        if e.trial is None and closed:  # the signal came inside Optuna's part of the trial
+            e.trial = closed[-1].number
         if tracker is not None:
             tracker.abort_study([TrialRecord.from_frozen(t) for t in closed])
         raise
