@@ -48,7 +48,8 @@ def _quiet() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for name in ("mlflow", "mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+    for name in ("mlflow", "mlflow.store.db.utils", "alembic", "alembic.runtime.migration",
+                 "lightning.pytorch.trainer.connectors.signal_connector"):  # "Received SIGTERM"
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -234,14 +235,21 @@ def redact_hydra_files(cfg: DictConfig) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     import traceback
 
+    from autorank.interrupt import Interrupted, stop_on_signals
+
     redact_hydra_files(cfg)
     guard_logging()  # Hydra's <job>.log in the run folder: no password either
     # ConfigError covers UsageError, BudgetTooSmall, DatasetMissing and every bad config value
     # (autorank/errors.py); any other exception is a bug and keeps its traceback, printed here
     # (through the redacting stderr of main()) rather than by Hydra, whose report repeats every
-    # override of the command line, passwords included.
+    # override of the command line, passwords included. SIGINT/SIGTERM: the study closes its
+    # trial (autorank/interrupt.py), then one line and 128 + the signal.
     try:
-        run(cfg)
+        with stop_on_signals():
+            run(cfg)
+    except Interrupted as e:
+        print(f"\n{redact_text(e.message())}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     except Exception as e:
         err = config_error(e)
         if err is None:

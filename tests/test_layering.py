@@ -1,6 +1,6 @@
 """The layers import only downwards (docs/ARCHITECTURE.md; issue 7), read from the source with ast.
 
-    bottom (errors, units, io, redact, conf: nothing of autorank) < shortcut < models < plan, cost and
+    bottom (errors, units, io, redact, interrupt, conf: nothing of autorank) < shortcut < models < plan, cost and
     the device runner < workload < search < tracking < app (app, __main__, export, validate)
 
 Every `import` / `from ... import` in every module of autorank/ counts, inside functions too, and
@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autorank"
 
 # first component under autorank/ (a subpackage, or a module's stem) -> layer
 LAYERS = {
-    "__init__": 0, "errors": 0, "units": 0, "io": 0, "conf": 0, "redact": 0,
+    "__init__": 0, "errors": 0, "units": 0, "io": 0, "conf": 0, "redact": 0, "interrupt": 0,
     "shortcut": 1,
     "models": 2,
     "plan": 3, "cost": 3, "device": 3,  # device*.py: the torch-only device runner

@@ -8,7 +8,7 @@ The search reads these attributes and nothing else: no attribute probes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -89,6 +89,9 @@ class Tracker(Protocol):
     def log_trial(self, record: TrialRecord) -> Any: ...
 
     def end_study(self, result: StudyResult, plan_files: Mapping[int, Path]) -> None: ...
+
+    def abort_study(self, interrupted: Sequence[TrialRecord]) -> None: ...
+    # SIGINT/SIGTERM: the interrupted trials' runs and the study's run ended KILLED
 
     def log_single_run(self, info: Mapping[str, Any], choices: Mapping[str, str],
                        metrics: Mapping[str, float | None],

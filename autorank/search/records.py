@@ -31,7 +31,7 @@ OBJECTIVE_NAMES = ("val_accuracy", "peak_mb", "train_flops")
 @dataclass
 class TrialRecord:
     number: int
-    state: str  # complete | infeasible | failed | running | waiting
+    state: str  # complete | infeasible | failed | running | waiting | skipped (surplus, never run)
     choices: dict[str, str] = field(default_factory=dict)
     hparams: dict[str, float] = field(default_factory=dict)  # searched trainer settings (lr, ...)
     plan: dict | None = None  # Plan.to_dict(), no fingerprint (export_plan stamps it)
@@ -93,6 +93,8 @@ def _state(t: FrozenTrial, stored: str | None) -> str:
         return "running"
     if t.state == TrialState.WAITING:
         return "waiting"
+    if t.state == TrialState.PRUNED:
+        return "skipped"
     if t.state == TrialState.COMPLETE and any(v > 0 for v in t.constraints.values()):
         return "infeasible"
     return stored or "complete"

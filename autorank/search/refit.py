@@ -53,14 +53,20 @@ def _fit(workload: Workload, plan: Plan, steps: int, hparams: Mapping[str, float
 def refit_trials(study: optuna.Study, workload: Workload, records: Sequence[TrialRecord], *,
                  steps: int, top: int, on_done: Callable[[], None] | None = None) -> dict[int, dict]:
     """Refit refit_candidates(records, top) at `steps` SGD steps with each trial's hparams;
-    results merged into the study's REFIT_ATTR (written after each refit: an interrupted refit
-    keeps what it finished) and returned as {trial number: result}."""
-    done = {str(k): v for k, v in (study.user_attrs.get(REFIT_ATTR) or {}).items()}
+    results merged into the study's REFIT_ATTR (re-read and written after each refit: an
+    interrupted refit keeps what it finished, and workers sharing the study keep each other's)
+    and returned as {trial number: result}."""
+    def stored() -> dict[str, dict]:  # read again each time: another worker may have stored some
+        return {str(k): v for k, v in (study.user_attrs.get(REFIT_ATTR) or {}).items()}
+
+    done = stored()
     for rec in refit_candidates(records, top):
+        done = {**done, **stored()}
         prev = done.get(str(rec.number))
         if prev is not None and prev.get("steps") == steps:
             continue
-        done[str(rec.number)] = _fit(workload, Plan.from_dict(dict(rec.plan)), steps, rec.hparams)
+        res = _fit(workload, Plan.from_dict(dict(rec.plan)), steps, rec.hparams)
+        done = {**done, **stored(), str(rec.number): res}
         study.set_user_attr(REFIT_ATTR, done)
         if on_done is not None:
             on_done()

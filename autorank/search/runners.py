@@ -17,6 +17,7 @@ import optuna
 from autorank.search.planner import KnapsackRun, KnapsackSearch, run_knapsack
 from autorank.search.protocols import Device, Tracker, Workload
 from autorank.search.space import load_space
+from autorank.search.storage import HEARTBEAT_S, check_driver
 from autorank.search.study import StudyResult, StudySettings, run_study
 
 __all__ = ["KnapsackRun", "KnapsackSearch", "OptunaSearch", "run_knapsack"]
@@ -41,7 +42,12 @@ class OptunaSearch:
     references: bool = True
     warm_start: bool = True
     n_calibration_batches: int = 2
+    heartbeat_s: int | None = HEARTBEAT_S  # a running trial's heartbeat (a dead worker's trial is retried)
     name: str = "optuna"
+
+    def __post_init__(self) -> None:
+        if self.storage:  # before pretraining: a PostgreSQL URL without its driver
+            check_driver(self.storage)
 
     def settings(self, *, run_dir: str | Path = ".", export_path: str | Path | None = None,
                  cache_dir: str | Path | None = None, progress: bool = True) -> StudySettings:
@@ -50,7 +56,8 @@ class OptunaSearch:
             storage=self.storage, study_name=self.study_name, max_epochs=self.max_epochs,
             trial_steps=self.trial_steps, refit_steps=self.refit_steps, refit_top=self.refit_top,
             references=self.references, warm_start=self.warm_start, n_calibration_batches=self.n_calibration_batches,
-            run_dir=run_dir, export_path=export_path, cache_dir=cache_dir, progress=progress)
+            run_dir=run_dir, export_path=export_path, cache_dir=cache_dir, progress=progress,
+            heartbeat_s=self.heartbeat_s)
 
     def run(self, workload: Workload, device: Device, *,
             sampler: optuna.samplers.BaseSampler | None = None, tracker: Tracker | None = None,

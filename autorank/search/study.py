@@ -8,11 +8,19 @@ trial (trial.PlanTrial: choices -> plan -> cost -> constraints -> fine-tune -> r
 and records read back from storage (records.py); the plan files (planfile.export_plan).
 
 Resuming: the same storage + study_name continues the study (load_if_exists). `n_trials` counts
-the finished trials the study should hold in total (`n_trials_total=True`, the default: running the
-same command again after an interruption finishes the rest, after completion does nothing), or the
-new trials of this run (`n_trials_total=False`). Warm-start trials are enqueued with
-skip_if_exists, so a resumed study never enqueues them twice; a plan already trained in an
-earlier session is reused, not trained again.
+the trials the study should hold in total (`n_trials_total=True`, the default: running the same
+command again after an interruption finishes the rest, after completion does nothing), or the new
+trials of this run (`n_trials_total=False`); warm-start trials count among them. Complete and
+infeasible trials count, and failed ones unless they were queued again: an interrupted trial, or
+one whose worker died (storage.py's heartbeat), is FAIL with a WAITING copy that the next run (or
+another worker) trains (workers.py). Warm-start trials are enqueued with skip_if_exists, so a
+resumed study never enqueues them twice; a plan already trained, in an earlier session or by
+another worker, is reused, not trained again. Many workers may run the same command at once on
+one storage (PostgreSQL, or SQLite on one machine): together they finish exactly n_trials.
+
+SIGINT/SIGTERM (autorank.interrupt.Interrupted, raised inside the app's stop_on_signals block):
+the running trial is failed and queued again, the tracker's runs are ended KILLED, and the
+exception goes on to the app.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from typing import Any
 import optuna
 from rich.progress import Progress, TaskID
 
+from autorank.interrupt import Interrupted
 from autorank.search.cost import CostModel, PlanCost
 from autorank.search.knapsack import check_budget
 from autorank.search.planfile import export_plan
@@ -40,8 +49,10 @@ from autorank.search.records import (DIRECTIONS, OBJECTIVE_NAMES, TrialRecord, b
                                      front_of, records_from_study)
 from autorank.search.refit import refit_references, refit_trials
 from autorank.search.space import SearchSpace
+from autorank.search.storage import HEARTBEAT_S, open_storage
 from autorank.search.trial import PlanTrial, TimeSplit, start_param
 from autorank.search.warmstart import warm_start_plans
+from autorank.search.workers import SURPLUS_ATTR, Census, GuardedObjective, close_interrupted, run_trials
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,7 @@ class StudySettings:
     export_path: str | Path | None = None  # the best feasible plan
     cache_dir: str | Path | None = None  # the profile cache
     progress: bool = True
+    heartbeat_s: int | None = HEARTBEAT_S  # a running trial's heartbeat; None: off (see storage.py)
 
     def storage_url(self) -> str:
         """The storage URL; a SQLite file's folder is created."""
@@ -100,11 +112,11 @@ def default_study_name(device_name: str, space: SearchSpace, key: Mapping[str, A
     return f"autorank-{device_name}-{space.name}-{h}"
 
 
-def open_study(storage: str, study_name: str,
-               sampler: optuna.samplers.BaseSampler | None) -> tuple[optuna.Study, list[TrialRecord]]:
+def open_study(storage: str, study_name: str, sampler: optuna.samplers.BaseSampler | None, *,
+               heartbeat_s: int | None = HEARTBEAT_S) -> tuple[optuna.Study, list[TrialRecord]]:
     """Create the study or load it (resume); returns it with its finished trials."""
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
-                                directions=list(DIRECTIONS), load_if_exists=True)
+    study = optuna.create_study(study_name=study_name, storage=open_storage(storage, heartbeat_s=heartbeat_s),
+                                sampler=sampler, directions=list(DIRECTIONS), load_if_exists=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(OBJECTIVE_NAMES))
@@ -113,6 +125,15 @@ def open_study(storage: str, study_name: str,
     if finished:
         study.sampler.reseed_rng()  # a resumed seeded sampler would replay its first samples
     return study, finished
+
+
+def enqueue_warm_starts(study: optuna.Study, plans: list[tuple[str, dict]], hparams: Mapping[str, float],
+                        n_new: int) -> None:
+    """The first plans of `plans`, at most half of this run's trials (the sampler gets the rest,
+    and no enqueued trial is left WAITING at the end), each once per study (skip_if_exists; two
+    workers enqueuing one at the same moment: workers.py runs the first copy only)."""
+    for src, ch in plans[:max(1, n_new // 2)]:
+        study.enqueue_trial({**ch, **hparams}, user_attrs={"source": src}, skip_if_exists=True)
 
 
 class TrialLogger:
@@ -131,6 +152,8 @@ class TrialLogger:
 
     def __call__(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         with self.times.timed("log"):
+            if SURPLUS_ATTR in frozen.user_attrs:  # closed unrun (workers.py): nothing to log
+                return
             rec = TrialRecord.from_frozen(frozen)
             if rec.feasible:
                 self.front = self.read_front(study)
@@ -166,49 +189,54 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
     name = settings.study_name or default_study_name(device.name, space, {
         "ckpt": workload.checkpoint_sha256, "input_shape": list(workload.input_shape),
         "budget": budget})
-    study, finished = open_study(storage, name, sampler)
-    n_new = (max(0, settings.n_trials - len(finished)) if settings.n_trials_total
-             else int(settings.n_trials))
-    if tracker is not None:
-        with times.timed("log"):
-            tracker.start_study({
-                "config": dict(config or {}), "device": device_summary(device), "budget_bytes": budget,
-                "space": space.to_dict(), "sampler": type(study.sampler).__name__, "storage": storage,
-                "study_name": name, "n_trials": settings.n_trials, "timeout": settings.timeout,
-                "profile_key": profile.key})
+    study, finished = open_study(storage, name, sampler, heartbeat_s=settings.heartbeat_s)
+    counted = Census.of(study.get_trials(deepcopy=False)).counted
+    target = settings.n_trials if settings.n_trials_total else counted + int(settings.n_trials)
+    n_new = max(0, target - counted)
     hp0 = space.hparam_defaults(workload.finetune_settings().to_dict())  # warm starts: the trainer's
-    if settings.warm_start and n_new > 0:
-        with times.timed("predict"):
-            # at most half of this run's trials: the sampler gets the rest, and no enqueued trial
-            # is left WAITING at the end
-            for src, ch in warm_start_plans(profile, budget, cost)[:max(1, n_new // 2)]:
-                study.enqueue_trial({**ch, **start_param(profile, ch), **hp0}, user_attrs={"source": src},
-                                    skip_if_exists=True)
     plan_meta = {"budget_bytes": budget, "device": device.name, "study": name}
-    objective = PlanTrial(workload, device, profile, cost, plan_meta=plan_meta,
-                          max_epochs=settings.max_epochs, times=times, done=finished,
-                          hparams=space.hparams, steps=settings.trial_steps)
-    with progress_bar(settings.progress) as bar:
-        logger = TrialLogger(study, bar, bar.add_task("trials", total=n_new), tracker, times)
-        if n_new > 0:
-            study.optimize(objective, n_trials=n_new, timeout=settings.timeout, callbacks=[logger],
-                           catch=(Exception,), gc_after_trial=False, show_progress_bar=False)
-    refs = {}
-    if settings.refit_steps:
-        with times.timed("train"):
-            refit_trials(study, workload, records_from_study(study), steps=settings.refit_steps,
-                         top=settings.refit_top)
-            if settings.references:
-                refs = refit_references(study, workload, profile, cost, budget_bytes=budget,
-                                        steps=settings.refit_steps, hparams=hp0, plan_meta=plan_meta)
-    with times.timed("log"):
-        result = write_plans(study, workload, settings, storage, budget)
-    result.references = refs
-    result.n_new, result.time_split_s = n_new, times.as_dict()
-    result.wall_s = time.perf_counter() - t_start
-    if tracker is not None:
+    objective = GuardedObjective(PlanTrial(workload, device, profile, cost, plan_meta=plan_meta,
+                                           max_epochs=settings.max_epochs, times=times, done=finished,
+                                           hparams=space.hparams, steps=settings.trial_steps), target)
+    try:
+        if tracker is not None:
+            with times.timed("log"):
+                tracker.start_study({
+                    "config": dict(config or {}), "device": device_summary(device), "budget_bytes": budget,
+                    "space": space.to_dict(), "sampler": type(study.sampler).__name__, "storage": storage,
+                    "study_name": name, "n_trials": settings.n_trials, "timeout": settings.timeout,
+                    "profile_key": profile.key})
+        if settings.warm_start and n_new > 0:
+            with times.timed("predict"):
+                plans = [(src, {**ch, **start_param(profile, ch)}) for src, ch in warm_start_plans(profile, budget, cost)]
+                enqueue_warm_starts(study, plans, hp0, n_new)
+        with progress_bar(settings.progress) as bar:
+            logger = TrialLogger(study, bar, bar.add_task("trials", total=n_new), tracker, times)
+            run_trials(study, objective, timeout=settings.timeout, callbacks=[logger],
+                       heartbeat_s=settings.heartbeat_s)
+        refs = {}
+        if settings.refit_steps:
+            with times.timed("train"):
+                refit_trials(study, workload, records_from_study(study), steps=settings.refit_steps,
+                             top=settings.refit_top)
+                if settings.references:
+                    refs = refit_references(study, workload, profile, cost, budget_bytes=budget,
+                                            steps=settings.refit_steps, hparams=hp0, plan_meta=plan_meta)
         with times.timed("log"):
-            tracker.end_study(result, result.plan_files)
+            result = write_plans(study, workload, settings, storage, budget)
+        result.references = refs
+        result.n_new, result.time_split_s = n_new, times.as_dict()
+        result.wall_s = time.perf_counter() - t_start
+        if tracker is not None:
+            with times.timed("log"):
+                tracker.end_study(result, result.plan_files)
+    except Interrupted as e:
+        closed = close_interrupted(study, objective.started)
+        if e.trial is None and closed:  # the signal came inside Optuna's part of the trial
+            e.trial = closed[-1].number
+        if tracker is not None:
+            tracker.abort_study([TrialRecord.from_frozen(t) for t in closed])
+        raise
     return result
 
 

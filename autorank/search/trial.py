@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 from rich.console import Console
 
+from autorank.interrupt import Interrupted
 from autorank.plan import Plan
 from autorank.search.cost import CostModel
 from autorank.search.profile import Profile
@@ -92,6 +93,7 @@ class PlanTrial:
         self.times = times or TimeSplit()
         self.names = profile.layer_names
         self.trained: dict[tuple[str, ...], TrialRecord] = {}
+        self.seen: set[int] = set()  # trial numbers remembered
         for r in done:
             self.remember(r)
 
@@ -101,6 +103,7 @@ class PlanTrial:
 
     def remember(self, rec: TrialRecord) -> None:
         """A complete, trained trial: later trials of the same plan reuse its figures."""
+        self.seen.add(rec.number)
         if rec.state == "complete" and rec.duplicate_of is None:
             self.trained.setdefault(self.key(rec.choices, rec.hparams), rec)
 
@@ -115,6 +118,12 @@ class PlanTrial:
             out[n] = "frozen" if i < first and "frozen" in cs else trial.suggest_categorical(n, cs)
         return out
 
+    def learn(self, study: optuna.Study) -> None:
+        """Remember the complete trials stored since: another worker's, sharing the storage."""
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if t.number not in self.seen:
+                self.remember(TrialRecord.from_frozen(t))
+
     def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
         choices = self.suggest_choices(trial)
         hp = {k: trial.suggest_float(k, float(r["low"]), float(r["high"]), log=bool(r.get("log", False)))
@@ -126,7 +135,11 @@ class PlanTrial:
             for name, value in self.constraints(rec).items():
                 trial.set_constraint(name, value)
             if rec.state != "infeasible":
+                self.learn(trial.study)
                 self.fit(rec, plan)
+        except Interrupted as e:
+            rec.state, rec.fail_reason = "failed", f"interrupted by {e.signal_name}"
+            raise
         except Exception as e:
             rec.state, rec.fail_reason = "failed", f"{type(e).__name__}: {e}"[:2000]
             raise

@@ -3,6 +3,12 @@
 Uses MlflowClient directly (no global active run): a trial costs three store calls (create the
 run with its tags, one log_batch of params and metrics, terminate), so the framework's overhead
 per trial stays small next to training.
+
+Many workers, one study: the study's parent run is found by its `study_name` tag, and created
+only when there is none. Two workers that create one at the same moment both look again and keep
+the earliest (start time, then run id); the other deletes its own. A SQLite store is created or
+migrated under a file lock beside it (MLflow's schema migration is not safe to run twice at
+once); for workers on several machines, point them all at one `mlflow server` (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from autorank.redact import redact_config, redact_url
+from autorank.search.storage import creation_lock
 from autorank.units import MB
 
 # MLflow 3 opens an experiment on its GenAI overview (traces, judges) unless the experiment is
@@ -63,23 +70,34 @@ class MlflowTracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            if self.uri.startswith("sqlite:///"):
-                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-            client = MlflowClient(tracking_uri=self.uri)
-            exp = client.get_experiment_by_name(self.experiment)
-            if exp is None:
-                loc = self.artifact_location
-                if loc and "://" not in loc:
-                    Path(loc).mkdir(parents=True, exist_ok=True)
-                    loc = Path(loc).resolve().as_uri()
-                self.experiment_id = client.create_experiment(
-                    self.experiment, artifact_location=loc, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
-            else:
-                self.experiment_id = exp.experiment_id
-                if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older autorank
-                    client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            with creation_lock(self.uri):  # a SQLite store: created or migrated by one worker
+                client = MlflowClient(tracking_uri=self.uri)
+                exp = client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    self.experiment_id = self._create_experiment(client)
+                    exp = client.get_experiment(self.experiment_id)
+            self.experiment_id = exp.experiment_id
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older autorank
+                client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             self._client = client
         return self.experiment_id
+
+    def _create_experiment(self, client) -> str:
+        """Create the experiment; another worker (at a tracking server) may just have done so."""
+        from mlflow.exceptions import MlflowException
+
+        loc = self.artifact_location
+        if loc and "://" not in loc:
+            Path(loc).mkdir(parents=True, exist_ok=True)
+            loc = Path(loc).resolve().as_uri()
+        try:
+            return client.create_experiment(self.experiment, artifact_location=loc,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def runs_url(self, study_name: str | None = None, run_id: str | None = None) -> str:
         """The MLflow UI's runs table of this experiment, filtered to one study's runs (or one
@@ -118,10 +136,10 @@ class MlflowTracker:
         info = redact_config(dict(info))  # no URL password in a param, a tag or config.yaml
         self.info = info
         c = self.client
-        name = self.run_name or f"study {info.get('study_name')}"
-        run = c.create_run(self.experiment_id, run_name=name, tags={
-            "autorank.kind": "study", "study_name": str(info.get("study_name"))})
-        self.parent_run_id = run.info.run_id
+        self.parent_run_id, created = self.study_run(str(info.get("study_name")))
+        if not created:  # a resumed study, or another worker's: its params stay as first logged
+            c.update_run(self.parent_run_id, status="RUNNING")
+            return self.parent_run_id
         dev = info.get("device") or {}
         params = {"study_name": info.get("study_name"), "storage": info.get("storage"),
                   "sampler": info.get("sampler"), "budget_bytes": info.get("budget_bytes"),
@@ -136,8 +154,40 @@ class MlflowTracker:
         c.log_dict(self.parent_run_id, dict(info.get("space") or {}), "search_space.yaml")
         return self.parent_run_id
 
+    def _study_runs(self, study_name: str) -> list:
+        runs = self.client.search_runs([self.experiment_id], max_results=1000, filter_string=(
+            f"tags.study_name = '{study_name}' and tags.`autorank.kind` = 'study'"))
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    def study_run(self, study_name: str) -> tuple[str, bool]:
+        """(the study's parent run id, whether this call created it): the earliest run tagged with
+        the study's name; when there is none, one is created, and kept unless another worker's
+        was created first (then this one is deleted)."""
+        runs = self._study_runs(study_name)
+        if runs:
+            return runs[0].info.run_id, False
+        mine = self.client.create_run(self.experiment_id, run_name=self.run_name or f"study {study_name}",
+                                      tags={"autorank.kind": "study", "study_name": study_name}).info.run_id
+        first = self._study_runs(study_name)[0].info.run_id
+        if first != mine:
+            self.client.delete_run(mine)
+        return first, first == mine
+
+    def _trial_status(self, rec) -> str:
+        if rec.state != "failed":
+            return "FINISHED"
+        return "KILLED" if (rec.fail_reason or "").startswith("interrupted") else "FAILED"
+
+    def abort_study(self, interrupted) -> None:
+        """SIGINT/SIGTERM: a KILLED run for each interrupted trial, and the study's run KILLED."""
+        if self.parent_run_id is None:
+            return
+        for rec in interrupted:
+            self.log_trial(rec)
+        self.client.set_terminated(self.parent_run_id, "KILLED")
+
     def log_trial(self, rec) -> str:
-        from mlflow.entities import Param, RunStatus, RunTag
+        from mlflow.entities import Param, RunTag
 
         c = self.client
         run = c.create_run(self.experiment_id, run_name=f"trial {rec.number}", tags={
@@ -159,8 +209,7 @@ class MlflowTracker:
         c.log_batch(rid, metrics=self._metrics(rid, metrics),
                     params=[Param(k[:250], v) for k, v in rec.choices.items()] +
                     [Param(f"hparam.{k}"[:250], f"{v:.6g}") for k, v in rec.hparams.items()], tags=tags)
-        c.set_terminated(rid, RunStatus.to_string(RunStatus.FAILED if rec.state == "failed"
-                                                  else RunStatus.FINISHED))
+        c.set_terminated(rid, self._trial_status(rec))
         return rid
 
     def end_study(self, result, plan_files: Mapping[int, Path]) -> None:
