@@ -207,3 +207,15 @@ def test_one_parent_run_per_study_even_when_two_workers_create_one(tmp_path, mon
     assert [r.info.run_id for r in runs] == [first]
     deleted = b.client.search_runs([b.connect()], filter_string="tags.study_name = 's1'", run_view_type=ViewType.DELETED_ONLY)
     assert len(deleted) == 1 and deleted[0].info.run_id != first
+
+
+def test_sqlite_path_reads_sqlalchemys_url_forms(tmp_path):
+    """A `file:PATH?...&uri=true` URL names PATH (once it made a stray 'file:' folder in the cwd)."""
+    from pathlib import Path
+
+    from autorank.search.storage import sqlite_path
+
+    assert sqlite_path(f"sqlite:///{tmp_path}/o.db") == tmp_path / "o.db"
+    assert sqlite_path(f"sqlite:///file:{tmp_path}/o.db?password=x&uri=true") == tmp_path / "o.db"
+    assert sqlite_path("sqlite:///rel/o.db") == Path("rel/o.db")
+    assert sqlite_path("sqlite:///:memory:") is None and sqlite_path("postgresql://u@h/db") is None

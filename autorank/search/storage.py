@@ -55,9 +55,12 @@ def check_driver(url: str) -> None:
 
 
 def sqlite_path(url: str) -> Path | None:
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        return Path(url[len("sqlite:///"):])
-    return None
+    """The database file of a sqlite:/// URL (SQLAlchemy's forms: a path, or `file:PATH?...&uri=true`),
+    None for other URLs and in-memory databases."""
+    if not url.startswith("sqlite:///"):
+        return None
+    rest = url[len("sqlite:///"):].split("?", 1)[0].removeprefix("file:")
+    return Path(rest) if rest and rest != ":memory:" else None
 
 
 @contextmanager

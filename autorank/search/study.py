@@ -49,7 +49,7 @@ from autorank.search.records import (DIRECTIONS, OBJECTIVE_NAMES, TrialRecord, b
                                      front_of, records_from_study)
 from autorank.search.refit import refit_references, refit_trials
 from autorank.search.space import SearchSpace
-from autorank.search.storage import HEARTBEAT_S, open_storage
+from autorank.search.storage import HEARTBEAT_S, open_storage, sqlite_path
 from autorank.search.trial import PlanTrial, TimeSplit, start_param
 from autorank.search.warmstart import warm_start_plans
 from autorank.search.workers import SURPLUS_ATTR, Census, GuardedObjective, close_interrupted, run_trials
@@ -82,8 +82,9 @@ class StudySettings:
         if self.storage is None:
             Path(self.run_dir).mkdir(parents=True, exist_ok=True)
             return f"sqlite:///{(Path(self.run_dir) / 'optuna.db').resolve()}"
-        if self.storage.startswith("sqlite:///"):
-            Path(self.storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_path(self.storage)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         return self.storage
 
 
