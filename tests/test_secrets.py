@@ -99,7 +99,7 @@ def test_files_get_ordinary_permissions(tmp_path):
     assert set(torch.load(tmp_path / f"w{0o022}.pt", weights_only=True)) >= {"fc.weight"}
 
 
-def test_the_tracker_logs_no_password(tmp_path, capsys):
+def test_the_tracker_logs_no_password(tmp_path, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from autorank.tracking import MlflowTracker
@@ -119,6 +119,7 @@ def test_the_tracker_logs_no_password(tmp_path, capsys):
     assert client.get_run(rid).data.params["storage"] == "postgresql://autorank:***@db.example:5432/autorank"
     assert _files_with(tmp_path) == []
     assert "autorank:***@" in (tmp_path / "artifacts").joinpath(rid, "artifacts", "config.yaml").read_text()
+    monkeypatch.chdir(tmp_path)  # MLflow makes a folder named after a file: URI's path in the cwd
     local = MlflowTracker(uri=f"sqlite:///file:{tmp_path}/m2.db?password={PW}&uri=true")
     hint = local.ui_hint("s")
     assert PW not in hint and "m2.db?password=***&uri=true" in hint
