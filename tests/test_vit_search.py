@@ -133,3 +133,48 @@ def test_vit_cut_has_no_frozen_prefix():
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(suffix(x), model(x))
     assert F.cross_entropy(suffix(x), torch.tensor([0, 1])).isfinite()
+
+
+# A 1-block ViT on 16 px digits: the whole job (pretraining, profile, search with LoRA and ASI
+# choices, refit, front, export) and the device runner on the exported plan.
+VIT_SMALL = ["model=vit_tiny", "data=digits_vit", "data.input_size=16", "data.batch_size=32",
+             "model.build.patch_size=8", "model.build.num_layers=1", "model.build.num_heads=2",
+             "model.build.hidden_dim=16", "model.build.mlp_dim=32", "trainer.pretrain_epochs=1",
+             "trainer.steps=4", "space=vit", "space.last=7", "space.lora_ranks=[2]", "space.levels=[0.9]",
+             "search.trial_steps=3", "search.n_trials=6", "search.refit_top=1", "~tracking"]
+
+
+@pytest.mark.slow
+def test_cli_vit_end_to_end_and_device_runner(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import optuna
+
+    from autorank.plan import Plan
+    from autorank.workload.data import DigitsData
+
+    env = {**os.environ, "AUTORANK_ROOT": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-m", "autorank", "+device=rpi4", *VIT_SMALL,
+                        f"export.path={tmp_path}/plan.yaml"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    storage = f"sqlite:///{tmp_path}/outputs/optuna.db"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert len([t for t in study.trials if t.state.is_finished()]) == 6
+    keys = {c for t in study.trials for c in t.user_attrs["autorank"]["choices"].values()}
+    assert keys & {"lora@2", "lora@2+asi@0.9", "asi@0.9"}, keys  # the warm starts try ASI
+    plan = Plan.load(tmp_path / "plan.yaml")
+    assert plan.layers["heads.head"].kind == "full"
+    assert all(n.startswith(("encoder.layers.encoder_layer_0.", "heads.")) for n in plan.layers)
+    # the device runner: the plan, the cached base checkpoint, downstream digits at 16 px
+    (ckpt,) = (tmp_path / ".cache" / "autorank" / "checkpoints").glob("vit_tiny-*.pt")
+    data = DigitsData(input_size=16, batch_size=32, downstream_shift="invert")
+    (x, y), (xv, yv) = (next(iter(data.loader("downstream", part, batch_size=64))) for part in ("train", "val"))
+    torch.save({"x": x, "y": y, "x_val": xv, "y_val": yv}, tmp_path / "data.pt")
+    r = subprocess.run([sys.executable, "-m", "autorank.device", str(tmp_path / "plan.yaml"), str(ckpt),
+                        str(tmp_path / "data.pt")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(+0.00%)" in r.stdout and "validation accuracy" in r.stdout
