@@ -162,7 +162,8 @@ def _study_summary(console: Any, result: Any, device: Any) -> None:
     table = Table(title=f"Pareto front (budget {budget_mb:.0f} MB on {device.name})",
                   caption="plan: one code per candidate layer, input to output: - frozen, F full "
                           "backprop, .8 ASI at explained variance 0.8, .8b the same with the batch "
-                          "mode kept whole; proxy: the trial's own (short) training")
+                          "mode kept whole, L4 LoRA rank 4, L4.8 LoRA + ASI; proxy: the trial's own "
+                          "(short) training")
     for col in ("trial", "proxy acc", f"refit acc{steps}", "lr", "peak MB", "GFLOP/step",
                 "device s/step", "plan"):
         table.add_column(col)
@@ -200,12 +201,15 @@ def _study_summary(console: Any, result: Any, device: Any) -> None:
 
 def _short_plan(choices: dict[str, str]) -> str:
     """One code per candidate layer in forward order: '-' frozen, 'F' full, '.8' ASI at eps 0.8,
-    '.8b' the same with the batch mode kept whole."""
+    '.8b' the same with the batch mode kept whole, 'L4' LoRA at rank 4, 'L4.8' LoRA + ASI."""
     def code(c: str) -> str:
         if c == "frozen":
             return "-"
         if c == "full":
             return "F"
+        if c.startswith("lora@"):
+            rank, _, asi = c[5:].partition("+")
+            return "L" + rank + (code(asi) if asi else "")
         return c.split("@", 1)[1].lstrip("0").replace(":b", "b") if c.startswith("asi@") else c
     return " ".join(code(c) for c in choices.values())
 

@@ -48,8 +48,8 @@ def _no_env_root(monkeypatch):
 
 def test_every_group_has_options():
     assert options("device") == ["jetson_nano", "jetson_orin_nano", "phone", "rpi4", "rpi5"]
-    assert options("model") == ["mcunet_like", "mobilenet_v2", "resnet18", "small_cnn"]
-    assert options("data") == ["cifar10", "digits", "fashion_mnist", "image_folder"]
+    assert options("model") == ["mcunet_like", "mobilenet_v2", "resnet18", "small_cnn", "vit_tiny"]
+    assert options("data") == ["cifar10", "digits", "digits_vit", "fashion_mnist", "image_folder"]
 
 
 @pytest.mark.parametrize("name", options("device"))
@@ -70,13 +70,17 @@ def test_budget_override(tmp_path):
 
 @pytest.mark.parametrize("name", options("model"))
 def test_model_options(tmp_path, name):
-    spec = instantiate(compose_groups(tmp_path, model=name).model)
+    # a ViT's image size is its data option's input size (vit_tiny: image_size: ${data.input_size})
+    cfg = compose_groups(tmp_path, model=name, **({"data": "digits_vit"} if name == "vit_tiny" else {}))
+    spec = instantiate(cfg.model)
     assert isinstance(spec, ModelSpec) and spec.name == name and spec.checkpoint is None
     # the name a plan file records, which the device runner builds from with torch alone
     assert spec.key()["factory"] == f"autorank.models.{name}"
     model = spec(num_classes=7).eval()
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+    if name == "vit_tiny":
+        assert spec.key()["kwargs"]["image_size"] == cfg.data.input_size == 32
 
 
 @pytest.mark.parametrize("name", options("data"))

@@ -12,7 +12,12 @@ them, factors = the leading left singular vectors (tucker.tucker_core / tucker_r
 
 Sensitivity of a choice: `full` 0; `frozen` ||grad_W(exact)||_F (no gradient at all);
 `asi@eps` the weight gradient of the layer applied to the rank-r Tucker reconstruction of its
-input, r the HOSVD_eps ranks (what ASI computes at convergence of its subspace iteration).
+input, r the HOSVD_eps ranks (what ASI computes at convergence of its subspace iteration);
+`lora@r` ||G - G_r||_F, G_r the best rank-r approximation of the exact weight gradient G (LoRA's
+update B A has rank r: no rank-r update follows G closer, so this is LoRA's floor, an optimistic
+figure: its first steps follow the random row space of A); `lora@r+asi@eps` the same of the
+gradient on the reconstructed input. Inputs of linear layers may be (B, L, D) sequences: every
+mode has its rank, and the weight gradient sums over B and L (F.linear's autograd).
 """
 
 from __future__ import annotations
@@ -32,55 +37,21 @@ from torch import Tensor, nn
 from autorank.plan import Choice, Plan
 from autorank.plan.plan import atomic_write
 from autorank.search.cost import Choices, PeakRecord, PlanCost, peak_parts
+from autorank.search.gradients import hosvd_reconstruct, lowrank_grad, mode_svds, weight_grad
 from autorank.search.progress import progress_bar
 from autorank.search.protocols import Workload
-from autorank.search.space import SearchSpace, level_key, parse_choice_key
-from autorank.shortcut.tucker import eps_rank, tucker_core, tucker_reconstruct, unfold
+from autorank.search.space import SearchSpace, level_key, parse_choice_key, parse_lora_key
+from autorank.shortcut.tucker import eps_rank
 
 # 2: ranks by autorank.shortcut.tucker.eps_rank (its boundary: the first k whose cumulative share
 # reaches eps exactly) instead of a local rule with a 1e-12 tolerance.
 # 3: keep_batch choices (asi@<level>:b), the head rule, hparams in the space.
 PROFILE_VERSION = 3
+__all__ = ["LayerProfile", "Profile", "fill_peak_bytes", "hosvd_reconstruct", "layer_profile",
+           "level_ranks", "lowrank_grad", "mode_svds", "profile_key", "profile_layers", "profile_workload",
+           "weight_grad"]
 PeakFn = Callable[[Choices], "PeakRecord | int"]
 Batches = Sequence[tuple[Tensor, Tensor]]
-
-
-def mode_svds(x: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Per mode n: (singular values, left singular vectors) of the unfolding X_(n), descending,
-    in float64.
-
-    From the eigendecomposition of the Gram X_(n) X_(n)^T rather than an SVD of X_(n): the same
-    values and vectors, but these unfoldings are very wide (128 x 37,632 for a 112 px input) and
-    the SVD was 5x slower (measured: 260 s against 54 s for the default job's 12 layers on one
-    batch of 128, 2 threads)."""
-    out = []
-    for n in range(x.dim()):
-        xn = unfold(x.detach(), n).double()
-        evals, evecs = torch.linalg.eigh(xn @ xn.T)  # ascending
-        out.append((evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)))
-    return out
-
-
-def hosvd_reconstruct(x: Tensor, svds: Sequence[tuple[Tensor, Tensor]], ranks: Sequence[int]) -> Tensor:
-    """x x_n (U_n U_n^T) with U_n the leading ranks[n] left singular vectors of X_(n) (tucker's
-    core and reconstruction, in float64); a mode whose rank reaches its size is left whole."""
-    factors = [u[:, :r] if r < x.shape[n] else None for n, ((_, u), r) in enumerate(zip(svds, ranks))]
-    xd = x.detach().double()
-    return tucker_reconstruct(tucker_core(xd, factors), factors).to(x.dtype)
-
-
-def weight_grad(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tensor:
-    """dL/dW of `module` applied to x, given dL/dy (bias excluded)."""
-    w = module.weight.detach().requires_grad_(True)
-    with torch.enable_grad():
-        if isinstance(module, nn.Conv2d):
-            y = F.conv2d(x, w, None, module.stride, module.padding, module.dilation, module.groups)
-        elif isinstance(module, nn.Linear):
-            y = F.linear(x, w)
-        else:
-            raise TypeError(f"cannot profile {type(module).__name__}")
-        (g,) = torch.autograd.grad(y, w, grad_out)
-    return g
 
 
 @dataclass
@@ -125,7 +96,10 @@ class Profile:
         for lp in self.layers:
             key = choices.get(lp.name, "frozen")
             kind, _ = parse_choice_key(key)
-            if kind != "frozen":
+            if kind == "lora":
+                rank, level = parse_lora_key(key)
+                layers[lp.name] = Choice.lora(rank, None if level is None else lp.ranks[key])
+            elif kind != "frozen":
                 layers[lp.name] = Choice.full() if kind == "full" else Choice.asi(tuple(lp.ranks[key]))
         trained = [n for n in self.order if n in layers]
         if trained:
@@ -203,21 +177,28 @@ def level_ranks(svds: Sequence[Sequence[tuple[Tensor, Tensor]]], shape: Sequence
 def layer_profile(name: str, module: nn.Module, xs: Sequence[Tensor], gs: Sequence[Tensor],
                   space: SearchSpace, *, head: bool = False) -> LayerProfile:
     """One layer's ranks per level and sensitivity per choice from its captured inputs xs and
-    output gradients gs (one per calibration batch). head: the last candidate (space.head rule)."""
+    output gradients gs (one per calibration batch). head: the last candidate (space.head rule).
+    LoRA choices apply to nn.Linear layers only; a conv's are dropped."""
     svds = [mode_svds(x) for x in xs]
     ranks = level_ranks(svds, xs[0].shape, space.levels)
     exact = [weight_grad(module, x, g) for x, g in zip(xs, gs)]
     sens: dict[str, float] = {}
-    choices = space.layer_choices(name, head=head)
+    choices = [c for c in space.layer_choices(name, head=head)
+               if isinstance(module, nn.Linear) or parse_choice_key(c)[0] != "lora"]
     for ck in choices:
-        kind, _ = parse_choice_key(ck)
+        kind, level = parse_choice_key(ck)
         if kind == "full":
             sens[ck] = 0.0
         elif kind == "frozen":
             sens[ck] = sum(float(g.norm()) for g in exact) / len(exact)
         else:
-            errs = [float((weight_grad(module, hosvd_reconstruct(x, sv, ranks[ck]), g) - gw).norm())
-                    for x, g, sv, gw in zip(xs, gs, svds, exact)]
+            lora = parse_lora_key(ck)[0] if kind == "lora" else None
+            if level is not None and kind == "lora":
+                ranks[ck] = ranks[level_key(level)]
+            errs = []
+            for x, g, sv, gw in zip(xs, gs, svds, exact):
+                gl = gw if level is None else weight_grad(module, hosvd_reconstruct(x, sv, ranks[ck]), g)
+                errs.append(float(((gl if lora is None else lowrank_grad(gl, lora)) - gw).norm()))
             sens[ck] = sum(errs) / len(errs)
     return LayerProfile(name=name, kind="conv" if isinstance(module, nn.Conv2d) else "linear",
                         input_shape=list(xs[0].shape), choices=choices,

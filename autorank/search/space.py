@@ -9,6 +9,9 @@ file of your own is `space.path=/abs/my_space.yaml`. A space file:
     spread: 4                # and 4 more, evenly spaced over the layers in between
     # layers: [features.17.conv.2, classifier.1]   # or explicit module names (wins over `last`)
     choices: [frozen, full, asi]                   # asi expands to one choice per level and variant
+                                   # lora (linear layers only): one choice per LoRA rank (lora@4);
+                                   # lora_asi: LoRA + ASI on A's input, per rank and level (lora@4+asi@0.9)
+    lora_ranks: [4, 8]             # the LoRA ranks of lora / lora_asi
     levels: [0.8, 0.9, 0.95]                       # HOSVD_eps explained-variance levels
     variants: [all, keep_batch]    # all: the level on every mode (asi@0.9); keep_batch: the batch
                                    # mode kept whole, rank[0] = B (asi@0.9:b)
@@ -26,8 +29,10 @@ file of your own is `space.path=/abs/my_space.yaml`. A space file:
     lean: true
 
 A choice key is a string: `frozen`, `full`, `asi@<level>` (e.g. `asi@0.8`) or `asi@<level>:b`
-(the level's ranks with the batch mode kept whole); the ASI ranks come from the profile (HOSVD_eps
-ranks on calibration batches).
+(the level's ranks with the batch mode kept whole), `lora@<rank>` (LoRA beside the frozen weight:
+plan Choice.lora(rank)) or `lora@<rank>+asi@<level>` (LoRA whose A keeps its input at the level's
+ASI ranks: Choice.lora(rank, ranks)); the ASI ranks come from the profile (HOSVD_eps ranks on
+calibration batches). LoRA keys apply to nn.Linear layers only: the profile drops them for convs.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from autorank.io import read_mapping
 from autorank.plan import candidate_layers
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "conf" / "space"  # the `space` config group
-BASE_CHOICES = ("frozen", "full", "asi")
+BASE_CHOICES = ("frozen", "full", "asi", "lora", "lora_asi")
+LORA_CHOICES = ("lora", "lora_asi")  # expand to lora@<rank>[+asi@<level>] keys
 VARIANTS = ("all", "keep_batch")  # which ASI rank variants a space offers
 KEEP_BATCH = ":b"  # choice-key suffix of the keep_batch variant
 HEAD_RULES = ("full", "search")
@@ -57,13 +63,30 @@ def level_key(level: float, keep_batch: bool = False) -> str:
     return f"asi@{float(level):g}" + (KEEP_BATCH if keep_batch else "")
 
 
+def lora_key(rank: int, level: float | None = None) -> str:
+    """'lora@4', or with an ASI level 'lora@4+asi@0.9'."""
+    return f"lora@{int(rank)}" + ("" if level is None else "+" + level_key(level))
+
+
+def parse_lora_key(key: str) -> tuple[int, float | None]:
+    """'lora@4' -> (4, None); 'lora@4+asi@0.9' -> (4, 0.9)."""
+    rank, _, asi = key.removeprefix("lora@").partition("+")
+    if not key.startswith("lora@") or not rank.isdigit() or int(rank) < 1 or (asi and not asi.startswith("asi@")):
+        raise ConfigError(f"unknown choice {key!r}: expected lora@<rank> or lora@<rank>+asi@<level>")
+    return int(rank), (float(asi[4:]) if asi else None)
+
+
 def parse_choice_key(key: str) -> tuple[str, float | None]:
-    """'asi@0.8' -> ('asi', 0.8); 'asi@0.8:b' -> ('asi', 0.8); 'full' -> ('full', None)."""
+    """'asi@0.8' -> ('asi', 0.8); 'asi@0.8:b' -> ('asi', 0.8); 'full' -> ('full', None);
+    'lora@4' -> ('lora', None); 'lora@4+asi@0.9' -> ('lora', 0.9) (the rank: parse_lora_key)."""
+    if key.startswith("lora@"):
+        return "lora", parse_lora_key(key)[1]
     if key.startswith("asi@"):
         return "asi", float(key[4:].removesuffix(KEEP_BATCH))
     if key in ("frozen", "full"):
         return key, None
-    raise ConfigError(f"unknown choice {key!r}: expected frozen, full, asi@<level> or asi@<level>:b")
+    raise ConfigError(f"unknown choice {key!r}: expected frozen, full, asi@<level>, asi@<level>:b, "
+                      "lora@<rank> or lora@<rank>+asi@<level>")
 
 
 def keeps_batch(key: str) -> bool:
@@ -83,7 +106,7 @@ class SearchSpace:
     first: int = 0
     spread: int = 0
     layers: tuple[str, ...] | None = None
-    choices: tuple[str, ...] = BASE_CHOICES
+    choices: tuple[str, ...] = ("frozen", "full", "asi")
     levels: tuple[float, ...] = (0.8, 0.9, 0.95)
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     bn: str = "frozen"
@@ -92,11 +115,14 @@ class SearchSpace:
     head: str = "full"
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {low, high, log}
     fill: str = "frozen"
+    lora_ranks: tuple[int, ...] = (4, 8)
 
     def __post_init__(self) -> None:
         for c in list(self.choices) + [c for cs in self.overrides.values() for c in cs]:
             if c not in BASE_CHOICES:
                 raise ConfigError(f"space {self.name!r}: unknown choice {c!r} (use {BASE_CHOICES})")
+        if not self.lora_ranks or any(int(r) < 1 for r in self.lora_ranks):
+            raise ConfigError(f"space {self.name!r}: lora_ranks must be ints >= 1, got {self.lora_ranks}")
         if self.spread < 0 or self.first < 0:
             raise ConfigError(f"space {self.name!r}: first and spread must be >= 0")
         if self.layers is None and (self.last is None or self.last < 1):
@@ -120,16 +146,17 @@ class SearchSpace:
     def from_dict(cls, d: dict[str, Any]) -> "SearchSpace":
         d = dict(d)
         known = {"name", "last", "first", "spread", "layers", "choices", "levels", "overrides", "bn",
-                 "lean", "variants", "head", "hparams", "fill"}
+                 "lean", "variants", "head", "hparams", "fill", "lora_ranks"}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"search space: unknown keys {sorted(unknown)}; known: {sorted(known)}")
         if d.get("layers") is not None:
             d["layers"] = tuple(d["layers"])
         d["hparams"] = {k: dict(v) for k, v in (d.get("hparams") or {}).items()}
-        for k in ("choices", "levels", "variants"):
+        for k in ("choices", "levels", "variants", "lora_ranks"):
             if k in d:
-                d[k] = tuple(float(x) for x in d[k]) if k == "levels" else tuple(d[k])
+                conv = {"levels": float, "lora_ranks": int}.get(k)
+                d[k] = tuple(conv(x) for x in d[k]) if conv else tuple(d[k])
         d["overrides"] = {k: tuple(v) for k, v in (d.get("overrides") or {}).items()}
         return cls(**d)
 
@@ -160,7 +187,14 @@ class SearchSpace:
             "bn": self.bn, "lean": self.lean, "variants": list(self.variants), "head": self.head,
             "hparams": {k: dict(v) for k, v in sorted(self.hparams.items())},
             **({"fill": self.fill} if self.fill != "frozen" else {}),  # old spaces keep their sha
+            **({"lora_ranks": list(self.lora_ranks)} if self.uses_lora else {}),
         }
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether any layer may take a LoRA choice."""
+        offered = set(self.choices) | {c for cs in self.overrides.values() for c in cs}
+        return bool(offered & set(LORA_CHOICES))
 
     @property
     def sha256(self) -> str:
@@ -203,11 +237,15 @@ class SearchSpace:
             return ["full"]
         out: list[str] = []
         for c in self.overrides.get(layer, self.choices):
-            if c != "asi":
+            if c == "asi":
+                for lv in self.levels:
+                    out.extend(level_key(lv, v == "keep_batch") for v in self.variants)
+            elif c == "lora":
+                out.extend(lora_key(r) for r in self.lora_ranks)
+            elif c == "lora_asi":
+                out.extend(lora_key(r, lv) for r in self.lora_ranks for lv in self.levels)
+            else:
                 out.append(c)
-                continue
-            for lv in self.levels:
-                out.extend(level_key(lv, v == "keep_batch") for v in self.variants)
         return out
 
     def hparam_defaults(self, defaults: Mapping[str, float]) -> dict[str, float]:
