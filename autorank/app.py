@@ -239,7 +239,7 @@ def redact_hydra_files(cfg: DictConfig) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     import traceback
 
-    from autorank.interrupt import Interrupted, stop_on_signals
+    from autorank.interrupt import Interrupted, check, stop_on_signals
 
     redact_hydra_files(cfg)
     guard_logging()  # Hydra's <job>.log in the run folder: no password either
@@ -251,6 +251,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         with stop_on_signals():
             run(cfg)
+            check()  # a signal swallowed in the last steps: still one line and 128 + the signal
     except Interrupted as e:
         print(f"\n{redact_text(e.message())}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

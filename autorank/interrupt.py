@@ -12,6 +12,7 @@ line and exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as a
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -42,6 +43,7 @@ class Interrupted(BaseException):
 
 
 _raised: list[int] = []  # signals raised inside the current stop_on_signals() block
+_reraised: list[int] = []  # ... and raised again by check()
 
 
 def _raise(signum: int, frame: FrameType | None) -> None:
@@ -54,15 +56,35 @@ def _raise(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
+def check() -> None:
+    """Raise Interrupted again for a signal whose first raise was swallowed: a signal that lands
+    while Python runs a garbage-collection callback or a __del__ (SQLAlchemy registers such
+    callbacks) only prints "Exception ignored in ..." and the work goes on (measured: the app
+    then finished its trial and exited 0). Called at safe points: every training step (a
+    Lightning callback, autorank.workload) and the start of every trial. Raises at most once."""
+    if _raised and not _reraised:
+        _reraised.append(_raised[0])
+        raise Interrupted(_raised[0])
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGINT and SIGTERM raise Interrupted inside the block; the old handlers come back after."""
     old = {s: signal.getsignal(s) for s in SIGNALS}
+    old_hook = sys.unraisablehook
     _raised.clear()
+    _reraised.clear()
+
+    def quiet(u):  # the swallowed raise check() repeats: not "Exception ignored" + a traceback
+        if not isinstance(u.exc_value, Interrupted):
+            old_hook(u)
+
+    sys.unraisablehook = quiet
     for s in SIGNALS:
         signal.signal(s, _raise)
     try:
         yield
     finally:
+        sys.unraisablehook = old_hook
         for s, h in old.items():
             signal.signal(s, h)

@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 from rich.console import Console
 
+from autorank import interrupt
 from autorank.interrupt import Interrupted
 from autorank.plan import Plan
 from autorank.search.cost import CostModel
@@ -125,12 +126,13 @@ class PlanTrial:
                 self.remember(TrialRecord.from_frozen(t))
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
-        choices = self.suggest_choices(trial)
-        hp = {k: trial.suggest_float(k, float(r["low"]), float(r["high"]), log=bool(r.get("log", False)))
-              for k, r in self.hparams.items()}
-        rec = TrialRecord(number=trial.number, state="running", choices=choices, hparams=hp)
+        rec = TrialRecord(number=trial.number, state="running", choices={}, hparams={})
         t0 = time.perf_counter()
-        try:
+        try:  # from here on a signal leaves the trial's record, with its reason
+            interrupt.check()  # a signal swallowed since the last trial (autorank.interrupt.check)
+            rec.choices = self.suggest_choices(trial)
+            rec.hparams = {k: trial.suggest_float(k, float(r["low"]), float(r["high"]), log=bool(r.get("log", False)))
+                           for k, r in self.hparams.items()}
             plan = self.predict(rec)
             for name, value in self.constraints(rec).items():
                 trial.set_constraint(name, value)

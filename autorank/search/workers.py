@@ -27,6 +27,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autorank.interrupt import Interrupted
+from autorank.search.records import RECORD_ATTR
 from autorank.search.storage import RetryTrial
 
 SURPLUS_ATTR = "surplus"  # user attr of a trial closed PRUNED unrun (why)
@@ -89,6 +90,8 @@ class GuardedObjective:
             return self.objective(trial)
         except Interrupted as e:
             e.trial = trial.number
+            if RECORD_ATTR not in trial.user_attrs:  # it came before the trial's own record
+                trial.set_user_attr(RECORD_ATTR, {"state": "failed", "fail_reason": f"interrupted by {e.signal_name}"})
             raise
 
 

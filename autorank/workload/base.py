@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from autorank import interrupt
 from autorank.errors import ConfigError, ConfigFileNotFound
 from autorank.io import atomic_write
 from autorank.workload.data import ImageData
@@ -80,7 +81,7 @@ def make_trainer(max_epochs: int | None, accelerator: str, output_dir: str | Pat
     """Lightning Trainer writing nothing into the cwd: no logger, no checkpoints, root under output_dir.
     max_steps > 0 (optimizer steps) stops training there; with max_epochs None it is the only limit."""
     _quiet_lightning()
-    callbacks = list(callbacks)
+    callbacks = [*callbacks, StopCheck()]
     if progress:
         try:
             from lightning.pytorch.callbacks import RichProgressBar
@@ -101,6 +102,14 @@ def make_trainer(max_epochs: int | None, accelerator: str, output_dir: str | Pat
         default_root_dir=str(output_dir),
         num_sanity_val_steps=0,
     )
+
+
+class StopCheck(L.Callback):
+    """After every training step: a SIGINT/SIGTERM whose first raise was swallowed is raised
+    again here (autorank.interrupt.check)."""
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        interrupt.check()
 
 
 @torch.no_grad()
