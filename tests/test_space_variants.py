@@ -40,7 +40,7 @@ def test_default_space_drops_rank_one_levels_and_searches_lr():
     sp = load_space("default")
     assert 0.4 not in sp.levels and min(sp.levels) >= 0.8
     assert set(sp.variants) == {"all", "keep_batch"} and sp.head == "full"
-    assert sp.hparams["lr"] == {"low": 0.002, "high": 0.05, "log": True}
+    assert sp.hparams["lr"] == {"low": 0.001, "high": 0.02, "log": True}
 
 
 def test_keep_batch_ranks_keep_the_batch_and_bytes_are_predicted_exactly():
