@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from autorank.shortcut import ASIConv2d, ASILinear, HOSVDConv2d, HOSVDLinear, hosvd_ranks, tucker_reconstruct
+from autorank.io import atomic_write
 
 try:  # the project's cost model (measured bytes, corrected FLOP counter)
     from autorank.cost import flop_counter, measure_saved_bytes
@@ -203,8 +204,7 @@ def main(argv=None):
     text = "\n".join(parts) + "\n"
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        atomic_write(args.out, lambda tmp: tmp.write_text(text))  # never a half-written table
 
 
 if __name__ == "__main__":

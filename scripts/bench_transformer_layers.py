@@ -33,6 +33,7 @@ from torch import nn
 from autorank.cost import flop_counter, measure_saved_bytes, predict_saved_bytes
 from autorank.plan import Choice, Plan
 from autorank.shortcut import ASILinear, LoRALinear, hosvd_ranks, tucker_reconstruct
+from autorank.io import atomic_write
 
 
 def synthetic_activation(shape, gen) -> torch.Tensor:
@@ -135,8 +136,7 @@ def main(argv=None):
         f"ASI at HOSVD_eps({args.eps}) ranks, LoRA rank {args.lora_rank}.", "", table(rows, names)]) + "\n"
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        atomic_write(args.out, lambda tmp: tmp.write_text(text))  # never a half-written table
 
 
 if __name__ == "__main__":
