@@ -24,6 +24,10 @@ TINY = ["+device=rpi4", "device.budget_mb=2", "model=small_cnn", "data.input_siz
         "trainer.max_epochs=2", "trainer.pretrain_epochs=1", "trainer.steps=6", "space=small",
         "search.refit_steps=null", "search.heartbeat_s=1"]
 PG = os.environ.get("AUTORANK_TEST_PG")
+# A trial that a signal sent 0.5 s after it starts surely lands in: 1500 steps of this workload are
+# about 6 s of training on the 2-core box (4 ms a step); 50 steps were over before the signal on a
+# faster CI machine, and the signal hit the next trial.
+LONG = "search.trial_steps=1500"
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +105,7 @@ def test_signal_mid_trial_then_the_same_command_finishes(root, sig):
 
     name = sig.name.lower()
     storage = f"sqlite:///{root}/{name}.db"
-    args = ["search.n_trials=3", "search.trial_steps=50"]
+    args = ["search.n_trials=3", LONG]
     p = start(root, name, *args)
     (n,) = wait_running(storage)[:1]
     time.sleep(0.5)
@@ -137,7 +141,7 @@ def test_sigkill_mid_trial_then_the_same_command_retries_it(root):
     from optuna.trial import TrialState
 
     storage = f"sqlite:///{root}/kill.db"
-    args = ["search.n_trials=3", "search.trial_steps=50"]
+    args = ["search.n_trials=3", LONG]
     p = start(root, "kill", *args)
     (n,) = wait_running(storage)[:1]
     time.sleep(0.5)
@@ -193,7 +197,7 @@ def test_three_workers_at_once_on_a_fresh_postgres_database(root, pg_db):
 def test_a_worker_killed_mid_trial_is_retried_by_the_others(root, pg_db):
     from optuna.trial import TrialState
 
-    args = ["search.n_trials=5", "search.trial_steps=40"]
+    args = ["search.n_trials=5", LONG]
     procs = [start(root, "pgkill", *args, storage=pg_db) for _ in range(3)]
     wait_running(pg_db, n=3)  # every worker in a trial
     time.sleep(0.2)
