@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv run test test-slow bench wheel clean
+.PHONY: venv run test test-slow bench wheel clean data-fashion-mnist
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: venv
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow
+
+# Fashion-MNIST (data=fashion_mnist) from the Debian package: gzipped IDX files in /usr/share/datasets.
+data-fashion-mnist:
+	test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
 
 bench: venv
 	$(BIN)/python scripts/bench_layers.py

@@ -10,11 +10,16 @@ Plans (names for --plans): head (last linear), last4, last8, f8l4 (first 8 + las
 conv/linear layer); asi<eps> (ASI on the first 8 at HOSVD_eps ranks of their inputs on one
 calibration batch, last 4 full) and asi<eps>b (the same with the batch mode kept whole), e.g.
 asi0.9 asi0.9b asi0.5; contiguous regions (a space with `fill: full`): from<k> (every layer from
-the k-th on, plainly) and asi<eps>[b]:<k> (ASI on the first k layers, every later one plainly).
+the k-th on, plainly) and asi<eps>[b]:<k> (ASI on the first k layers, every later one plainly);
+the paper's setting: conv<k> (the last k convolutions and the head, plainly) and asi<eps>[b]@conv<k>
+(ASI on the last k convolutions, the head plainly). ASI plans report the plain and the ASI saved
+bytes of their compressed layers' inputs (asi_input_bytes, asi_saved_bytes).
 
     python scripts/measure_fidelity.py --sizes 64 --batches 128 --lrs 0.01 0.03 --steps 25 50 100
     python scripts/measure_fidelity.py --sizes 96 --shifts none invert --plans head f8l4 asi0.9b \\
         --seeds 0 1 --out fidelity.json -o model.build.width_mult=0.5
+    python scripts/measure_fidelity.py -o data=fashion_mnist --sizes 96 --plans conv2 asi0.9b@conv2 \\
+        --lrs 0.01 --steps 100 300 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ from autorank.shortcut import ASIConv2d, ASILinear, hosvd_ranks  # noqa: E402
 
 MB = 2**20
 FIXED_PLANS = ("head", "last4", "last8", "f8l4", "all")
-ASI_RE = re.compile(r"^asi(\d*\.?\d+)(b?)(?::(\d+))?$")
+ASI_RE = re.compile(r"^asi(\d*\.?\d+)(b?)(?::(\d+)|@conv(\d+))?$")
 FROM_RE = re.compile(r"^from(\d+)$")
+CONV_RE = re.compile(r"^conv(\d+)$")
 
 
 def compose(size: int, batch: int, shift: str, seed: int, cache_dir: str, overrides: list[str], checkpoint=None):
@@ -77,46 +83,62 @@ def layer_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[st
     return seen
 
 
+def asi_choices(model: nn.Module, names: list[str], inputs: dict, eps: float, keep_batch: bool):
+    """ASI choices at HOSVD_eps ranks of each layer's calibration input: (choices, ranks, plain input
+    bytes, ASI saved bytes)."""
+    choices, ranks, plain, saved = {}, {}, 0, 0
+    for n in names:
+        x = inputs[n]
+        r = hosvd_ranks(x, eps)
+        if keep_batch:
+            r[0] = x.shape[0]
+        mod = model.get_submodule(n)
+        wrapper = (ASIConv2d if isinstance(mod, nn.Conv2d) else ASILinear)(mod, r)
+        plain += x.numel() * x.element_size()
+        saved += wrapper.saved_bytes(tuple(x.shape), x.dtype)
+        choices[n], ranks[n] = Choice.asi(r), r
+    return choices, ranks, plain, saved
+
+
 def build_plans(model: nn.Module, names: list[str], calib_x: torch.Tensor) -> dict[str, tuple[Plan, dict]]:
-    """name -> (Plan, info); info has the ASI ranks and the trained first-8 inputs' saved bytes."""
+    """name -> (Plan, info); info has the ASI ranks and the compressed layers' saved input bytes."""
     layers = candidate_layers(model)
-    first8, last4 = layers[:8], layers[-4:]
+    convs = [n for n in layers if isinstance(model.get_submodule(n), nn.Conv2d)]
+    first8, last4, head = layers[:8], layers[-4:], layers[-1:]
     full = Choice.full()
-    fixed = {"head": layers[-1:], "last4": last4, "last8": layers[-8:], "f8l4": first8 + last4, "all": layers}
+    fixed = {"head": head, "last4": last4, "last8": layers[-8:], "f8l4": first8 + last4, "all": layers}
     inputs = layer_inputs(model, first8, calib_x)
-    plain_in = sum(x.numel() * x.element_size() for x in inputs.values())
     plans = {}
     for name in names:
         if name in fixed:
-            info = {"first8_input_bytes": plain_in} if name in ("f8l4", "all") else {}
+            info = {"asi_input_bytes": sum(x.numel() * x.element_size() for x in inputs.values())} \
+                if name in ("f8l4", "all") else {}
             plans[name] = (Plan(layers={n: full for n in fixed[name]}), info)
             continue
-        f = FROM_RE.match(name)
+        f, c, m = FROM_RE.match(name), CONV_RE.match(name), ASI_RE.match(name)
         if f:  # a contiguous region: every layer from the k-th on, plainly
             plans[name] = (Plan(layers={n: full for n in layers[int(f.group(1)):]}), {})
             continue
-        m = ASI_RE.match(name)
+        if c:  # the last k convolutions and the head, plainly
+            k = int(c.group(1))
+            inputs.update(layer_inputs(model, [n for n in convs[-k:] if n not in inputs], calib_x))
+            info = {"asi_input_bytes": sum(inputs[n].numel() * inputs[n].element_size() for n in convs[-k:])}
+            plans[name] = (Plan(layers={n: full for n in convs[-k:] + head}), info)
+            continue
         if not m:
-            raise SystemExit(f"unknown plan {name!r}: use {', '.join(FIXED_PLANS)}, from<k>, asi<eps>[b] "
-                             "or asi<eps>[b]:<k>")
+            raise SystemExit(f"unknown plan {name!r}: use {', '.join(FIXED_PLANS)}, from<k>, conv<k>, "
+                             "asi<eps>[b], asi<eps>[b]:<k> or asi<eps>[b]@conv<k>")
         eps, keep_batch = float(m.group(1)), bool(m.group(2))
-        k = int(m.group(3)) if m.group(3) else None  # asi<eps>[b]:<k>: ASI on the first k, the rest full
-        asi_layers = first8 if k is None else layers[:k]
-        if k is not None:
-            inputs.update(layer_inputs(model, [n for n in asi_layers if n not in inputs], calib_x))
-        choices, ranks, saved = {}, {}, 0
-        for n in asi_layers:
-            x = inputs[n]
-            r = hosvd_ranks(x, eps)
-            if keep_batch:
-                r[0] = x.shape[0]
-            mod = model.get_submodule(n)
-            wrapper = (ASIConv2d if isinstance(mod, nn.Conv2d) else ASILinear)(mod, r)
-            saved += wrapper.saved_bytes(tuple(x.shape), x.dtype)
-            choices[n], ranks[n] = Choice.asi(r), r
-        choices.update({n: full for n in (last4 if k is None else layers[k:])})
-        plans[name] = (Plan(layers=choices), {"ranks": ranks, "first8_input_bytes": plain_in,
-                                              "first8_asi_saved_bytes": saved})
+        if m.group(4):  # asi<eps>[b]@conv<k>: ASI on the last k convolutions, the head full
+            asi_layers, rest = convs[-int(m.group(4)):], head
+        elif m.group(3):  # asi<eps>[b]:<k>: ASI on the first k, every later layer full
+            asi_layers, rest = layers[:int(m.group(3))], layers[int(m.group(3)):]
+        else:
+            asi_layers, rest = first8, last4
+        inputs.update(layer_inputs(model, [n for n in asi_layers if n not in inputs], calib_x))
+        choices, ranks, plain, saved = asi_choices(model, asi_layers, inputs, eps, keep_batch)
+        choices.update({n: full for n in rest})
+        plans[name] = (Plan(layers=choices), {"ranks": ranks, "asi_input_bytes": plain, "asi_saved_bytes": saved})
     return plans
 
 
@@ -204,8 +226,8 @@ def ranks_table(args) -> list[dict]:
         for name, (_, info) in build_plans(wl.model, names, calib_x).items():
             ranks = info["ranks"]
             rows.append({"size": size, "batch": batch, "shift": shift, "plan": name, **info})
-            print(f"{size:>4} {batch:>4} {shift:>7} {name:>8}  first-8 inputs {info['first8_input_bytes'] / MB:6.2f} MB"
-                  f" -> {info['first8_asi_saved_bytes'] / MB:6.3f} MB  ranks "
+            print(f"{size:>4} {batch:>4} {shift:>7} {name:>8}  first-8 inputs {info['asi_input_bytes'] / MB:6.2f} MB"
+                  f" -> {info['asi_saved_bytes'] / MB:6.3f} MB  ranks "
                   + " ".join("[" + ",".join(map(str, r)) + "]" for r in ranks.values()), flush=True)
     return rows
 
@@ -215,7 +237,13 @@ def format_row(r: dict, steps: list[int]) -> str:
     if "failed" in r:
         return f"{head}  FAILED {r['failed'][:60]}  peak {r['peak_mb']:.0f} MB"
     accs = " ".join(f"{r['acc'].get(str(s), float('nan')):.3f}" for s in steps)
-    return f"{head}  {accs}  peak {r['peak_mb']:6.1f} MB  {r['s_per_step']:.3f} s/step  load {r['load1']:.1f}"
+    saved = f"  saved {r['measured_saved_mb']:7.2f} MB"
+    if "asi_input_bytes" in r:  # the compressed (or, plainly, the same) layers' inputs
+        a = r["asi_input_bytes"] / MB
+        saved += (f"  inputs {a:.2f} -> {r['asi_saved_bytes'] / MB:.3f} MB ({a * MB / r['asi_saved_bytes']:.0f}x)"
+                  if "asi_saved_bytes" in r else f"  inputs {a:.2f} MB")
+    return (f"{head}  {accs}  peak {r['peak_mb']:6.1f} MB{saved}  {r['s_per_step']:.3f} s/step  "
+            f"load {r['load1']:.1f}")
 
 
 def main(argv=None) -> int:
