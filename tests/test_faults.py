@@ -24,10 +24,10 @@ TINY = ["+device=rpi4", "device.budget_mb=2", "model=small_cnn", "data.input_siz
         "trainer.max_epochs=2", "trainer.pretrain_epochs=1", "trainer.steps=6", "space=small",
         "search.refit_steps=null", "search.heartbeat_s=1"]
 PG = os.environ.get("AUTORANK_TEST_PG")
-# A trial that a signal sent 0.5 s after it starts surely lands in: 1500 steps of this workload are
-# about 6 s of training on the 2-core box (4 ms a step); 50 steps were over before the signal on a
-# faster CI machine, and the signal hit the next trial.
-LONG = "search.trial_steps=1500"
+# A trial that a signal sent 0.5 s after it starts surely lands in: 1000 steps of this workload are
+# several seconds of training on the 2-core box; 50 steps were over before the signal on a faster
+# CI machine, and the signal hit the next trial.
+LONG = "search.trial_steps=1000"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,8 @@ def root(tmp_path_factory) -> Path:
 
 def start(root: Path, name: str, *args: str, storage: str | None = None) -> subprocess.Popen:
     storage = storage or f"sqlite:///{root}/{name}.db"
-    env = {**os.environ, "AUTORANK_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    # one thread each: three workers of two threads on two cores ran 20x slower than one (spinning)
+    env = {**os.environ, "AUTORANK_ROOT": str(root), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "autorank", *TINY, f"search.storage={storage}",
                              f"tracking.uri=sqlite:///{root}/{name}-mlflow.db", *args],
                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

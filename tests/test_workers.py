@@ -146,6 +146,11 @@ def test_surplus_trials_are_not_run():
     assert surplus_reason(trials, 4, target=3) is None
     same = [t(0, TrialState.WAITING, fixed={"l0": "full"}), t(1, TrialState.RUNNING, fixed={"l0": "full"})]
     assert "enqueued as trial 0" in surplus_reason(same, 1, target=10)  # two workers enqueued it
+    # trial 3 was skipped as a twin of trial 2, then trial 2's worker died: 2's copy must still train
+    x = {"l0": "full"}
+    died = [t(2, TrialState.FAIL, fixed=x), t(3, TrialState.PRUNED, fixed=x), t(5, TrialState.RUNNING, fixed=x, retry=[2])]
+    assert surplus_reason(died, 5, target=10) is None
+    assert "enqueued as trial 3" in surplus_reason(died[:1] + [t(3, TrialState.COMPLETE, fixed=x)] + died[2:], 5, 10)
 
 
 def test_n_trials_total_false_adds_new_trials_after_a_failure(tmp_path):

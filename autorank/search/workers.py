@@ -67,7 +67,10 @@ def surplus_reason(trials: Sequence[FrozenTrial], number: int, target: int) -> s
     fixed = mine.system_attrs.get("fixed_params")
     if fixed:
         for t in trials:
-            if t.number < number and t.state != TrialState.FAIL and t.system_attrs.get("fixed_params") == fixed:
+            # a PRUNED twin was itself skipped (a duplicate of this plan, or surplus): it trains
+            # nothing, so only a twin that trained, trains or will train makes this one redundant
+            if (t.number < number and t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+                    and t.system_attrs.get("fixed_params") == fixed):
                 return f"the same plan was enqueued as trial {t.number}"
     return None
 
