@@ -48,7 +48,7 @@ def run_knapsack(workload: Workload, device: Device, space: SearchSpace | str, *
     space = load_space(space)
     prof = profile_workload(workload, space, n_batches=n_calibration_batches, cache_dir=cache_dir,
                             progress=progress)
-    cost = PlanCost(workload.model, workload.example_input(), prof)
+    cost = PlanCost(workload.model, workload.example_input(), prof, loss=workload.loss)
     res = knapsack(prof, device.budget_bytes, cost.peak)
     peak, flops = cost.peak(res.choices), int(cost.flops(res.choices))
     plan = prof.to_plan(res.choices, meta={

@@ -183,7 +183,7 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
         with times.timed("profile"):
             profile = profile_workload(workload, space, n_batches=settings.n_calibration_batches,
                                        cache_dir=settings.cache_dir, progress=settings.progress)
-    cost = cost or PlanCost(workload.model, workload.example_input(), profile)
+    cost = cost or PlanCost(workload.model, workload.example_input(), profile, loss=workload.loss)
     budget = int(device.budget_bytes)
     check_budget(profile, budget, cost.peak)  # BudgetTooSmall before any trial or stored study
     storage = settings.storage_url()

@@ -19,7 +19,6 @@ from typing import Any, Iterable, Mapping
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -27,6 +26,7 @@ from autorank.errors import ConfigError
 from autorank.plan import finetune_mode
 from autorank.workload.base import base_checkpoint, file_sha256, load_weights, make_trainer
 from autorank.workload.data import ImageData
+from autorank.workload.textdata import TextData
 from autorank.workload.device import DeviceProfile
 from autorank.workload.features import FeatureCache
 from autorank.models import ModelSpec, cut_name, replace_head, split_at_first_trained
@@ -80,6 +80,9 @@ class FineTuneResult:
     # prefix forward + trained suffix forward and backward), counted by autorank.cost's corrected
     # FlopCounterMode on real tensors: what train_step_flops(model, example_input, plan) predicts.
     measured_flops: int = 0
+    # mean cross-entropy on the held-out data (per sample; per token for a language model,
+    # whose perplexity is exp(val_loss))
+    val_loss: float = float("nan")
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,7 +110,7 @@ class EvalAtSteps(L.Callback):
             t0 = time.perf_counter()
             d = pl_module.device  # mid-fit the model may be on an accelerator, the features are not
             self.accuracy[step], _ = evaluate(pl_module.model, ((x.to(d), y.to(d)) for x, y in self.val_batches),
-                                              channels_last=getattr(pl_module, "channels_last", False))
+                                              channels_last=pl_module.channels_last, loss=pl_module.loss)
             pl_module.train()  # evaluate restores plain train mode; the module's keeps BN in eval
             self.wall_s += time.perf_counter() - t0
 
@@ -117,7 +120,7 @@ class Workload:
         self,
         device: DeviceProfile,
         model: ModelSpec,
-        data: ImageData,
+        data: ImageData | TextData,
         trainer: TrainerConfig | Mapping[str, Any] | None = None,
         paths: Paths | Mapping[str, Any] | None = None,
     ) -> None:
@@ -146,7 +149,8 @@ class Workload:
 
     # --- the base model ------------------------------------------------------------------------
     def prepare(self, progress: bool = True) -> nn.Module:
-        """Load or pretrain (once, cached) the base model and give it a fresh downstream head."""
+        """Load or pretrain (once, cached) the base model and give it a fresh downstream head (a
+        classifier; a language model keeps its output layer: the vocabulary is the same)."""
         if self._model is None:
             t = self.trainer
             self._checkpoint = base_checkpoint(
@@ -159,7 +163,9 @@ class Workload:
             load_weights(model, self._checkpoint)
             # Kept in its fine-tuning mode (train, BN in eval when trainer.bn_eval): the cost model
             # reads the modes, and a training step saves e.g. dropout masks that eval would not.
-            self._model = finetune_mode(replace_head(model, self.num_classes, seed=t.seed), t.bn_eval)
+            if self.loss == "class":
+                model = replace_head(model, self.num_classes, seed=t.seed)
+            self._model = finetune_mode(model, t.bn_eval)
             self._checkpoint_sha256 = file_sha256(self._checkpoint)
         return self._model
 
@@ -180,16 +186,21 @@ class Workload:
 
     @property
     def num_classes(self) -> int:
+        """Downstream classes; a language model's vocabulary."""
         return self.data.num_classes("downstream")
 
     @property
-    def input_shape(self) -> tuple[int, int, int, int]:
-        """(B, C, H, W): the batch the device trains with."""
-        s = self.data.input_size
-        return (self.data.batch_size, 3, s, s)
+    def loss(self) -> str:
+        """"class" (images) or "token" (next-token cross-entropy): autorank.cost.loss."""
+        return self.data.loss
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The batch the device trains with: (B, C, H, W) images or (B, L) tokens."""
+        return tuple(self.data.input_shape)
 
     def example_input(self) -> torch.Tensor:
-        return torch.zeros(self.input_shape)
+        return torch.zeros(self.input_shape, dtype=self.data.input_dtype)
 
     def calibration_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first n shuffled (seeded) downstream training batches at the device batch shape."""
@@ -213,7 +224,8 @@ class Workload:
         module, _, fn = k["factory"].rpartition(".")
         steps = max_steps if max_steps is not None else (t.steps if max_epochs is None else None)
         return FineTuneSettings(
-            model_factory=f"{module}:{fn}", model_kwargs={**k["kwargs"], "num_classes": self.num_classes},
+            model_factory=f"{module}:{fn}",
+            model_kwargs={**k["kwargs"], **({"num_classes": self.num_classes} if self.loss == "class" else {})},
             input_shape=self.input_shape, lr=float(t.lr if lr is None else lr),
             momentum=float(t.momentum if momentum is None else momentum), seed=int(t.seed),
             weight_decay=float(t.weight_decay if weight_decay is None else weight_decay),
@@ -277,9 +289,9 @@ class Workload:
         bs = self.data.batch_size
 
         if len(suffix) == 0:  # nothing trained: the "features" are the logits
-            acc = float((x_val.argmax(1) == y_val).float().mean())
-            loss = float(F.cross_entropy(x_train, y_train))
-            return FineTuneResult(acc, loss, 0, 0.0, 0, features_wall_s, cut)
+            acc, val_loss = evaluate(nn.Identity(), [(x_val, y_val)], loss=self.loss)
+            _, loss = evaluate(nn.Identity(), [(x_train, y_train)], loss=self.loss)
+            return FineTuneResult(acc, loss, 0, 0.0, 0, features_wall_s, cut, val_loss=val_loss)
 
         g = torch.Generator().manual_seed(t.seed)
         cl = use_channels_last(t.channels_last, t.accelerator)
@@ -290,7 +302,7 @@ class Workload:
         module = PlanModule(suffix, lr=t.lr if lr is None else lr,
                             momentum=t.momentum if momentum is None else momentum,
                             weight_decay=t.weight_decay if weight_decay is None else weight_decay,
-                            bn_eval=t.bn_eval, channels_last=cl)
+                            bn_eval=t.bn_eval, channels_last=cl, loss=self.loss)
         val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=bs)
         at_steps = EvalAtSteps(eval_steps, val_loader)
         trainer = make_trainer(None if max_steps else epochs, t.accelerator, self.paths.output_dir, progress,
@@ -303,18 +315,19 @@ class Workload:
         if max_steps:  # epochs begun, the last possibly partial
             epochs = -(-steps // max(1, len(loader)))
 
-        acc, val_loss = evaluate(suffix, val_loader, channels_last=cl)
+        acc, val_loss = evaluate(suffix, val_loader, channels_last=cl, loss=self.loss)
 
         # The step as the device runs it, measured on real tensors (the search compares it with
         # the prediction): the suffix's step on cached features + the frozen prefix's forward.
         module.train()
-        saved_bytes, suffix_flops = measure_suffix_step(suffix, x_train, y_train, bs, channels_last=cl)
+        saved_bytes, suffix_flops = measure_suffix_step(suffix, x_train, y_train, bs, channels_last=cl,
+                                                        loss=self.loss)
         batch, _ = next(iter(self.data.loader("downstream", "train")))
         prefix_flops = prefix_forward_flops(prefix, batch, self.input_shape)
         return FineTuneResult(
             val_accuracy=acc, train_loss=train_loss, measured_activation_bytes=saved_bytes,
             train_wall_s=train_wall_s, epochs=epochs, features_wall_s=features_wall_s, cut=cut,
-            measured_flops=prefix_flops + suffix_flops,
+            measured_flops=prefix_flops + suffix_flops, val_loss=val_loss,
             extra={"val_loss": val_loss, "measured_prefix_flops": prefix_flops, "steps": steps,
                    "val_accuracy_at_step": at_steps.accuracy},
         )
