@@ -222,6 +222,11 @@ def base_checkpoint(
     atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
     text = json.dumps({"key": key, **stats}, indent=2, sort_keys=True, default=str)
     atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(text))
-    log.info("base model: upstream val accuracy %.3f after %.1f s (%.3f before the BatchNorm statistics were "
-             "recomputed)", stats["upstream_val_accuracy"], stats["pretrain_wall_s"], stats["upstream_val_accuracy_ema_bn"])
+    if stats["bn_recompute_batches"]:
+        log.info("base model: upstream val accuracy %.3f after %.1f s (%.3f before the BatchNorm statistics were "
+                 "recomputed)", stats["upstream_val_accuracy"], stats["pretrain_wall_s"],
+                 stats["upstream_val_accuracy_ema_bn"])
+    else:  # no BatchNorm (a transformer): nothing recomputed
+        log.info("base model: upstream val accuracy %.3f, loss %.3f after %.1f s", stats["upstream_val_accuracy"],
+                 stats["upstream_val_loss"], stats["pretrain_wall_s"])
     return path

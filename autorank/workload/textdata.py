@@ -44,14 +44,14 @@ def expand_pattern(pattern: str) -> str:
 def corpus_files(patterns: Sequence[str]) -> list[str]:
     """The regular files the glob patterns match, sorted, each real file once (symlinks such as
     /usr/share/common-licenses/GPL -> GPL-3 would otherwise count a text twice)."""
+    matches = sorted({f for p in patterns for f in glob.glob(expand_pattern(p), recursive=True)})
     seen, out = set(), []
-    for p in patterns:
-        for f in glob.glob(expand_pattern(p), recursive=True):
-            real = os.path.realpath(f)
-            if os.path.isfile(real) and real not in seen:
-                seen.add(real)
-                out.append(f)
-    return sorted(out)
+    for f in matches:  # in sorted order: of a file and its links, the first path is kept
+        real = os.path.realpath(f)
+        if os.path.isfile(real) and real not in seen:
+            seen.add(real)
+            out.append(f)
+    return out
 
 
 def read_corpus(files: Sequence[str], max_bytes: int | None) -> bytes:
