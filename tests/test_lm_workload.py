@@ -1,0 +1,117 @@
+"""The language model in the workload (model=tiny_llama, data=stdlib_licenses): the base keeps its
+output layer, a trial's measured bytes and FLOPs equal the predictions, the profile's gradients
+are the token loss's, and the peak at the configured sequence length is predicted to the byte."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("transformers")
+
+from autorank.app import CONF_DIR  # noqa: E402
+from autorank.cost import predict_peak_training_bytes, predict_saved_bytes, train_step_flops  # noqa: E402
+from autorank.cost.live import measure_peak_training  # noqa: E402
+from autorank.cost.loss import training_loss  # noqa: E402
+from autorank.models import ModelSpec, tiny_llama, transformer_blocks  # noqa: E402
+from autorank.plan import Choice, Plan, build_model_from_factory  # noqa: E402
+from autorank.search.gradients import weight_grad  # noqa: E402
+from autorank.search.profile import capture  # noqa: E402
+from autorank.workload.device import DeviceProfile  # noqa: E402
+from autorank.workload.textdata import TextData  # noqa: E402
+from autorank.workload.workload import Paths, TrainerConfig, Workload  # noqa: E402
+
+SEQ, BATCH = 16, 4
+SMALL = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=64)
+
+
+def corpus(tmp_path):
+    up = tmp_path / "up"
+    down = tmp_path / "down"
+    up.mkdir()
+    down.mkdir()
+    code = "".join(f"def f{i}(x):\n    return x * {i} + self.y\n\n" for i in range(60))
+    prose = "".join(f"Licence clause {i}: the work may be copied and shared under these terms.\n" for i in range(40))
+    (up / "a.py").write_text(code)
+    (down / "b.txt").write_text(prose)
+    return TextData(upstream=[str(up / "*.py")], downstream=[str(down / "*.txt")], seq_len=SEQ,
+                    batch_size=BATCH, max_bytes=None, val_fraction=0.2)
+
+
+def workload(tmp_path):
+    spec = ModelSpec(build=functools.partial(tiny_llama, **SMALL))
+    trainer = TrainerConfig(steps=3, lr=0.1, pretrain_epochs=1, pretrain_batch_size=8)
+    paths = Paths(root=str(tmp_path), output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    return Workload(DeviceProfile("dev", 1024, 0, 1.0), spec, corpus(tmp_path), trainer, paths)
+
+
+def last_block_plan(model):
+    _, block = transformer_blocks(model)[-1]
+    return Plan({**{n: Choice.lora(4, [2, 8, 16]) for n in block[:4]},
+                 **{n: Choice.asi([2, 8, 16]) for n in block[4:]}, "lm_head": Choice.full()})
+
+
+def test_lm_workload_base_trial_and_settings(tmp_path):
+    wl = workload(tmp_path)
+    assert wl.loss == "token" and wl.input_shape == (BATCH, SEQ) and wl.num_classes == 256
+    x = wl.example_input()
+    assert x.dtype == torch.int64 and x.shape == (BATCH, SEQ)
+    model = wl.model
+    # the output layer is the pretrained one (same vocabulary): not replaced by a fresh head
+    state = torch.load(wl.checkpoint_path, weights_only=True)
+    assert torch.equal(model.lm_head.weight, state["lm_head.weight"])
+    stats = json.loads(wl.checkpoint_path.with_suffix(".json").read_text())
+    assert stats["upstream_val_perplexity"] == pytest.approx(math.exp(stats["upstream_val_loss"]))
+    assert stats["bn_recompute_batches"] == 0
+    # the plan file's model: the factory's own kwargs, no num_classes; the device rebuilds it
+    ft = wl.finetune_settings()
+    assert "num_classes" not in ft.model_kwargs and ft.input_shape == (BATCH, SEQ)
+    rebuilt = build_model_from_factory(ft.model_factory, ft.model_kwargs)
+    assert rebuilt.load_state_dict(state) is not None
+
+    plan = last_block_plan(model)
+    res = wl.finetune(plan, max_steps=3)
+    assert res.extra["steps"] == 3 and 0.0 <= res.val_accuracy <= 1.0
+    assert math.isfinite(res.val_loss) and res.val_loss == res.extra["val_loss"]
+    assert res.measured_activation_bytes == predict_saved_bytes(model, x, plan).activation_bytes > 0
+    assert res.measured_flops == train_step_flops(model, x, plan) > 0
+
+
+def test_profile_gradients_are_the_token_losses():
+    torch.manual_seed(0)
+    model = tiny_llama(**SMALL).train()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 256, (BATCH, SEQ), generator=g), torch.randint(0, 256, (BATCH, SEQ), generator=g)
+    name = "model.layers.1.mlp.down_proj"
+    inputs, grads = capture(model, [name], x, y, loss="token")
+    assert inputs[name].shape == (BATCH, SEQ, 64) and grads[name].shape == (BATCH, SEQ, 32)
+    model.zero_grad()
+    training_loss(model(x), y, "token").backward()
+    mod = model.get_submodule(name)
+    assert torch.allclose(weight_grad(mod, inputs[name], grads[name]), mod.weight.grad, atol=1e-6)
+
+
+def test_peak_at_the_configured_sequence_length_equals_measured():
+    """The job's shape (conf/data/stdlib_licenses.yaml: batch x seq_len) on the job's model
+    (conf/model/tiny_llama.yaml): one LoRA + ASI plan's phase peaks predicted to the byte."""
+    data = yaml.safe_load((CONF_DIR / "data" / "stdlib_licenses.yaml").read_text())
+    kw = {k: v for k, v in yaml.safe_load((CONF_DIR / "model" / "tiny_llama.yaml").read_text())["build"].items()
+          if not k.startswith("_")}
+    torch.manual_seed(0)
+    model = tiny_llama(**kw).train()
+    g = torch.Generator().manual_seed(2)
+    shape = (data["batch_size"], data["seq_len"])
+    x, y = torch.randint(0, 256, shape, generator=g), torch.randint(0, 256, shape, generator=g)
+    plan = last_block_plan(model)
+    peak = predict_peak_training_bytes(model, x, plan, loss="token")
+    from autorank.plan import apply_plan
+
+    live = measure_peak_training(apply_plan(model, plan), x, y, loss="token")
+    assert (peak.forward_peak_bytes, peak.backward_peak_bytes, peak.step_peak_bytes) == (
+        live.forward_peak_bytes, live.backward_peak_bytes, live.step_peak_bytes)
+    assert live.peak_bytes <= peak.total_bytes
