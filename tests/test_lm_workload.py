@@ -56,7 +56,7 @@ def last_block_plan(model):
                  **{n: Choice.asi([2, 8, 16]) for n in block[4:]}, "lm_head": Choice.full()})
 
 
-def test_lm_workload_base_trial_and_settings(tmp_path):
+def test_lm_workload_base_trial_settings_and_device_runner(tmp_path, capsys):
     wl = workload(tmp_path)
     assert wl.loss == "token" and wl.input_shape == (BATCH, SEQ) and wl.num_classes == 256
     x = wl.example_input()
@@ -80,6 +80,26 @@ def test_lm_workload_base_trial_and_settings(tmp_path):
     assert math.isfinite(res.val_loss) and res.val_loss == res.extra["val_loss"]
     assert res.measured_activation_bytes == predict_saved_bytes(model, x, plan).activation_bytes > 0
     assert res.measured_flops == train_step_flops(model, x, plan) > 0
+
+    # the device runner on the exported plan: tokens in, next-token loss, the output layer kept
+    from autorank.device.runner import main
+    from autorank.search.planfile import export_plan
+
+    plan.meta["finetune"] = ft.to_dict()
+    export_plan(plan, tmp_path / "plan.yaml")
+    (xt, yt), (xv, yv) = wl.data.tensors("downstream", "train"), wl.data.tensors("downstream", "val")
+    torch.save({"x": xt, "y": yt, "x_val": xv, "y_val": yv}, tmp_path / "tokens.pt")
+    out = tmp_path / "tuned.pt"
+    capsys.readouterr()
+    assert main([str(tmp_path / "plan.yaml"), str(wl.checkpoint_path), str(tmp_path / "tokens.pt"),
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    n = res.measured_activation_bytes
+    assert f"saved activations per step (batch {BATCH}): measured {n:,} bytes, predicted {n:,} bytes" in text
+    assert "output layer kept" in text and "validation next-token accuracy" in text and "perplexity" in text
+    tuned = torch.load(out, weights_only=True)
+    assert not torch.equal(tuned["lm_head.weight"], state["lm_head.weight"])  # trained from the checkpoint's
+    assert torch.equal(tuned["model.embed_tokens.weight"], state["model.embed_tokens.weight"])  # frozen
 
 
 def test_profile_gradients_are_the_token_losses():
