@@ -135,3 +135,64 @@ def test_peak_at_the_configured_sequence_length_equals_measured():
     assert (peak.forward_peak_bytes, peak.backward_peak_bytes, peak.step_peak_bytes) == (
         live.forward_peak_bytes, live.backward_peak_bytes, live.step_peak_bytes)
     assert live.peak_bytes <= peak.total_bytes
+
+
+@pytest.mark.slow
+def test_cli_llm_end_to_end_and_device_runner(tmp_path):
+    """The whole job on a made-up corpus (tiny_llama of 2 blocks, width 32, windows of 16): pretraining,
+    profile, 3 trials, refit, front, export; the exported plan applied with torch + transformers
+    alone; the device runner on it."""
+    import os
+    import subprocess
+    import sys
+
+    import optuna
+
+    from autorank.plan import apply_plan, load_base_weights, remove_plan
+    from autorank.search.records import TrialRecord
+
+    data = corpus(tmp_path)
+    env = {**os.environ, "AUTORANK_ROOT": str(tmp_path)}
+    args = ["model=tiny_llama", "data=stdlib_licenses", "space=llm", *[f"model.build.{k}={v}" for k, v in SMALL.items()],
+            f"data.upstream=[{data.patterns['upstream'][0]}]", f"data.downstream=[{data.patterns['downstream'][0]}]",
+            f"data.seq_len={SEQ}", "data.batch_size=8", "data.max_bytes=null", "data.val_fraction=0.2",
+            "trainer.pretrain_epochs=1", "trainer.steps=4", "trainer.lr=0.1", "space.last=8", "space.lora_ranks=[2]",
+            "space.levels=[0.9]", "search.trial_steps=3", "search.n_trials=3", "search.refit_top=1", "~tracking"]
+    p = subprocess.run([sys.executable, "-m", "autorank", "+device=rpi4", *args, f"export.path={tmp_path}/plan.yaml"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    storage = f"sqlite:///{tmp_path}/outputs/optuna.db"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    recs = [TrialRecord.from_frozen(t) for t in study.trials if t.state.is_finished()]
+    assert len(recs) == 3
+    done = [r for r in recs if r.state == "complete" and r.duplicate_of is None]
+    assert done and all(0 < r.val_loss < 10 and 0 <= r.val_accuracy <= 1 for r in done)
+    assert all(r.measured_activation_bytes == r.predicted_activation_bytes for r in done)
+    refits = study.user_attrs["refit"]
+    assert refits and all(math.isfinite(v["val_loss"]) and v["steps"] == 4 for v in refits.values())
+
+    plan = Plan.load(tmp_path / "plan.yaml")
+    assert plan.layers["lm_head"].kind == "full"
+    assert all(n.startswith(("model.layers.1.", "lm_head")) for n in plan.layers)
+    ft = plan.meta["finetune"]
+    assert "num_classes" not in ft["model_kwargs"] and ft["input_shape"] == [8, SEQ]
+    # applies with torch + transformers alone; one step trains; remove_plan restores the modules
+    (ckpt,) = (tmp_path / ".cache" / "autorank" / "checkpoints").glob("tiny_llama-*.pt")
+    model = build_model_from_factory(ft["model_factory"], ft["model_kwargs"])
+    load_base_weights(model, ckpt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_plan(model, plan).train()
+    x, y = data.tensors("downstream", "train")
+    training_loss(model(x[:8]), y[:8], "token").backward()
+    assert model.lm_head.weight.grad is not None and model.model.embed_tokens.weight.grad is None
+    remove_plan(model)
+    assert list(model.state_dict()) == list(before) and all(torch.equal(model.state_dict()[k], v)
+                                                             for k, v in before.items())
+    # the device runner: tokens in, the predicted bytes measured
+    (xv, yv) = data.tensors("downstream", "val")
+    torch.save({"x": x, "y": y, "x_val": xv, "y_val": yv}, tmp_path / "tokens.pt")
+    r = subprocess.run([sys.executable, "-m", "autorank.device", str(tmp_path / "plan.yaml"), str(ckpt),
+                        str(tmp_path / "tokens.pt")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(+0.00%)" in r.stdout and "validation next-token accuracy" in r.stdout
