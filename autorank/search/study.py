@@ -255,9 +255,13 @@ def write_plans(study: optuna.Study, workload: Workload, settings: StudySettings
 
     def meta(r: TrialRecord) -> dict:
         m: dict = {"val_accuracy": r.val_accuracy}
+        if r.val_loss is not None:  # held-out cross-entropy (per token for a language model)
+            m["val_loss"] = r.val_loss
         if r.refit_accuracy is not None:
             m.update(refit_accuracy=r.refit_accuracy, finetune=workload.finetune_settings(
                 max_steps=r.refit_steps, **r.hparams).to_dict())
+            if r.refit_val_loss is not None:
+                m["refit_val_loss"] = r.refit_val_loss
         return m
 
     plan_files = {r.number: export_plan(r.plan, Path(settings.run_dir) / "front" / f"trial_{r.number:04d}.yaml",
