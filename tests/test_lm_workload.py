@@ -102,6 +102,16 @@ def test_lm_workload_base_trial_settings_and_device_runner(tmp_path, capsys):
     assert torch.equal(tuned["model.embed_tokens.weight"], state["model.embed_tokens.weight"])  # frozen
 
 
+def test_vocabulary_mismatch_is_a_config_error_before_pretraining(tmp_path):
+    from autorank.errors import ConfigError
+
+    wl = workload(tmp_path)
+    wl.spec = ModelSpec(build=functools.partial(tiny_llama, **{**SMALL, "vocab_size": 128}))
+    with pytest.raises(ConfigError, match="model.build.vocab_size=256"):
+        wl.prepare(progress=False)
+    assert not (tmp_path / "cache" / "checkpoints").exists()  # nothing pretrained
+
+
 def test_profile_gradients_are_the_token_losses():
     torch.manual_seed(0)
     model = tiny_llama(**SMALL).train()

@@ -73,6 +73,8 @@ def test_key_follows_the_bytes(tmp_path):
     (tmp_path / "up.txt").write_bytes(b"x" * 99 + b"z")
     assert TextData(**kw).key("upstream")["sha256"] != k1["sha256"]
     assert TextData(**kw).key("downstream") != TextData(**kw).key("upstream")
+    one = TextData(upstream=str(tmp_path / "up.txt"), downstream=str(tmp_path / "down.txt"), seq_len=4)
+    assert one.patterns["upstream"] == [str(tmp_path / "up.txt")]  # a plain string is one pattern
 
 
 def test_missing_corpus_is_one_line_config_error(tmp_path):

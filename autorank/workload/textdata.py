@@ -107,7 +107,9 @@ class TextData(L.LightningDataModule):
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if int(seq_len) < 1 or int(batch_size) < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
-        self.patterns = {"upstream": [str(p) for p in upstream], "downstream": [str(p) for p in downstream]}
+        # one pattern may be given as a plain string (data.upstream=/texts/*.txt)
+        self.patterns = {task: [str(p) for p in ([pats] if isinstance(pats, str) else pats)]
+                         for task, pats in (("upstream", upstream), ("downstream", downstream))}
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.max_bytes = None if max_bytes is None else int(max_bytes)
         self.val_fraction, self.seed = float(val_fraction), int(seed)

@@ -29,7 +29,7 @@ from autorank.workload.data import ImageData
 from autorank.workload.textdata import TextData
 from autorank.workload.device import DeviceProfile
 from autorank.workload.features import FeatureCache
-from autorank.models import ModelSpec, cut_name, replace_head, split_at_first_trained
+from autorank.models import ModelSpec, classifier_name, cut_name, replace_head, split_at_first_trained
 from autorank.workload.stepcost import measure_suffix_step, prefix_forward_flops
 from autorank.workload.module import PlanModule, TrainingFailed, evaluate, use_channels_last
 
@@ -153,13 +153,14 @@ class Workload:
         classifier; a language model keeps its output layer: the vocabulary is the same)."""
         if self._model is None:
             t = self.trainer
+            model = self.spec(num_classes=self.data.num_classes("upstream"))
+            self._check_vocabulary(model)  # before pretraining: a vocabulary too small fails there
             self._checkpoint = base_checkpoint(
                 self.spec, self.data, self.paths.cache_dir, epochs=t.pretrain_epochs, lr=t.pretrain_lr,
                 momentum=t.momentum, seed=t.seed, batch_size=t.pretrain_batch_size, accelerator=t.accelerator,
                 optimizer=t.pretrain_optimizer, channels_last=use_channels_last(t.channels_last, t.accelerator),
                 output_dir=self.paths.output_dir, progress=progress,
             )
-            model = self.spec(num_classes=self.data.num_classes("upstream"))
             load_weights(model, self._checkpoint)
             # Kept in its fine-tuning mode (train, BN in eval when trainer.bn_eval): the cost model
             # reads the modes, and a training step saves e.g. dropout masks that eval would not.
@@ -168,6 +169,15 @@ class Workload:
             self._model = finetune_mode(model, t.bn_eval)
             self._checkpoint_sha256 = file_sha256(self._checkpoint)
         return self._model
+
+    def _check_vocabulary(self, model: nn.Module) -> None:
+        """A language model's output layer must cover the data's vocabulary (byte tokens: 256)."""
+        if self.loss != "token":
+            return
+        out = model.get_submodule(classifier_name(model)).out_features
+        if out != self.num_classes:
+            raise ConfigError(f"the model predicts {out} tokens but the text data has a vocabulary of "
+                              f"{self.num_classes} (bytes): set model.build.vocab_size={self.num_classes}")
 
     @property
     def model(self) -> nn.Module:
