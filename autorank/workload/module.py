@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import time
+from typing import Any, Iterable
 
 import lightning as L
 import torch
@@ -124,3 +126,23 @@ def evaluate(model: nn.Module, batches, channels_last: bool = False, loss: str =
         n += y.numel()
     model.train(was_training)
     return (correct / n if n else float("nan")), (loss_sum / n if n else float("nan"))
+
+
+class EvalAtSteps(L.Callback):
+    """Val accuracy after the listed optimizer steps of one fine-tuning run (accuracy at several
+    fidelities from one run); `wall_s` is the time spent evaluating."""
+
+    def __init__(self, steps: Iterable[int], val_batches: Iterable) -> None:
+        self.steps, self.val_batches = {int(s) for s in steps}, val_batches
+        self.accuracy: dict[int, float] = {}
+        self.wall_s = 0.0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = int(trainer.global_step)
+        if step in self.steps and step not in self.accuracy:
+            t0 = time.perf_counter()
+            d = pl_module.device  # mid-fit the model may be on an accelerator, the features are not
+            self.accuracy[step], _ = evaluate(pl_module.model, ((x.to(d), y.to(d)) for x, y in self.val_batches),
+                                              channels_last=pl_module.channels_last, loss=pl_module.loss)
+            pl_module.train()  # evaluate restores plain train mode; the module's keeps BN in eval
+            self.wall_s += time.perf_counter() - t0

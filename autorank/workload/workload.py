@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -31,88 +29,10 @@ from autorank.workload.device import DeviceProfile
 from autorank.workload.features import FeatureCache
 from autorank.models import ModelSpec, classifier_name, cut_name, replace_head, split_at_first_trained
 from autorank.workload.stepcost import measure_suffix_step, prefix_forward_flops
-from autorank.workload.module import PlanModule, TrainingFailed, evaluate, use_channels_last
+from autorank.workload.module import EvalAtSteps, PlanModule, TrainingFailed, evaluate, use_channels_last
+from autorank.workload.settings import FineTuneResult, Paths, TrainerConfig, as_settings
 
 __all__ = ["FineTuneResult", "Paths", "TrainerConfig", "TrainingFailed", "Workload"]
-
-
-@dataclass
-class TrainerConfig:
-    """conf/trainer: fine-tuning (per trial) and upstream pretraining settings."""
-
-    max_epochs: int = 10
-    steps: int | None = None  # SGD steps of a full-fidelity fine-tune (what the device runs); None: epochs
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    bn_eval: bool = True
-    accelerator: str = "cpu"
-    seed: int = 0
-    feature_cache: str = "memory"  # memory | disk | off
-    pretrain_epochs: int = 5
-    pretrain_lr: float = 0.002
-    pretrain_optimizer: str = "adam"  # from scratch, Adam converges in a few epochs where SGD does not
-    pretrain_batch_size: int = 32  # smaller than the device batch: more steps for the same compute
-    progress: bool = False  # Lightning bar per trial (pretraining always shows one)
-    channels_last: str | bool = "auto"  # auto: channels-last layout on CPU (2-5x faster steps)
-
-
-@dataclass
-class Paths:
-    """conf/paths: where outputs, caches (checkpoints, features) and data sets live."""
-
-    root: str = "."
-    output_dir: str = "outputs"
-    cache_dir: str = ".cache/autorank"
-    data_dir: str = "data"
-
-
-@dataclass
-class FineTuneResult:
-    val_accuracy: float
-    train_loss: float
-    measured_activation_bytes: int
-    train_wall_s: float
-    epochs: int
-    features_wall_s: float = 0.0  # prefix features (0 on a cache hit)
-    cut: str = ""  # first block of the trained suffix
-    # FLOPs of one real training step of the whole model at the device's batch shape (frozen
-    # prefix forward + trained suffix forward and backward), counted by autorank.cost's corrected
-    # FlopCounterMode on real tensors: what train_step_flops(model, example_input, plan) predicts.
-    measured_flops: int = 0
-    # mean cross-entropy on the held-out data (per sample; per token for a language model,
-    # whose perplexity is exp(val_loss))
-    val_loss: float = float("nan")
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _as(cls, value):
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in dict(value).items() if k in names and not k.startswith("_")})
-
-
-class EvalAtSteps(L.Callback):
-    """Val accuracy after the listed optimizer steps of one fine-tuning run (accuracy at several
-    fidelities from one run); `wall_s` is the time spent evaluating."""
-
-    def __init__(self, steps: Iterable[int], val_batches: Iterable) -> None:
-        self.steps, self.val_batches = {int(s) for s in steps}, val_batches
-        self.accuracy: dict[int, float] = {}
-        self.wall_s = 0.0
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = int(trainer.global_step)
-        if step in self.steps and step not in self.accuracy:
-            t0 = time.perf_counter()
-            d = pl_module.device  # mid-fit the model may be on an accelerator, the features are not
-            self.accuracy[step], _ = evaluate(pl_module.model, ((x.to(d), y.to(d)) for x, y in self.val_batches),
-                                              channels_last=pl_module.channels_last, loss=pl_module.loss)
-            pl_module.train()  # evaluate restores plain train mode; the module's keeps BN in eval
-            self.wall_s += time.perf_counter() - t0
 
 
 class Workload:
@@ -125,7 +45,7 @@ class Workload:
         paths: Paths | Mapping[str, Any] | None = None,
     ) -> None:
         self.device, self.spec, self.data = device, model, data
-        self.trainer, self.paths = _as(TrainerConfig, trainer), _as(Paths, paths)
+        self.trainer, self.paths = as_settings(TrainerConfig, trainer), as_settings(Paths, paths)
         cache = self.trainer.feature_cache
         if cache not in ("memory", "disk", "off"):
             raise ConfigError(f"trainer.feature_cache must be memory, disk or off, got {cache!r}")
