@@ -189,6 +189,7 @@ assert plan.layers == run.plan.layers and wl.tuned == [run.plan], (plan.layers, 
 assert plan.fingerprint == model_fingerprint(wl.model)
 assert FineTuneSettings.from_plan(plan) == wl.finetune_settings()
 assert run.predicted_peak_bytes <= device.budget_bytes and plan.meta["val_accuracy"] == 0.75
+assert plan.meta["val_loss"] == 0.5
 try:
     from autorank.search import OptunaSearch
 except ImportError:
