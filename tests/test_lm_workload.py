@@ -171,6 +171,7 @@ def test_cli_llm_end_to_end_and_device_runner(tmp_path):
     p = subprocess.run([sys.executable, "-m", "autorank", "+device=rpi4", *args, f"export.path={tmp_path}/plan.yaml"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "val loss" in p.stdout and "perplexity" in p.stdout  # the front table, the exported plan's line
     storage = f"sqlite:///{tmp_path}/outputs/optuna.db"
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -187,6 +188,7 @@ def test_cli_llm_end_to_end_and_device_runner(tmp_path):
     assert all(n.startswith(("model.layers.1.", "lm_head")) for n in plan.layers)
     ft = plan.meta["finetune"]
     assert "num_classes" not in ft["model_kwargs"] and ft["input_shape"] == [8, SEQ]
+    assert math.isfinite(plan.meta["refit_val_loss"]) and math.isfinite(plan.meta["val_loss"])
     # applies with torch + transformers alone; one step trains; remove_plan restores the modules
     (ckpt,) = (tmp_path / ".cache" / "autorank" / "checkpoints").glob("tiny_llama-*.pt")
     model = build_model_from_factory(ft["model_factory"], ft["model_kwargs"])
