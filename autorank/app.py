@@ -7,6 +7,7 @@ with composed configs.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -163,13 +164,15 @@ def _study_summary(console: Any, result: Any, device: Any) -> None:
                   caption="plan: one code per candidate layer, input to output: - frozen, F full "
                           "backprop, .8 ASI at explained variance 0.8, .8b the same with the batch "
                           "mode kept whole, L4 LoRA rank 4, L4.8 LoRA + ASI; proxy: the trial's own "
-                          "(short) training")
-    for col in ("trial", "proxy acc", f"refit acc{steps}", "lr", "peak MB", "GFLOP/step",
+                          "(short) training; val loss: held-out cross-entropy (per token for a "
+                          "language model) after the refit, else the trial's")
+    for col in ("trial", "proxy acc", f"refit acc{steps}", "val loss", "lr", "peak MB", "GFLOP/step",
                 "device s/step", "plan"):
         table.add_column(col)
     for r in sorted(result.front, key=lambda r: r.predicted_peak_bytes):
         lr = r.hparams.get("lr")
-        table.add_row(str(r.number), _acc(r.val_accuracy), _acc(r.refit_accuracy),
+        loss = r.refit_val_loss if r.refit_val_loss is not None else r.val_loss
+        table.add_row(str(r.number), _acc(r.val_accuracy), _acc(r.refit_accuracy), _acc(loss),
                       "-" if lr is None else f"{lr:.3g}", _mb(r.predicted_peak_bytes),
                       f"{r.flops / 1e9:.2f}", f"{device.step_time_s(r.flops):.2f}", _short_plan(r.choices))
     console.print(table)
@@ -179,7 +182,10 @@ def _study_summary(console: Any, result: Any, device: Any) -> None:
         return
     acc = best.refit_accuracy if best.refit_accuracy is not None else best.val_accuracy
     kind = "refit" if best.refit_accuracy is not None else "proxy"
+    loss = best.refit_val_loss if best.refit_accuracy is not None else best.val_loss
     line = f"exported plan (trial {best.number}): {kind} acc {acc:.3f} at {_mb(best.predicted_peak_bytes)} MB"
+    if loss is not None:  # per token for a language model: perplexity exp(loss)
+        line += f" (val loss {loss:.3f}, perplexity {math.exp(min(loss, 700.0)):.2f})"
     plain = result.best_plain
     if plain is not None:
         pacc = plain.refit_accuracy if plain.refit_accuracy is not None else plain.val_accuracy

@@ -36,6 +36,8 @@ RULES: list[tuple[str, str, float, bool, str]] = [
     ("trainer.weight_decay", "num", 0, False, "0 for none"),
     ("data.batch_size", "int", 1, False, "the device's training batch"),
     ("data.input_size", "int", 1, False, "image side in pixels"),
+    ("data.seq_len", "int", 1, False, "tokens per training window (text data)"),
+    ("data.max_bytes", "int", 1, True, "bytes read per corpus (text data); null: every matching file whole"),
     ("search.n_trials", "int", 1, False, "finished trials the study should hold"),
     ("search.timeout", "pos", 0, True, "seconds for this run's trials; null: no limit"),
     ("search.trial_steps", "int", 1, True, "SGD steps per trial; null: epochs"),

@@ -34,6 +34,7 @@ class FakeWorkload:
 
     input_shape = (8, 3, 8, 8)
     num_classes = 2
+    loss = "class"
     checkpoint_sha256 = "fake"
 
     def __init__(self, fail_on=None, refit_bonus=None, refit_steps=None):
@@ -63,7 +64,7 @@ class FakeWorkload:
         if max_steps is not None and max_steps == self.refit_steps:
             acc += self.refit_bonus.get(choices["l0"], 0.0)
         act = FakeCost().peak(choices).activation_bytes
-        return SimpleNamespace(val_accuracy=acc, train_loss=0.1, measured_activation_bytes=act,
+        return SimpleNamespace(val_accuracy=acc, train_loss=0.1, val_loss=1.0 - acc, measured_activation_bytes=act,
                                measured_flops=FakeCost().flops(choices), train_wall_s=0.01, epochs=1)
 
 

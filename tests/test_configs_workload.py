@@ -16,6 +16,7 @@ from omegaconf import open_dict
 from autorank.app import CONF_DIR
 from autorank.models import ModelSpec
 from autorank.workload.data import ImageData
+from autorank.workload.textdata import TextData
 from autorank.workload.device import DeviceProfile
 from autorank.workload.workload import Paths, TrainerConfig
 
@@ -48,8 +49,9 @@ def _no_env_root(monkeypatch):
 
 def test_every_group_has_options():
     assert options("device") == ["jetson_nano", "jetson_orin_nano", "phone", "rpi4", "rpi5"]
-    assert options("model") == ["mcunet_like", "mobilenet_v2", "resnet18", "small_cnn", "vit_tiny"]
-    assert options("data") == ["cifar10", "digits", "digits_vit", "fashion_mnist", "image_folder"]
+    assert options("model") == ["mcunet_like", "mobilenet_v2", "resnet18", "small_cnn", "tiny_llama", "vit_tiny"]
+    assert options("data") == ["cifar10", "digits", "digits_vit", "fashion_mnist", "image_folder",
+                               "stdlib_licenses"]
 
 
 @pytest.mark.parametrize("name", options("device"))
@@ -76,6 +78,13 @@ def test_model_options(tmp_path, name):
     assert isinstance(spec, ModelSpec) and spec.name == name and spec.checkpoint is None
     # the name a plan file records, which the device runner builds from with torch alone
     assert spec.key()["factory"] == f"autorank.models.{name}"
+    if name == "tiny_llama":  # tokens in, logits over the byte vocabulary out; no num_classes taken
+        pytest.importorskip("transformers")
+        model = spec(num_classes=7).eval()
+        with torch.no_grad():
+            assert model(torch.zeros(2, 8, dtype=torch.long)).logits.shape == (2, 8, 256)
+        assert "num_classes" not in spec.key()["kwargs"]
+        return
     model = spec(num_classes=7).eval()
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
@@ -86,6 +95,11 @@ def test_model_options(tmp_path, name):
 @pytest.mark.parametrize("name", options("data"))
 def test_data_options(tmp_path, name):
     data = instantiate(compose_groups(tmp_path, data=name).data)
+    if name == "stdlib_licenses":  # text: nothing read until used (the corpora are the OS's)
+        assert isinstance(data, TextData) and data.loss == "token" and data.num_classes() == 256
+        assert data.input_shape == (data.batch_size, data.seq_len) and data.max_bytes > 0
+        assert data.patterns["upstream"] == ["{stdlib}/*.py"]
+        return
     assert isinstance(data, ImageData)
     assert data.input_size > 0 and data.batch_size > 0
     if name != "image_folder":  # class split known without reading the folder

@@ -161,7 +161,7 @@ from autorank.plan.plan import FineTuneSettings
 from autorank.search import KnapsackSearch, SearchSpace
 
 class Tiny:
-    input_shape, num_classes, checkpoint_sha256 = (8, 3, 8, 8), 4, "tiny"
+    input_shape, num_classes, checkpoint_sha256, loss = (8, 3, 8, 8), 4, "tiny", "class"
     def __init__(self):
         torch.manual_seed(0)
         self.model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1),
@@ -176,7 +176,7 @@ class Tiny:
         return FineTuneSettings(model_factory="tiny:model", input_shape=self.input_shape, lr=0.1, epochs=max_epochs or 2)
     def finetune(self, plan, *, max_epochs=None, progress=None):
         self.tuned.append(plan)
-        return SimpleNamespace(val_accuracy=0.75, train_loss=0.1, measured_activation_bytes=1, measured_flops=1,
+        return SimpleNamespace(val_accuracy=0.75, train_loss=0.1, val_loss=0.5, measured_activation_bytes=1, measured_flops=1,
                                train_wall_s=0.0, epochs=1)
 
 wl = Tiny()
@@ -189,6 +189,7 @@ assert plan.layers == run.plan.layers and wl.tuned == [run.plan], (plan.layers, 
 assert plan.fingerprint == model_fingerprint(wl.model)
 assert FineTuneSettings.from_plan(plan) == wl.finetune_settings()
 assert run.predicted_peak_bytes <= device.budget_bytes and plan.meta["val_accuracy"] == 0.75
+assert plan.meta["val_loss"] == 0.5
 try:
     from autorank.search import OptunaSearch
 except ImportError:

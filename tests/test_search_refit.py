@@ -100,6 +100,9 @@ def test_export_picks_the_best_refit_and_records_its_steps(tmp_path):
     plan = Plan.load(tmp_path / "plan.yaml")
     assert plan.meta["choices"] == best.choices
     assert math.isclose(plan.meta["refit_accuracy"], best.refit_accuracy)
+    # the held-out loss of the refit beside it (FakeWorkload: 1 - accuracy), and the trial's
+    assert math.isclose(plan.meta["refit_val_loss"], 1.0 - best.refit_accuracy) and best.refit_val_loss is not None
+    assert math.isclose(plan.meta["val_loss"], 1.0 - best.val_accuracy)
     assert plan.meta["finetune"]["max_steps"] == 120 and plan.meta["finetune"]["lr"] == best.hparams["lr"]
     assert res.best.refit_accuracy >= res.best_plain.refit_accuracy
     assert is_plain(res.best_plain.choices)

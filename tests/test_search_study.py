@@ -54,6 +54,7 @@ def test_front_is_the_non_dominated_feasible_set_and_infeasible_never_trained(tm
     assert res.best.number == best.number
     plan = Plan.load(tmp_path / "plan.yaml")
     assert plan.meta["choices"] == best.choices and plan.meta["val_accuracy"] == best.val_accuracy
+    assert plan.meta["val_loss"] == best.val_loss == pytest.approx(1.0 - best.val_accuracy)
     assert plan.fingerprint == model_fingerprint(wl.model)
     assert set(res.plan_files) == expect
     assert Plan.load(res.plan_files[best.number]).to_dict() == plan.to_dict()

@@ -1,6 +1,7 @@
 """MLflow: parent run per study, nested run per trial, front artifacts (tmp sqlite store)."""
 
 import json
+import math
 
 import pytest
 
@@ -51,6 +52,9 @@ def test_study_logged_to_mlflow(tmp_path, capsys):
         if rec.state == "complete":
             assert run.data.metrics["val_accuracy"] == rec.val_accuracy
             assert run.data.metrics["measured_activation_bytes"] == rec.measured_activation_bytes
+            # the held-out loss beside the accuracy (FakeWorkload: 1 - accuracy), its perplexity
+            assert run.data.metrics["val_loss"] == pytest.approx(1.0 - rec.val_accuracy)
+            assert run.data.metrics["val_perplexity"] == pytest.approx(math.exp(1.0 - rec.val_accuracy))
         if rec.state == "infeasible":
             assert "val_accuracy" not in run.data.metrics
     failed = [r for r in children if r.data.tags["state"] == "failed"]

@@ -90,7 +90,8 @@ def _read_data(path: str):
 
 
 def load_data(path: str):
-    """(x float, y long, x_val float | None, y_val long | None) from a torch.save'd file."""
+    """(x, y long, x_val | None, y_val long | None) from a torch.save'd file: x float (images),
+    or x integer (N, L) tokens with y (N, L) next-token labels (a language model: x kept long)."""
     x, y, xv, yv = _read_data(path)
     pairs = [("x", "y", x, y)] + ([("x_val", "y_val", xv, yv)] if xv is not None else [])
     for nx, ny, a, b in pairs:
@@ -101,7 +102,21 @@ def load_data(path: str):
                            "they must be the same non-zero number")
         if b.is_floating_point() or b.is_complex():
             raise BadInput(f"data file {path}: {ny!r} must hold integer class labels, got {b.dtype}")
-    return x.float(), y.long(), (xv.float() if xv is not None else None), (yv.long() if yv is not None else None)
+    tokens = not x.is_floating_point()
+    if tokens and any(b.shape != a.shape for _, _, a, b in pairs):
+        raise BadInput(f"data file {path}: integer x is read as tokens (N, L), whose labels y are the next "
+                       f"tokens, of x's shape; got x {list(x.shape)}, y {list(y.shape)}")
+
+    def as_x(t):
+        return None if t is None else (t.long() if tokens else t.float())
+
+    return as_x(x), y.long(), as_x(xv), (yv.long() if yv is not None else None)
+
+
+def loss_kind(x: torch.Tensor) -> str:
+    """The training loss the data asks for (autorank.cost.loss): "token" for integer x (a language
+    model's tokens), else "class"."""
+    return "class" if x.is_floating_point() else "token"
 
 
 def finetune_lr(plan: Plan, lr: float | None) -> float:
@@ -115,11 +130,14 @@ def finetune_lr(plan: Plan, lr: float | None) -> float:
 def check_labels(model: torch.nn.Module, xb: torch.Tensor, labels: dict[str, torch.Tensor | None]) -> None:
     """Every label must be a class of the model's output (one no-grad forward on one sample, before
     a plan is applied: it leaves no warm-start state)."""
+    from autorank.cost.loss import logits_of
+
     with torch.no_grad():
-        out = model(xb[:1])
-    if out.dim() != 2:
+        out = logits_of(model(xb[:1]))
+    token = loss_kind(xb) == "token"
+    if out.dim() != (3 if token else 2):
         return
-    n_classes = out.shape[1]
+    n_classes = out.shape[-1] if token else out.shape[1]
     for name, y in labels.items():
         if y is not None and (y.min() < 0 or y.max() >= n_classes):
             raise BadInput(f"data {name!r} has labels in [{int(y.min())}, {int(y.max())}] but the "

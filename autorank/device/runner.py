@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from autorank.cost import measure_saved_bytes, predict_saved_bytes
+from autorank.cost.loss import logits_of, training_loss
 from autorank.device.inputs import (
     DEFAULT_LR,
     BadInput,
@@ -22,6 +22,7 @@ from autorank.device.inputs import (
     finetune_lr,
     load_data,
     load_plan,
+    loss_kind,
     load_weights,
     settings,
 )
@@ -39,8 +40,9 @@ def _model_kwargs(text: str | None) -> dict | None:
     return kwargs
 
 
-def load_model(a: argparse.Namespace, plan: Plan) -> torch.nn.Module:
-    """The plan's model with the checkpoint's weights and, unless --keep-head or the checkpoint's
+def load_model(a: argparse.Namespace, plan: Plan, keep_head: bool = False) -> torch.nn.Module:
+    """The plan's model with the checkpoint's weights and, unless --keep-head (or `keep_head`: a
+    language model's output layer is its vocabulary, which fine-tuning keeps) or the checkpoint's
     head did not fit, a fresh head seeded as the search's (autorank.models.replace_head)."""
     model = build_model(plan, a.model, _model_kwargs(a.model_kwargs))
     if plan.fingerprint is not None:
@@ -52,6 +54,8 @@ def load_model(a: argparse.Namespace, plan: Plan) -> torch.nn.Module:
     skipped = load_weights(model, a.checkpoint)
     if skipped:
         print(f"classifier head of another shape in the checkpoint, kept fresh on purpose: {', '.join(skipped)}")
+    elif keep_head:
+        print("token data: the checkpoint's output layer kept (same vocabulary), as the search trained it")
     elif not a.keep_head:
         # The search fine-tuned a fresh head (the checkpoint's head belongs to the upstream task).
         ft = settings(plan)
@@ -77,14 +81,15 @@ def report_saved_bytes(model: torch.nn.Module, xb: torch.Tensor, predicted: int,
 
 
 def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
-          bs: int, epochs: int) -> bool:
-    """Plain SGD epochs over shuffled batches; False (after an error line) on a non-finite loss."""
+          bs: int, epochs: int, loss_kind: str = "class") -> bool:
+    """Plain SGD epochs over shuffled batches; False (after an error line) on a non-finite loss.
+    loss_kind "token": next-token cross-entropy over every position (autorank.cost.loss)."""
     for epoch in range(epochs):
         perm = torch.randperm(len(x))
         total, n = 0.0, 0
         for i in range(0, len(x), bs):
             idx = perm[i:i + bs]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = training_loss(model(x[idx]), y[idx], loss_kind)
             if not torch.isfinite(loss):
                 print(f"error: loss is {loss.item()} at epoch {epoch + 1}, step {i // bs + 1}: "
                       "try a smaller --lr", file=sys.stderr)
@@ -120,8 +125,9 @@ def run(a: argparse.Namespace) -> int:
     check_args(a)
     torch.manual_seed(0)
     plan = load_plan(a.plan)
-    model = load_model(a, plan)
     x, y, xv, yv = load_data(a.data)
+    kind = loss_kind(x)
+    model = load_model(a, plan, keep_head=kind == "token")
 
     # The fine-tuning mode the search costed: train mode (dropout live), BN in eval mode.
     base = finetune_mode(model, bn_eval=True)
@@ -154,15 +160,19 @@ def run(a: argparse.Namespace) -> int:
     print(f"fine-tuning {sum(p.numel() for p in params):,} parameters: SGD lr {lr:g}, momentum {a.momentum:g}, "
           f"batch {bs}, {a.epochs} epoch(s)")
     t0 = time.perf_counter()
-    if not train(model, x, y, opt, bs, a.epochs):
+    if not train(model, x, y, opt, bs, a.epochs, kind):
         return 1
     print(f"training took {time.perf_counter() - t0:.1f} s")
     if xv is not None:
         model.eval()
         with torch.no_grad():
-            acc = float((model(xv).argmax(1) == yv).float().mean())
+            logits = logits_of(model(xv))
+            acc = float((logits.argmax(-1 if kind == "token" else 1) == yv).float().mean())
+            val_loss = float(training_loss(logits, yv, kind))
         finetune_mode(model, bn_eval=True)
-        print(f"validation accuracy {acc:.4f}")
+        what = "next-token accuracy" if kind == "token" else "accuracy"
+        extra = f", loss {val_loss:.4f}" + (f", perplexity {math.exp(val_loss):.3f}" if kind == "token" else "")
+        print(f"validation {what} {acc:.4f}{extra}")
     if a.out:
         try:
             path = save_base_weights(model, a.out)  # plan removed for the save, keys of the plain model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -46,4 +47,10 @@ class ModelSpec:
         return {"factory": factory_path(fn), "kwargs": {k: kwargs[k] for k in sorted(kwargs)}}
 
     def __call__(self, num_classes: int, in_channels: int = 3) -> nn.Module:
-        return self.build(num_classes=num_classes, in_channels=in_channels)
+        """A fresh network. A factory without a `num_classes` / `in_channels` parameter is called
+        without it: a language model's classes are its vocabulary, set in its own kwargs
+        (tiny_llama's vocab_size), and it reads tokens, not channels."""
+        params = inspect.signature(self.build).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kwargs = {"num_classes": num_classes, "in_channels": in_channels}
+        return self.build(**{k: v for k, v in kwargs.items() if takes_any or k in params})

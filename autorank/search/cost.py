@@ -50,7 +50,7 @@ class PlanCost:
     """Predicted peak (autorank.cost.predict_peak_training_bytes) and FLOPs
     (autorank.cost.train_step_flops) of the plans of `profile`, for `model` on `example_input`
     (the device's batch), cached by `plan_key`. `peak_kwargs` go to the peak predictor
-    (optimizer, momentum)."""
+    (optimizer, momentum, loss: "token" for a language model)."""
 
     def __init__(self, model: nn.Module, example_input: Tensor, profile: Profile, **peak_kwargs):
         self.model, self.example_input, self.profile = model, example_input, profile

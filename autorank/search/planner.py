@@ -48,7 +48,7 @@ def run_knapsack(workload: Workload, device: Device, space: SearchSpace | str, *
     space = load_space(space)
     prof = profile_workload(workload, space, n_batches=n_calibration_batches, cache_dir=cache_dir,
                             progress=progress)
-    cost = PlanCost(workload.model, workload.example_input(), prof)
+    cost = PlanCost(workload.model, workload.example_input(), prof, loss=workload.loss)
     res = knapsack(prof, device.budget_bytes, cost.peak)
     peak, flops = cost.peak(res.choices), int(cost.flops(res.choices))
     plan = prof.to_plan(res.choices, meta={
@@ -60,7 +60,7 @@ def run_knapsack(workload: Workload, device: Device, space: SearchSpace | str, *
     ft = workload.finetune(plan, max_epochs=max_epochs, progress=progress)
     acc = float(ft.val_accuracy)
     out = None if export_path is None else export_plan(plan, export_path, workload.model,
-                                                       meta={"val_accuracy": acc})
+                                                       meta={"val_accuracy": acc, "val_loss": float(ft.val_loss)})
     run = KnapsackRun(knapsack=res, plan=plan, profile=prof, val_accuracy=acc,
                       predicted_peak_bytes=res.predicted_peak_bytes,
                       predicted_activation_bytes=int(peak.activation_bytes),
@@ -72,7 +72,7 @@ def run_knapsack(workload: Workload, device: Device, space: SearchSpace | str, *
             {"kind": "knapsack", "config": dict(config or {}), "device": device_summary(device),
              "budget_bytes": int(device.budget_bytes), "space": space.to_dict()},
             res.choices,
-            {"val_accuracy": run.val_accuracy, "predicted_peak_mb": res.predicted_peak_bytes / MB,
+            {"val_accuracy": run.val_accuracy, "val_loss": float(ft.val_loss), "predicted_peak_mb": res.predicted_peak_bytes / MB,
              "predicted_peak_bytes": res.predicted_peak_bytes,
              "predicted_activation_bytes": run.predicted_activation_bytes,
              "measured_activation_bytes": run.measured_activation_bytes, "train_flops": flops,

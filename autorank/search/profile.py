@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from autorank.cost.loss import training_loss
 from autorank.plan import Choice, Plan
 from autorank.plan.plan import atomic_write
 from autorank.search.cost import Choices, PeakRecord, PlanCost, peak_parts
@@ -139,8 +139,9 @@ def profile_key(checkpoint_sha: str, batches: Batches, space: SearchSpace,
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def capture(model: nn.Module, names: Sequence[str], x: Tensor, y: Tensor):
-    """Inputs and output grads of the named layers from one exact backward."""
+def capture(model: nn.Module, names: Sequence[str], x: Tensor, y: Tensor, loss: str = "class"):
+    """Inputs and output grads of the named layers from one exact backward of the training loss
+    (`loss`: "class" or "token", autorank.cost.loss)."""
     mods = dict(model.named_modules())
     inputs: dict[str, Tensor] = {}
     grads: dict[str, Tensor] = {}
@@ -154,7 +155,7 @@ def capture(model: nn.Module, names: Sequence[str], x: Tensor, y: Tensor):
     handles = [mods[n].register_forward_hook(hook(n)) for n in names]
     try:
         with torch.enable_grad():
-            F.cross_entropy(model(x), y).backward()
+            training_loss(model(x), y, loss).backward()
     finally:
         for h in handles:
             h.remove()
@@ -207,8 +208,10 @@ def layer_profile(name: str, module: nn.Module, xs: Sequence[Tensor], gs: Sequen
 
 def profile_layers(model: nn.Module, batches: Batches, space: SearchSpace, *,
                    peak_fn: PeakFn | None = None, key: str | None = None,
-                   cache_path: str | Path | None = None, progress: bool = True) -> Profile:
-    """Profile `space`'s candidate layers of `model` on `batches` (see module doc).
+                   cache_path: str | Path | None = None, progress: bool = True,
+                   loss: str = "class") -> Profile:
+    """Profile `space`'s candidate layers of `model` on `batches` (see module doc); `loss`: the
+    training loss whose gradients are profiled ("token" for a language model).
 
     `peak_fn(choices)` predicts the peak training memory of a plan given as choice keys; the
     profile evaluates it on the plans the knapsack needs. With `cache_path`, a cached profile of the
@@ -227,7 +230,7 @@ def profile_layers(model: nn.Module, batches: Batches, space: SearchSpace, *,
         task = bar.add_task("profiling", total=len(batches) + len(names))
         captured = []
         for x, y in batches:
-            captured.append(capture(model, names, x, y))
+            captured.append(capture(model, names, x, y, loss))
             bar.advance(task)
         layers = []
         for name in names:
@@ -280,10 +283,11 @@ def profile_workload(workload: Workload, space: SearchSpace, *, n_batches: int =
     cache_path = Path(cache_dir) / f"profile-{key[:16]}.json" if cache_dir else None
     if cache_path is not None and cache_path.exists():
         return Profile.from_json(cache_path.read_text())
-    prof = profile_layers(model, batches, space, key=key, progress=progress)
+    prof = profile_layers(model, batches, space, key=key, progress=progress, loss=workload.loss)
     prof.meta = {"checkpoint_sha256": workload.checkpoint_sha256,
                  "input_shape": list(workload.input_shape), "n_batches": n_batches}
-    fill_peak_bytes(prof, PlanCost(model, workload.example_input(), prof).peak, progress=progress)
+    fill_peak_bytes(prof, PlanCost(model, workload.example_input(), prof, loss=workload.loss).peak,
+                    progress=progress)
     if cache_path is not None:
         prof.save(cache_path)
     return prof

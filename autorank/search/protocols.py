@@ -28,6 +28,7 @@ class FineTuneOutcome(Protocol):
     train_loss: float
     measured_activation_bytes: int  # saved for backward in one training step at input_shape
     measured_flops: int  # FLOPs of that step, counted on real tensors
+    val_loss: float  # mean cross-entropy on the held-out data (per token for a language model)
     train_wall_s: float
     epochs: int
 
@@ -43,6 +44,9 @@ class Workload(Protocol):
 
     @property
     def num_classes(self) -> int: ...
+
+    @property
+    def loss(self) -> str: ...  # "class" or "token" (a language model): autorank.cost.loss
 
     @property
     def checkpoint_sha256(self) -> str: ...  # of the base weights: keys the profile and the study

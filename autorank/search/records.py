@@ -37,6 +37,7 @@ class TrialRecord:
     plan: dict | None = None  # Plan.to_dict(), no fingerprint (export_plan stamps it)
     val_accuracy: float | None = None
     train_loss: float | None = None
+    val_loss: float | None = None  # held-out mean cross-entropy (per token: perplexity = exp)
     epochs: int | None = None
     steps: int | None = None  # SGD steps of the trial (proxy fidelity)
     predicted_peak_bytes: int | None = None
@@ -54,6 +55,7 @@ class TrialRecord:
     on_front: bool = False
     refit_accuracy: float | None = None  # at full fidelity (study user attr `refit`), when refit
     refit_steps: int | None = None
+    refit_val_loss: float | None = None  # held-out cross-entropy after the refit
 
     @property
     def peak_mb(self) -> float | None:
@@ -72,14 +74,14 @@ class TrialRecord:
         """The stored form: the fields that are set, less those the trial itself holds."""
         d = dataclasses.asdict(self)
         return {k: v for k, v in d.items()
-                if k not in ("number", "on_front", "refit_accuracy", "refit_steps")
+                if k not in ("number", "on_front", "refit_accuracy", "refit_steps", "refit_val_loss")
                 and v is not None and v != [] and v != {}}
 
     @classmethod
     def from_frozen(cls, t: FrozenTrial, *, on_front: bool = False) -> TrialRecord:
         a = {**t.user_attrs, **(t.user_attrs.get(RECORD_ATTR) or {})}
         known = {f.name for f in dataclasses.fields(cls)} - {"number", "state", "on_front",
-                                                             "refit_accuracy", "refit_steps"}
+                                                             "refit_accuracy", "refit_steps", "refit_val_loss"}
         rec = cls(number=t.number, state=_state(t, a.get("state")), on_front=on_front,
                   **{k: v for k, v in a.items() if k in known})
         rec.choices = dict(rec.choices or t.params)
@@ -111,6 +113,7 @@ def records_from_study(study: optuna.Study) -> list[TrialRecord]:
         r = refit.get(str(t.number))
         if r is not None:
             rec.refit_accuracy, rec.refit_steps = float(r["accuracy"]), r.get("steps")
+            rec.refit_val_loss = r.get("val_loss")
         out.append(rec)
     return out
 

@@ -46,8 +46,8 @@ def refit_candidates(records: Sequence[TrialRecord], top: int) -> list[TrialReco
 def _fit(workload: Workload, plan: Plan, steps: int, hparams: Mapping[str, float]) -> dict[str, Any]:
     res = workload.finetune(plan, max_steps=steps, progress=False, **hparams)
     seed = workload.finetune_settings(max_steps=steps, **hparams).seed
-    return {"accuracy": float(res.val_accuracy), "steps": int(steps), "seed": int(seed),
-            "hparams": dict(hparams)}
+    return {"accuracy": float(res.val_accuracy), "val_loss": float(res.val_loss), "steps": int(steps),
+            "seed": int(seed), "hparams": dict(hparams)}
 
 
 def refit_trials(study: optuna.Study, workload: Workload, records: Sequence[TrialRecord], *,

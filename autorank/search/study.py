@@ -183,7 +183,7 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
         with times.timed("profile"):
             profile = profile_workload(workload, space, n_batches=settings.n_calibration_batches,
                                        cache_dir=settings.cache_dir, progress=settings.progress)
-    cost = cost or PlanCost(workload.model, workload.example_input(), profile)
+    cost = cost or PlanCost(workload.model, workload.example_input(), profile, loss=workload.loss)
     budget = int(device.budget_bytes)
     check_budget(profile, budget, cost.peak)  # BudgetTooSmall before any trial or stored study
     storage = settings.storage_url()
@@ -255,9 +255,13 @@ def write_plans(study: optuna.Study, workload: Workload, settings: StudySettings
 
     def meta(r: TrialRecord) -> dict:
         m: dict = {"val_accuracy": r.val_accuracy}
+        if r.val_loss is not None:  # held-out cross-entropy (per token for a language model)
+            m["val_loss"] = r.val_loss
         if r.refit_accuracy is not None:
             m.update(refit_accuracy=r.refit_accuracy, finetune=workload.finetune_settings(
                 max_steps=r.refit_steps, **r.hparams).to_dict())
+            if r.refit_val_loss is not None:
+                m["refit_val_loss"] = r.refit_val_loss
         return m
 
     plan_files = {r.number: export_plan(r.plan, Path(settings.run_dir) / "front" / f"trial_{r.number:04d}.yaml",

@@ -180,6 +180,7 @@ class PlanTrial:
         prev = self.trained.get(self.key(rec.choices, rec.hparams))
         if prev is not None:
             rec.state, rec.val_accuracy, rec.duplicate_of = "complete", prev.val_accuracy, prev.number
+            rec.val_loss = prev.val_loss
             rec.measured_activation_bytes = prev.measured_activation_bytes
             return
         with self.times.timed("train"):
@@ -189,6 +190,7 @@ class PlanTrial:
         if not math.isfinite(acc):
             raise ValueError(f"validation accuracy is {acc}")
         rec.state, rec.val_accuracy, rec.train_loss, rec.epochs = "complete", acc, res.train_loss, res.epochs
+        rec.val_loss = float(res.val_loss) if math.isfinite(res.val_loss) else None
         rec.steps = self.steps
         rec.measured_activation_bytes, rec.measured_flops = res.measured_activation_bytes, res.measured_flops
         rec.train_wall_s = res.train_wall_s

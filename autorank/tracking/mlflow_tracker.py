@@ -14,6 +14,7 @@ once); for workers on several machines, point them all at one `mlflow server` (d
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from collections.abc import Mapping
@@ -198,6 +199,9 @@ class MlflowTracker:
         self.trial_runs[rec.number] = rid
         metrics = {
             "val_accuracy": rec.val_accuracy if rec.state != "infeasible" else None,
+            # held-out cross-entropy; for a language model per token, its perplexity exp(loss)
+            "val_loss": rec.val_loss,
+            "val_perplexity": None if rec.val_loss is None else math.exp(min(rec.val_loss, 700.0)),
             "predicted_peak_mb": rec.peak_mb, "predicted_peak_bytes": rec.predicted_peak_bytes,
             "predicted_activation_bytes": rec.predicted_activation_bytes,
             "measured_activation_bytes": rec.measured_activation_bytes,

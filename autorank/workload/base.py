@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +24,7 @@ from autorank import interrupt
 from autorank.errors import ConfigError, ConfigFileNotFound
 from autorank.io import atomic_write
 from autorank.workload.data import ImageData
+from autorank.workload.textdata import TextData
 from autorank.workload.features import key_hash
 from autorank.models import ModelSpec
 from autorank.workload.module import PlanModule, evaluate
@@ -39,7 +41,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def pretrain_key(spec: ModelSpec, data: ImageData, epochs: int, lr: float, momentum: float, seed: int,
+def pretrain_key(spec: ModelSpec, data: ImageData | TextData, epochs: int, lr: float, momentum: float, seed: int,
                  batch_size: int, optimizer: str = "adam") -> dict[str, Any]:
     return {
         "optimizer": optimizer,
@@ -148,7 +150,7 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable[tuple[torch.Tensor, A
 
 def pretrain(
     spec: ModelSpec,
-    data: ImageData,
+    data: ImageData | TextData,
     *,
     epochs: int,
     lr: float,
@@ -167,19 +169,20 @@ def pretrain(
     torch.manual_seed(seed)
     model = spec(num_classes=data.num_classes("upstream"))
     module = PlanModule(model, lr=lr, momentum=momentum, bn_eval=False, optimizer=optimizer,
-                        channels_last=channels_last)
+                        channels_last=channels_last, loss=data.loss)
     trainer = make_trainer(epochs, accelerator, output_dir, progress)
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=data.loader("upstream", "train", shuffle=True, batch_size=batch_size))
     wall_s = time.perf_counter() - t0
     val = data.loader("upstream", "val")
-    acc_ema, _ = evaluate(model, val, channels_last)
+    acc_ema, _ = evaluate(model, val, channels_last, loss=data.loss)
     t1 = time.perf_counter()
     n_bn_batches = recompute_bn_stats(model, data.loader("upstream", "train", batch_size=batch_size))
     bn_wall_s = time.perf_counter() - t1
-    acc, loss = evaluate(model, val, channels_last)
+    acc, loss = evaluate(model, val, channels_last, loss=data.loss)
     model.to(memory_format=torch.contiguous_format)  # the checkpoint in the default layout
-    return model, {"upstream_val_accuracy": acc, "upstream_val_loss": loss, "pretrain_wall_s": wall_s,
+    extra = {"upstream_val_perplexity": math.exp(loss)} if data.loss == "token" else {}
+    return model, {"upstream_val_accuracy": acc, "upstream_val_loss": loss, "pretrain_wall_s": wall_s, **extra,
                    "upstream_val_accuracy_ema_bn": acc_ema, "bn_recompute_batches": n_bn_batches,
                    "bn_recompute_wall_s": bn_wall_s,
                    "train_loss": module.train_losses[-1] if module.train_losses else float("nan")}
@@ -187,7 +190,7 @@ def pretrain(
 
 def base_checkpoint(
     spec: ModelSpec,
-    data: ImageData,
+    data: ImageData | TextData,
     cache_dir: str | Path,
     *,
     epochs: int,
@@ -219,6 +222,11 @@ def base_checkpoint(
     atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
     text = json.dumps({"key": key, **stats}, indent=2, sort_keys=True, default=str)
     atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(text))
-    log.info("base model: upstream val accuracy %.3f after %.1f s (%.3f before the BatchNorm statistics were "
-             "recomputed)", stats["upstream_val_accuracy"], stats["pretrain_wall_s"], stats["upstream_val_accuracy_ema_bn"])
+    if stats["bn_recompute_batches"]:
+        log.info("base model: upstream val accuracy %.3f after %.1f s (%.3f before the BatchNorm statistics were "
+                 "recomputed)", stats["upstream_val_accuracy"], stats["pretrain_wall_s"],
+                 stats["upstream_val_accuracy_ema_bn"])
+    else:  # no BatchNorm (a transformer): nothing recomputed
+        log.info("base model: upstream val accuracy %.3f, loss %.3f after %.1f s", stats["upstream_val_accuracy"],
+                 stats["upstream_val_loss"], stats["pretrain_wall_s"])
     return path

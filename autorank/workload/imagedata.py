@@ -103,6 +103,8 @@ class ImageData(L.LightningDataModule):
 
     default_upstream: Sequence[int] | None = None
     default_downstream: Sequence[int] | None = None
+    loss = "class"  # what the workload trains with (autorank.cost.loss): classes on dim 1
+    input_dtype = torch.float32
 
     def __init__(
         self,
@@ -129,6 +131,11 @@ class ImageData(L.LightningDataModule):
         self.transform = BatchTransform(self.input_size)
         self._splits: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.class_names: list[str] = []
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """(B, C, H, W): the batch the device trains with."""
+        return (self.batch_size, 3, self.input_size, self.input_size)
 
     # --- what subclasses provide --------------------------------------------------------------
     def _load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[str]]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import time
+from typing import Any, Iterable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autorank.cost.loss import check_loss, logits_of, training_loss
 from autorank.plan import finetune_mode
 
 
@@ -28,6 +31,8 @@ class PlanModule(L.LightningModule):
     channels_last: 4-D batches and the conv weights in channels-last layout (the same numbers
     and bytes; on CPU 2-5x faster steps for these nets: depthwise convolutions in the default
     layout run a slow path, docs/BENCHMARKS.md).
+    loss: "class" (images: (B, C) logits, (B,) labels) or "token" (a language model's (B, L, V)
+    logits against (B, L) next-token labels, mean over every position): autorank.cost.loss.
     """
 
     def __init__(
@@ -39,8 +44,10 @@ class PlanModule(L.LightningModule):
         bn_eval: bool = True,
         optimizer: str = "sgd",
         channels_last: bool = False,
+        loss: str = "class",
     ) -> None:
         super().__init__()
+        self.loss = check_loss(loss)
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
         self.model = model
@@ -65,7 +72,7 @@ class PlanModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        loss = training_loss(self(x), y, self.loss)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise TrainingFailed(f"loss is {value} at epoch {self.current_epoch}, batch {batch_idx}")
@@ -102,15 +109,40 @@ def use_channels_last(setting: str | bool, accelerator: str) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, channels_last: bool = False) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) over (x, y) batches, model in eval mode."""
+def evaluate(model: nn.Module, batches, channels_last: bool = False, loss: str = "class") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over (x, y) batches, model in eval mode. loss "class": per
+    sample (argmax over dim 1); "token": per label position (top-1 next-token accuracy, argmax
+    over the vocabulary, the last dim), every position of every window weighing the same."""
+    check_loss(loss)
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
     for x, y in batches:
-        logits = model(to_layout(x, channels_last))
+        logits = logits_of(model(to_layout(x, channels_last)))
+        if loss == "token":  # (B, L, V) against (B, L): one prediction per position
+            logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
-        n += len(y)
+        n += y.numel()
     model.train(was_training)
     return (correct / n if n else float("nan")), (loss_sum / n if n else float("nan"))
+
+
+class EvalAtSteps(L.Callback):
+    """Val accuracy after the listed optimizer steps of one fine-tuning run (accuracy at several
+    fidelities from one run); `wall_s` is the time spent evaluating."""
+
+    def __init__(self, steps: Iterable[int], val_batches: Iterable) -> None:
+        self.steps, self.val_batches = {int(s) for s in steps}, val_batches
+        self.accuracy: dict[int, float] = {}
+        self.wall_s = 0.0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = int(trainer.global_step)
+        if step in self.steps and step not in self.accuracy:
+            t0 = time.perf_counter()
+            d = pl_module.device  # mid-fit the model may be on an accelerator, the features are not
+            self.accuracy[step], _ = evaluate(pl_module.model, ((x.to(d), y.to(d)) for x, y in self.val_batches),
+                                              channels_last=pl_module.channels_last, loss=pl_module.loss)
+            pl_module.train()  # evaluate restores plain train mode; the module's keeps BN in eval
+            self.wall_s += time.perf_counter() - t0

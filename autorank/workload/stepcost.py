@@ -5,12 +5,11 @@ model's predictions (autorank.cost)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
 def measure_suffix_step(suffix: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
-                        batch_size: int, channels_last: bool = False) -> tuple[int, int]:
+                        batch_size: int, channels_last: bool = False, loss: str = "class") -> tuple[int, int]:
     """(saved activation bytes, FLOPs) of one training step of the trained suffix on one batch of
     cached prefix features at the device's batch size.
 
@@ -19,8 +18,10 @@ def measure_suffix_step(suffix: nn.Module, x_train: torch.Tensor, y_train: torch
     what the whole model would. FLOPs: the suffix's forward and backward, counted by autorank.cost's
     corrected FlopCounterMode; the loss is elementwise and counts 0, as output.sum() does in the
     prediction. Add prefix_forward_flops for the whole model's step as the device runs it (the
-    device has no feature cache). channels_last: the batch in the layout training used."""
+    device has no feature cache). channels_last: the batch in the layout training used. loss:
+    "class" or "token" (autorank.cost.loss)."""
     from autorank.cost import flop_counter, measure_saved_bytes
+    from autorank.cost.loss import training_loss
     from autorank.workload.module import to_layout
 
     idx = torch.arange(batch_size) % len(x_train)
@@ -29,7 +30,7 @@ def measure_suffix_step(suffix: nn.Module, x_train: torch.Tensor, y_train: torch
     outs: list[torch.Tensor] = []
     with flop_counter() as counter:
         saved = measure_saved_bytes(lambda: outs.append(suffix(xb)) or outs[-1], suffix)
-        F.cross_entropy(outs[0], yb).backward()
+        training_loss(outs[0], yb, loss).backward()
     outs.clear()
     suffix.zero_grad(set_to_none=True)
     return int(saved.activation_bytes), int(counter.get_total_flops())

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -27,89 +24,15 @@ from autorank.errors import ConfigError
 from autorank.plan import finetune_mode
 from autorank.workload.base import base_checkpoint, file_sha256, load_weights, make_trainer
 from autorank.workload.data import ImageData
+from autorank.workload.textdata import TextData
 from autorank.workload.device import DeviceProfile
 from autorank.workload.features import FeatureCache
-from autorank.models import ModelSpec, cut_name, replace_head, split_at_first_trained
+from autorank.models import ModelSpec, classifier_name, cut_name, replace_head, split_at_first_trained
 from autorank.workload.stepcost import measure_suffix_step, prefix_forward_flops
-from autorank.workload.module import PlanModule, TrainingFailed, evaluate, use_channels_last
+from autorank.workload.module import EvalAtSteps, PlanModule, TrainingFailed, evaluate, use_channels_last
+from autorank.workload.settings import FineTuneResult, Paths, TrainerConfig, as_settings
 
 __all__ = ["FineTuneResult", "Paths", "TrainerConfig", "TrainingFailed", "Workload"]
-
-
-@dataclass
-class TrainerConfig:
-    """conf/trainer: fine-tuning (per trial) and upstream pretraining settings."""
-
-    max_epochs: int = 10
-    steps: int | None = None  # SGD steps of a full-fidelity fine-tune (what the device runs); None: epochs
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    bn_eval: bool = True
-    accelerator: str = "cpu"
-    seed: int = 0
-    feature_cache: str = "memory"  # memory | disk | off
-    pretrain_epochs: int = 5
-    pretrain_lr: float = 0.002
-    pretrain_optimizer: str = "adam"  # from scratch, Adam converges in a few epochs where SGD does not
-    pretrain_batch_size: int = 32  # smaller than the device batch: more steps for the same compute
-    progress: bool = False  # Lightning bar per trial (pretraining always shows one)
-    channels_last: str | bool = "auto"  # auto: channels-last layout on CPU (2-5x faster steps)
-
-
-@dataclass
-class Paths:
-    """conf/paths: where outputs, caches (checkpoints, features) and data sets live."""
-
-    root: str = "."
-    output_dir: str = "outputs"
-    cache_dir: str = ".cache/autorank"
-    data_dir: str = "data"
-
-
-@dataclass
-class FineTuneResult:
-    val_accuracy: float
-    train_loss: float
-    measured_activation_bytes: int
-    train_wall_s: float
-    epochs: int
-    features_wall_s: float = 0.0  # prefix features (0 on a cache hit)
-    cut: str = ""  # first block of the trained suffix
-    # FLOPs of one real training step of the whole model at the device's batch shape (frozen
-    # prefix forward + trained suffix forward and backward), counted by autorank.cost's corrected
-    # FlopCounterMode on real tensors: what train_step_flops(model, example_input, plan) predicts.
-    measured_flops: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _as(cls, value):
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in dict(value).items() if k in names and not k.startswith("_")})
-
-
-class EvalAtSteps(L.Callback):
-    """Val accuracy after the listed optimizer steps of one fine-tuning run (accuracy at several
-    fidelities from one run); `wall_s` is the time spent evaluating."""
-
-    def __init__(self, steps: Iterable[int], val_batches: Iterable) -> None:
-        self.steps, self.val_batches = {int(s) for s in steps}, val_batches
-        self.accuracy: dict[int, float] = {}
-        self.wall_s = 0.0
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = int(trainer.global_step)
-        if step in self.steps and step not in self.accuracy:
-            t0 = time.perf_counter()
-            d = pl_module.device  # mid-fit the model may be on an accelerator, the features are not
-            self.accuracy[step], _ = evaluate(pl_module.model, ((x.to(d), y.to(d)) for x, y in self.val_batches),
-                                              channels_last=getattr(pl_module, "channels_last", False))
-            pl_module.train()  # evaluate restores plain train mode; the module's keeps BN in eval
-            self.wall_s += time.perf_counter() - t0
 
 
 class Workload:
@@ -117,12 +40,12 @@ class Workload:
         self,
         device: DeviceProfile,
         model: ModelSpec,
-        data: ImageData,
+        data: ImageData | TextData,
         trainer: TrainerConfig | Mapping[str, Any] | None = None,
         paths: Paths | Mapping[str, Any] | None = None,
     ) -> None:
         self.device, self.spec, self.data = device, model, data
-        self.trainer, self.paths = _as(TrainerConfig, trainer), _as(Paths, paths)
+        self.trainer, self.paths = as_settings(TrainerConfig, trainer), as_settings(Paths, paths)
         cache = self.trainer.feature_cache
         if cache not in ("memory", "disk", "off"):
             raise ConfigError(f"trainer.feature_cache must be memory, disk or off, got {cache!r}")
@@ -146,22 +69,35 @@ class Workload:
 
     # --- the base model ------------------------------------------------------------------------
     def prepare(self, progress: bool = True) -> nn.Module:
-        """Load or pretrain (once, cached) the base model and give it a fresh downstream head."""
+        """Load or pretrain (once, cached) the base model and give it a fresh downstream head (a
+        classifier; a language model keeps its output layer: the vocabulary is the same)."""
         if self._model is None:
             t = self.trainer
+            model = self.spec(num_classes=self.data.num_classes("upstream"))
+            self._check_vocabulary(model)  # before pretraining: a vocabulary too small fails there
             self._checkpoint = base_checkpoint(
                 self.spec, self.data, self.paths.cache_dir, epochs=t.pretrain_epochs, lr=t.pretrain_lr,
                 momentum=t.momentum, seed=t.seed, batch_size=t.pretrain_batch_size, accelerator=t.accelerator,
                 optimizer=t.pretrain_optimizer, channels_last=use_channels_last(t.channels_last, t.accelerator),
                 output_dir=self.paths.output_dir, progress=progress,
             )
-            model = self.spec(num_classes=self.data.num_classes("upstream"))
             load_weights(model, self._checkpoint)
             # Kept in its fine-tuning mode (train, BN in eval when trainer.bn_eval): the cost model
             # reads the modes, and a training step saves e.g. dropout masks that eval would not.
-            self._model = finetune_mode(replace_head(model, self.num_classes, seed=t.seed), t.bn_eval)
+            if self.loss == "class":
+                model = replace_head(model, self.num_classes, seed=t.seed)
+            self._model = finetune_mode(model, t.bn_eval)
             self._checkpoint_sha256 = file_sha256(self._checkpoint)
         return self._model
+
+    def _check_vocabulary(self, model: nn.Module) -> None:
+        """A language model's output layer must cover the data's vocabulary (byte tokens: 256)."""
+        if self.loss != "token":
+            return
+        out = model.get_submodule(classifier_name(model)).out_features
+        if out != self.num_classes:
+            raise ConfigError(f"the model predicts {out} tokens but the text data has a vocabulary of "
+                              f"{self.num_classes} (bytes): set model.build.vocab_size={self.num_classes}")
 
     @property
     def model(self) -> nn.Module:
@@ -180,16 +116,21 @@ class Workload:
 
     @property
     def num_classes(self) -> int:
+        """Downstream classes; a language model's vocabulary."""
         return self.data.num_classes("downstream")
 
     @property
-    def input_shape(self) -> tuple[int, int, int, int]:
-        """(B, C, H, W): the batch the device trains with."""
-        s = self.data.input_size
-        return (self.data.batch_size, 3, s, s)
+    def loss(self) -> str:
+        """"class" (images) or "token" (next-token cross-entropy): autorank.cost.loss."""
+        return self.data.loss
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The batch the device trains with: (B, C, H, W) images or (B, L) tokens."""
+        return tuple(self.data.input_shape)
 
     def example_input(self) -> torch.Tensor:
-        return torch.zeros(self.input_shape)
+        return torch.zeros(self.input_shape, dtype=self.data.input_dtype)
 
     def calibration_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first n shuffled (seeded) downstream training batches at the device batch shape."""
@@ -213,7 +154,8 @@ class Workload:
         module, _, fn = k["factory"].rpartition(".")
         steps = max_steps if max_steps is not None else (t.steps if max_epochs is None else None)
         return FineTuneSettings(
-            model_factory=f"{module}:{fn}", model_kwargs={**k["kwargs"], "num_classes": self.num_classes},
+            model_factory=f"{module}:{fn}",
+            model_kwargs={**k["kwargs"], **({"num_classes": self.num_classes} if self.loss == "class" else {})},
             input_shape=self.input_shape, lr=float(t.lr if lr is None else lr),
             momentum=float(t.momentum if momentum is None else momentum), seed=int(t.seed),
             weight_decay=float(t.weight_decay if weight_decay is None else weight_decay),
@@ -277,9 +219,9 @@ class Workload:
         bs = self.data.batch_size
 
         if len(suffix) == 0:  # nothing trained: the "features" are the logits
-            acc = float((x_val.argmax(1) == y_val).float().mean())
-            loss = float(F.cross_entropy(x_train, y_train))
-            return FineTuneResult(acc, loss, 0, 0.0, 0, features_wall_s, cut)
+            acc, val_loss = evaluate(nn.Identity(), [(x_val, y_val)], loss=self.loss)
+            _, loss = evaluate(nn.Identity(), [(x_train, y_train)], loss=self.loss)
+            return FineTuneResult(acc, loss, 0, 0.0, 0, features_wall_s, cut, val_loss=val_loss)
 
         g = torch.Generator().manual_seed(t.seed)
         cl = use_channels_last(t.channels_last, t.accelerator)
@@ -290,7 +232,7 @@ class Workload:
         module = PlanModule(suffix, lr=t.lr if lr is None else lr,
                             momentum=t.momentum if momentum is None else momentum,
                             weight_decay=t.weight_decay if weight_decay is None else weight_decay,
-                            bn_eval=t.bn_eval, channels_last=cl)
+                            bn_eval=t.bn_eval, channels_last=cl, loss=self.loss)
         val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=bs)
         at_steps = EvalAtSteps(eval_steps, val_loader)
         trainer = make_trainer(None if max_steps else epochs, t.accelerator, self.paths.output_dir, progress,
@@ -303,18 +245,19 @@ class Workload:
         if max_steps:  # epochs begun, the last possibly partial
             epochs = -(-steps // max(1, len(loader)))
 
-        acc, val_loss = evaluate(suffix, val_loader, channels_last=cl)
+        acc, val_loss = evaluate(suffix, val_loader, channels_last=cl, loss=self.loss)
 
         # The step as the device runs it, measured on real tensors (the search compares it with
         # the prediction): the suffix's step on cached features + the frozen prefix's forward.
         module.train()
-        saved_bytes, suffix_flops = measure_suffix_step(suffix, x_train, y_train, bs, channels_last=cl)
+        saved_bytes, suffix_flops = measure_suffix_step(suffix, x_train, y_train, bs, channels_last=cl,
+                                                        loss=self.loss)
         batch, _ = next(iter(self.data.loader("downstream", "train")))
         prefix_flops = prefix_forward_flops(prefix, batch, self.input_shape)
         return FineTuneResult(
             val_accuracy=acc, train_loss=train_loss, measured_activation_bytes=saved_bytes,
             train_wall_s=train_wall_s, epochs=epochs, features_wall_s=features_wall_s, cut=cut,
-            measured_flops=prefix_flops + suffix_flops,
+            measured_flops=prefix_flops + suffix_flops, val_loss=val_loss,
             extra={"val_loss": val_loss, "measured_prefix_flops": prefix_flops, "steps": steps,
                    "val_accuracy_at_step": at_steps.accuracy},
         )
