@@ -80,7 +80,7 @@ class FashionMNISTData(ImageData):
         if missing:
             raise DatasetMissing(
                 f"Fashion-MNIST not found: {src} lacks {', '.join(m + '.gz' for m in missing)}. "
-                "Install the OS package with `apt-get install -y dataset-fashion-mnist` "
+                "Install the OS package with `make data-fashion-mnist` (apt-get install -y dataset-fashion-mnist) "
                 "(or set data.source_dir to a folder holding the four gzipped IDX files)."
             )
         for f in FASHION_MNIST_FILES:
