@@ -83,6 +83,11 @@ class ConvGeometry:
         padding = self.native_padding
         if not self.native:
             z = self._pad(z)
+        if gy.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous(memory_format=torch.channels_last):
+            # z (the Tucker core expanded) comes out in the default layout; beside a channels-last
+            # gy (a channels-last training step) torch's CPU convolution backward takes a slow
+            # path: 10-14x on 56x56 layers (docs/BENCHMARKS.md section 13). Same numbers.
+            z = z.contiguous(memory_format=torch.channels_last)
         dummy = gy.new_empty(1).expand(w_shape)
         return _conv_bw(gy, z, dummy, None, self.stride, padding, self.dilation,
                         False, [0, 0], groups, (False, True, False))[1]
