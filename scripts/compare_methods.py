@@ -188,11 +188,14 @@ def summary(rows: list[dict], budget_mb: float | None) -> list[dict]:
         r0 = rs[0]
         out.append({"plan": name, "lr": r0["lr"], "seeds": len(rs), "acc_mean": statistics.fmean(acc),
                     "acc_spread": max(acc) - min(acc), "loss_mean": statistics.fmean(loss),
-                    "loss_spread": max(loss) - min(loss), "ppl_mean": statistics.fmean(math.exp(v) for v in loss), "lm": r0["model"] == "llm",
+                    "loss_spread": max(loss) - min(loss), "lm": r0["model"] == "llm",
+                    "ppl_mean": statistics.fmean(math.exp(v) for v in loss),
                     "acc_half_mean": statistics.fmean(r["val_accuracy_half"] for r in rs),
-                    "peak_mb": r0["peak_mb"], "fits": r0["peak_mb"] <= budget_mb + 1e-9, "budget_mb": budget_mb,
+                    "peak_mb": r0["peak_mb"], "fits": r0["peak_mb"] <= budget_mb + 1e-9,
+                    "budget_mb": budget_mb,
                     "measured_saved_mb": r0["measured_saved_bytes"] / MB,
-                    "predicted_equals_measured": all(r["measured_saved_bytes"] == r["predicted_saved_bytes"] for r in rs),
+                    "predicted_equals_measured": all(r["measured_saved_bytes"] == r["predicted_saved_bytes"]
+                                                     for r in rs),
                     "paper_saved_mb": r0["paper_saved_bytes"] / MB, "gflop_per_step": r0["gflop_per_step"],
                     "s_per_step": statistics.median(r["s_per_step"] for r in rs)})
     return out
@@ -201,13 +204,15 @@ def summary(rows: list[dict], budget_mb: float | None) -> list[dict]:
 def print_table(summ: list[dict]) -> None:
     if not summ:
         return
-    print(f"# budget {summ[0]['budget_mb']:.2f} MB (the largest asi / lora_asi peak)")
-    print("| plan | lr | seeds | val acc (mean ± spread) | acc at half the steps | val loss | perplexity | peak MB | fits | saved MB "
-          "(measured = predicted) | paper's count MB | GFLOP/step | s/step |")
+    print(f"# budget {summ[0]['budget_mb']:.2f} MB (--budget-mb, else the largest asi / lora_asi peak); "
+          "± is half the range over the seeds")
+    print("| plan | lr | seeds | val acc (mean ± half range) | acc at half the steps | val loss | perplexity | "
+          "peak MB | fits | saved MB (measured = predicted) | paper's count MB | GFLOP/step | s/step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in summ:
-        print(f"| {s['plan']} | {s['lr']:g} | {s['seeds']} | {s['acc_mean']:.3f} ± {s['acc_spread'] / 2:.3f} | {s['acc_half_mean']:.3f} | "
-              f"{s['loss_mean']:.3f} ± {s['loss_spread'] / 2:.3f} | {s['ppl_mean'] if s['lm'] else '-':.4} | {s['peak_mb']:.2f} | "
+        ppl = f"{s['ppl_mean']:.2f}" if s["lm"] else "-"
+        print(f"| {s['plan']} | {s['lr']:g} | {s['seeds']} | {s['acc_mean']:.3f} ± {s['acc_spread'] / 2:.3f} | "
+              f"{s['acc_half_mean']:.3f} | {s['loss_mean']:.3f} ± {s['loss_spread'] / 2:.3f} | {ppl} | {s['peak_mb']:.2f} | "
               f"{'yes' if s['fits'] else 'no'} | {s['measured_saved_mb']:.2f} "
               f"({'yes' if s['predicted_equals_measured'] else 'NO'}) | {s['paper_saved_mb']:.3f} | "
               f"{s['gflop_per_step']:.2f} | {s['s_per_step']:.3f} |")

@@ -51,7 +51,8 @@ FROM_RE = re.compile(r"^from(\d+)$")
 CONV_RE = re.compile(r"^conv(\d+)$")
 
 
-def compose(size: int | None, batch: int | None, shift: str, seed: int, cache_dir: str, overrides: list[str], checkpoint=None):
+def compose(size: int | None, batch: int | None, shift: str, seed: int, cache_dir: str, overrides: list[str],
+            checkpoint=None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
