@@ -135,7 +135,8 @@ def measure(args) -> list[dict]:
     by = "val_loss" if base.loss == "token" else "val_accuracy"
     calib_x, _ = base.calibration_batches(1)[0]
     plans = build_plans(base.model, calib_x, args.blocks, args.methods, args.level, args.lora_rank)
-    info_costs = {name: {**info, **costs(base, plan)} for name, (plan, info) in plans.items()}
+    info_costs = {name: {**info, **costs(base, plan), "base_checkpoint": checkpoint.name}
+                  for name, (plan, info) in plans.items()}
     rows, best_lr = [], {}
     wls = {s: Workload.from_config(compose(None, None, "none", s, args.cache_dir, over, checkpoint))
            for s in args.seeds}
