@@ -51,14 +51,17 @@ FROM_RE = re.compile(r"^from(\d+)$")
 CONV_RE = re.compile(r"^conv(\d+)$")
 
 
-def compose(size: int, batch: int, shift: str, seed: int, cache_dir: str, overrides: list[str], checkpoint=None):
+def compose(size: int | None, batch: int | None, shift: str, seed: int, cache_dir: str, overrides: list[str],
+            checkpoint=None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     out = Path(cache_dir) / "outputs"
-    ov = ["+device=rpi4", f"data.input_size={size}", f"data.batch_size={batch}", f"paths.root={out}",
-          f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}", f"trainer.seed={seed}", "data.seed=0"]
+    ov = ["+device=rpi4", f"paths.root={out}", f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}",
+          f"trainer.seed={seed}", "data.seed=0"]
+    # size / batch None: the data option's own (a text option has no input_size)
+    ov += [f"data.input_size={size}"] * (size is not None) + [f"data.batch_size={batch}"] * (batch is not None)
     if shift != "none":
         ov.append(f"++data.downstream_shift={shift}")
     if checkpoint is not None:  # seeds > first: the same base model, another head init and order
