@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,16 +16,12 @@ from autorank.cost.loss import logits_of
 from autorank.models import transformer_blocks, vit_tiny
 from autorank.plan import apply_plan, candidate_layers, finetune_mode
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "compare_methods.py"
 B, RANK = 4, 4
 
 
 @pytest.fixture(scope="module")
-def cm():
-    spec = importlib.util.spec_from_file_location("compare_methods", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def cm(load_script):
+    return load_script("compare_methods")
 
 
 @functools.cache

@@ -3,9 +3,7 @@ convolutions (plainly or with ASI) and the head, and report the compressed input
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +12,10 @@ from torch import nn
 from autorank.models import mcunet_like, replace_head
 from autorank.plan import candidate_layers, finetune_mode
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "measure_fidelity.py"
-
 
 @pytest.fixture(scope="module")
-def mf():
-    spec = importlib.util.spec_from_file_location("measure_fidelity", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def mf(load_script):
+    return load_script("measure_fidelity")
 
 
 @pytest.fixture(scope="module")
