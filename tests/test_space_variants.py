@@ -40,7 +40,15 @@ def test_default_space_drops_rank_one_levels_and_searches_lr():
     sp = load_space("default")
     assert 0.4 not in sp.levels and min(sp.levels) >= 0.8
     assert set(sp.variants) == {"all", "keep_batch"} and sp.head == "full"
-    assert sp.hparams["lr"] == {"low": 0.001, "high": 0.02, "log": True}
+    assert sp.hparams["lr"] == {"low": 0.001, "high": 0.008, "log": True}
+    assert sp.hparam_defaults({"lr": 0.003}) == {"lr": 0.003} and sp.hparam_defaults({"lr": 0.1}) == {"lr": 0.008}
+
+
+def test_a_space_sets_its_own_warm_start_lr():
+    llm = load_space("llm")  # the trainer's 0.003 is far below the language model's range
+    assert llm.hparams["lr"]["default"] == 0.1 and llm.hparam_defaults({"lr": 0.003}) == {"lr": 0.1}
+    with pytest.raises(ConfigError, match="outside"):
+        SearchSpace(name="t", hparams={"lr": {"low": 0.01, "high": 0.1, "default": 0.5}})
 
 
 def test_keep_batch_ranks_keep_the_batch_and_bytes_are_predicted_exactly():

@@ -47,7 +47,9 @@ def _fit(workload: Workload, plan: Plan, steps: int, hparams: Mapping[str, float
     res = workload.finetune(plan, max_steps=steps, progress=False, **hparams)
     seed = workload.finetune_settings(max_steps=steps, **hparams).seed
     return {"accuracy": float(res.val_accuracy), "val_loss": float(res.val_loss), "steps": int(steps),
-            "seed": int(seed), "hparams": dict(hparams)}
+            "seed": int(seed), "hparams": dict(hparams),
+            # > 0: the run went on from the trial's state at that step (exact: workload/resume.py)
+            "continued_from": int((res.extra or {}).get("continued_from", 0))}
 
 
 def refit_trials(study: optuna.Study, workload: Workload, records: Sequence[TrialRecord], *,

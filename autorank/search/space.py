@@ -18,7 +18,7 @@ file of your own is `space.path=/abs/my_space.yaml`. A space file:
     head: full                     # the last candidate (the fresh classifier) is always `full`
                                    # (never frozen, never ASI); `search`: searched like the others
     hparams:                       # trainer settings searched with the plan (Optuna suggest_float)
-      lr: {low: 0.003, high: 0.1, log: true}
+      lr: {low: 0.003, high: 0.1, log: true, default: 0.01}  # default (optional): the warm starts'
     overrides:                                     # per-layer choice lists (module name -> choices)
       classifier.1: [full, asi]
     fill: frozen                   # layers between candidates that are not candidates themselves:
@@ -136,11 +136,14 @@ class SearchSpace:
         if self.head not in HEAD_RULES:
             raise ConfigError(f"space {self.name!r}: head must be one of {HEAD_RULES}, got {self.head!r}")
         for k, r in self.hparams.items():
-            if k not in HPARAM_KEYS or not {"low", "high"} <= set(r) or not set(r) <= {"low", "high", "log"}:
+            if k not in HPARAM_KEYS or not {"low", "high"} <= set(r) or not set(r) <= {"low", "high", "log", "default"}:
                 raise ConfigError(f"space {self.name!r}: hparams.{k}: expected one of {HPARAM_KEYS} "
-                                  f"with {{low, high, log}}, got {r}")
+                                  f"with {{low, high, log, default}} (default optional), got {r}")
             if not 0 <= float(r["low"]) <= float(r["high"]) or (r.get("log") and float(r["low"]) <= 0):
                 raise ConfigError(f"space {self.name!r}: hparams.{k}: need 0 <= low <= high (low > 0 if log)")
+            if r.get("default") is not None and not float(r["low"]) <= float(r["default"]) <= float(r["high"]):
+                raise ConfigError(f"space {self.name!r}: hparams.{k}.default {r['default']} lies outside "
+                                  f"[{r['low']}, {r['high']}]: move it inside or remove it")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SearchSpace":
@@ -249,9 +252,11 @@ class SearchSpace:
         return out
 
     def hparam_defaults(self, defaults: Mapping[str, float]) -> dict[str, float]:
-        """The warm-start value of each searched hparam: `defaults` (the trainer's), clipped into
-        the hparam's range."""
-        return {k: min(max(float(defaults[k]), float(r["low"])), float(r["high"]))
+        """The warm-start value of each searched hparam: the range's own `default` where the space
+        gives one (a model whose best lr differs from the trainer's), else `defaults` (the
+        trainer's), clipped into the hparam's range."""
+        return {k: float(r["default"]) if r.get("default") is not None
+                else min(max(float(defaults[k]), float(r["low"])), float(r["high"]))
                 for k, r in self.hparams.items() if k in defaults}
 
 

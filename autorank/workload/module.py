@@ -45,6 +45,7 @@ class PlanModule(L.LightningModule):
         optimizer: str = "sgd",
         channels_last: bool = False,
         loss: str = "class",
+        optimizer_state: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.loss = check_loss(loss)
@@ -53,6 +54,7 @@ class PlanModule(L.LightningModule):
         self.model = model
         self.lr, self.momentum, self.weight_decay, self.bn_eval = lr, momentum, weight_decay, bn_eval
         self.optimizer = optimizer
+        self.optimizer_state = optimizer_state  # a run continued (autorank.workload.resume)
         self.channels_last = channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)
@@ -89,8 +91,12 @@ class PlanModule(L.LightningModule):
         if not params:
             raise TrainingFailed("no parameter requires grad: nothing to train")
         if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if self.optimizer_state is not None:
+            opt.load_state_dict(self.optimizer_state)
+        return opt
 
 
 def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -132,13 +138,14 @@ class EvalAtSteps(L.Callback):
     """Val accuracy after the listed optimizer steps of one fine-tuning run (accuracy at several
     fidelities from one run); `wall_s` is the time spent evaluating."""
 
-    def __init__(self, steps: Iterable[int], val_batches: Iterable) -> None:
+    def __init__(self, steps: Iterable[int], val_batches: Iterable, offset: int = 0) -> None:
         self.steps, self.val_batches = {int(s) for s in steps}, val_batches
+        self.offset = int(offset)  # steps run before this fit (a continued run)
         self.accuracy: dict[int, float] = {}
         self.wall_s = 0.0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = int(trainer.global_step)
+        step = int(trainer.global_step) + self.offset
         if step in self.steps and step not in self.accuracy:
             t0 = time.perf_counter()
             d = pl_module.device  # mid-fit the model may be on an accelerator, the features are not

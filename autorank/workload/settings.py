@@ -27,6 +27,7 @@ class TrainerConfig:
     pretrain_batch_size: int = 32  # smaller than the device batch: more steps for the same compute
     progress: bool = False  # Lightning bar per trial (pretraining always shows one)
     channels_last: str | bool = "auto"  # auto: channels-last layout on CPU (2-5x faster steps)
+    resume_cache_mb: float = 256.0  # runs' end states kept in memory: a longer run of the same plan goes on from them
 
 
 @dataclass

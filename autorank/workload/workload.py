@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -27,6 +28,7 @@ from autorank.workload.data import ImageData
 from autorank.workload.textdata import TextData
 from autorank.workload.device import DeviceProfile
 from autorank.workload.features import FeatureCache
+from autorank.workload.resume import Snapshot, SnapshotCache, StepBatchSampler, run_key
 from autorank.models import ModelSpec, classifier_name, cut_name, replace_head, split_at_first_trained
 from autorank.workload.stepcost import measure_suffix_step, prefix_forward_flops
 from autorank.workload.module import EvalAtSteps, PlanModule, TrainingFailed, evaluate, use_channels_last
@@ -50,6 +52,7 @@ class Workload:
         if cache not in ("memory", "disk", "off"):
             raise ConfigError(f"trainer.feature_cache must be memory, disk or off, got {cache!r}")
         self.features = FeatureCache(Path(self.paths.cache_dir) / "features" if cache == "disk" else None)
+        self.snapshots = SnapshotCache(int(self.trainer.resume_cache_mb * 2**20))
         self._model: nn.Module | None = None
         self._checkpoint: Path | None = None
         self._checkpoint_sha256 = ""
@@ -223,27 +226,42 @@ class Workload:
             _, loss = evaluate(nn.Identity(), [(x_train, y_train)], loss=self.loss)
             return FineTuneResult(acc, loss, 0, 0.0, 0, features_wall_s, cut, val_loss=val_loss)
 
-        g = torch.Generator().manual_seed(t.seed)
+        hp = {"lr": t.lr if lr is None else lr, "momentum": t.momentum if momentum is None else momentum,
+              "weight_decay": t.weight_decay if weight_decay is None else weight_decay}
+        key = run_key(plan, hp, {"trainer": asdict(t), "data": self.data.key("downstream"),
+                                 "checkpoint": self.checkpoint_sha256}) if max_steps else ""
+        snap = self.snapshots.get(key, before=max_steps) if max_steps else None
+        if snap is not None:  # the same run was trained fewer steps: go on from there (resume.py)
+            suffix = snap.suffix
+            torch.set_rng_state(snap.rng_state)
+        start = snap.steps if snap is not None else 0
         cl = use_channels_last(t.channels_last, t.accelerator)
-        # drop_last: every step at the device's batch shape, the one the memory is predicted for
-        # (and ASI's warm-started subspaces are per shape: a short last batch would restart them).
-        loader = DataLoader(TensorDataset(x_train, y_train), batch_size=bs, shuffle=True, generator=g,
-                            drop_last=len(x_train) >= bs)
-        module = PlanModule(suffix, lr=t.lr if lr is None else lr,
-                            momentum=t.momentum if momentum is None else momentum,
-                            weight_decay=t.weight_decay if weight_decay is None else weight_decay,
-                            bn_eval=t.bn_eval, channels_last=cl, loss=self.loss)
+        # Every step at the device's batch shape, the one the memory is predicted for (ASI's
+        # warm-started subspaces are per shape: a short last batch would restart them).
+        sampler = StepBatchSampler(len(x_train), bs, t.seed, start=start, stop=max_steps or None)
+        # its own generator: each iter() of a loader draws a seed from torch's global RNG
+        # otherwise, which a continued run would draw at a different step (dropout uses it)
+        loader = DataLoader(TensorDataset(x_train, y_train), batch_sampler=sampler,
+                            generator=torch.Generator().manual_seed(t.seed))
+        module = PlanModule(suffix, **hp, bn_eval=t.bn_eval, channels_last=cl, loss=self.loss,
+                            optimizer_state=snap.optimizer_state if snap is not None else None)
+        module.train_losses = list(snap.train_losses) if snap is not None else []
         val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=bs)
-        at_steps = EvalAtSteps(eval_steps, val_loader)
+        at_steps = EvalAtSteps(eval_steps, val_loader, offset=start)
         trainer = make_trainer(None if max_steps else epochs, t.accelerator, self.paths.output_dir, progress,
-                               max_steps=max_steps or -1, callbacks=[at_steps] if at_steps.steps else [])
+                               max_steps=(max_steps - start) if max_steps else -1,
+                               callbacks=[at_steps] if at_steps.steps else [])
         t1 = time.perf_counter()
         trainer.fit(module, train_dataloaders=loader)
         train_wall_s = time.perf_counter() - t1 - at_steps.wall_s
         train_loss = module.train_losses[-1] if module.train_losses else float("nan")
-        steps = int(trainer.global_step)
+        steps = start + int(trainer.global_step)
         if max_steps:  # epochs begun, the last possibly partial
-            epochs = -(-steps // max(1, len(loader)))
+            epochs = -(-steps // sampler.per_epoch)
+            # before evaluate and the measured step below, which would move ASI's subspaces on
+            self.snapshots.put(key, Snapshot(steps, copy.deepcopy(suffix),
+                                             copy.deepcopy(trainer.optimizers[0].state_dict()),
+                                             torch.get_rng_state(), list(module.train_losses)))
 
         acc, val_loss = evaluate(suffix, val_loader, channels_last=cl, loss=self.loss)
 
@@ -259,5 +277,6 @@ class Workload:
             train_wall_s=train_wall_s, epochs=epochs, features_wall_s=features_wall_s, cut=cut,
             measured_flops=prefix_flops + suffix_flops, val_loss=val_loss,
             extra={"val_loss": val_loss, "measured_prefix_flops": prefix_flops, "steps": steps,
+                   "continued_from": start,
                    "val_accuracy_at_step": at_steps.accuracy},
         )
