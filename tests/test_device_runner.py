@@ -185,3 +185,22 @@ def test_runner_bad_input_as_a_process(tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith(f"error: plan file {tmp_path / 'nope.yaml'} does not exist")
     assert "Traceback" not in r.stderr
+
+
+def test_runner_steps_have_the_plans_batch_shape():
+    """10 samples at batch 4: two full steps an epoch (the short last batch dropped, as in the
+    search's trials); fewer samples than a batch: one step with all of them."""
+    seen: list[int] = []
+
+    class Recorder(torch.nn.Linear):
+        def forward(self, x):
+            seen.append(len(x))
+            return super().forward(x)
+
+    model = Recorder(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert runner.train(model, torch.randn(10, 3), torch.randint(0, 2, (10,)), opt, bs=4, epochs=2)
+    assert seen == [4, 4, 4, 4]
+    seen.clear()
+    assert runner.train(model, torch.randn(3, 3), torch.randint(0, 2, (3,)), opt, bs=4, epochs=1)
+    assert seen == [3]

@@ -83,11 +83,14 @@ def report_saved_bytes(model: torch.nn.Module, xb: torch.Tensor, predicted: int,
 def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
           bs: int, epochs: int, loss_kind: str = "class") -> bool:
     """Plain SGD epochs over shuffled batches; False (after an error line) on a non-finite loss.
+    A short last batch is dropped when there are at least `bs` samples: every step has the batch
+    shape the plan's memory was predicted for, as in the search's trials.
     loss_kind "token": next-token cross-entropy over every position (autorank.cost.loss)."""
+    end = len(x) - len(x) % bs if len(x) >= bs else len(x)
     for epoch in range(epochs):
         perm = torch.randperm(len(x))
         total, n = 0.0, 0
-        for i in range(0, len(x), bs):
+        for i in range(0, end, bs):
             idx = perm[i:i + bs]
             loss = training_loss(model(x[idx]), y[idx], loss_kind)
             if not torch.isfinite(loss):
