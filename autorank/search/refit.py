@@ -49,7 +49,7 @@ def _fit(workload: Workload, plan: Plan, steps: int, hparams: Mapping[str, float
     return {"accuracy": float(res.val_accuracy), "val_loss": float(res.val_loss), "steps": int(steps),
             "seed": int(seed), "hparams": dict(hparams),
             # > 0: the run went on from the trial's state at that step (exact: workload/resume.py)
-            "continued_from": int((res.extra or {}).get("continued_from", 0))}
+            "continued_from": int((getattr(res, "extra", None) or {}).get("continued_from", 0))}
 
 
 def refit_trials(study: optuna.Study, workload: Workload, records: Sequence[TrialRecord], *,
