@@ -8,6 +8,7 @@ with composed configs.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,10 @@ def _summary(result: Any, device: Any, tracker: Any) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # written to a file or pipe: rich would assume 80 columns and cut the front table's
+        # columns to "GFLOP…"; a log has room for the whole table ($COLUMNS still decides)
+        console = Console(width=140)
     budget_mb = device.budget_bytes / MB
     if hasattr(result, "front"):  # an Optuna study
         _study_summary(console, result, device)
