@@ -19,6 +19,7 @@ from autorank.cost.live import measure_peak_training
 from autorank.cost.loss import label_shape, logits_of, training_loss
 from autorank.models import transformer_blocks, vit_tiny
 from autorank.plan import Choice, Plan, apply_plan, candidate_layers, remove_plan
+from autorank.shortcut import LeanSwiGLU
 
 B = 2
 
@@ -77,6 +78,9 @@ def test_predicted_bytes_equal_measured(model_name, kind, optimizer):
     peak = predict_peak_training_bytes(model, x, plan, optimizer=optimizer, loss=loss)
     if plan is not None:
         apply_plan(model, plan)
+    # the LM's plans that train a block run its MLP lean (the product keeps gate(x) and up(x))
+    lean_mlp = model_name != "vit" and kind not in ("plain", "head")
+    assert any(isinstance(m, LeanSwiGLU) for m in model.modules()) == lean_mlp
     measured = measure_saved_bytes(lambda: logits_of(model(x)), model)
     assert saved.unknown_ops == []
     assert saved.activation_bytes == measured.activation_bytes

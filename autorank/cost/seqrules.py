@@ -10,6 +10,8 @@ against saved_tensors_hooks on the tiny ViT and Llama of autorank.models; tests/
   embedding                     the indices (the batch of token ids), when the table trains
   pow (tensor ** scalar)        the input;  rsqrt, sqrt, reciprocal: the result
   cos, sin                      the input
+  swiglu (autorank.shortcut)    gate and up when gate needs a gradient (LeanSwiGLU's product);
+                                else silu(gate), a fresh tensor, when up needs one
 Each rule is `rule(tracer, args, kwargs, out)`, called by autorank.cost.saved's tracer for an op
 whose output needs a gradient; `tracer.save(t)` counts t's storage once, `tracer.save_fresh(n)`
 a new storage of n bytes, `tracer.unknown` lists what no rule covers.
@@ -82,6 +84,15 @@ def pow_rule(tracer, args, kwargs, out) -> None:
         tracer.unknown.append("pow(tensor exponent)")
 
 
+def swiglu_rule(tracer, args, kwargs, out) -> None:
+    gate, up = args[0], args[1]  # autorank.shortcut.swiglu passes both by position
+    if tracer.need(gate):
+        tracer.save(gate)
+        tracer.save(up)
+    else:  # the plain silu(gate) * up: the product keeps silu(gate) for up's gradient
+        tracer.save_fresh(out.numel() * out.element_size())
+
+
 def _save_result(tracer, args, kwargs, out) -> None:
     tracer.save(out)
 
@@ -102,4 +113,5 @@ SEQUENCE_RULES = {
     "reciprocal": _save_result,
     "cos": _save_input,
     "sin": _save_input,
+    "swiglu": swiglu_rule,
 }

@@ -102,12 +102,13 @@ def transformer_blocks(model: nn.Module) -> list[tuple[str, list[str]]]:
 
 def _linears(block: nn.Module) -> list[str]:
     """Names of the linear layers of `block`, a plan applied to it seen through (a ShortcutLayer
-    around a linear layer counts as that layer; its insides are not the model's)."""
+    around a linear layer counts as that layer; its insides are not the model's, unless it keeps
+    the original's submodules: keeps_children)."""
     names, inside = [], []
     for name, m in block.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if isinstance(m, ShortcutLayer):
+        if isinstance(m, ShortcutLayer) and not m.keeps_children:
             inside.append(name)
             if isinstance(m.get_base_layer(), nn.Linear):
                 names.append(name)

@@ -19,10 +19,14 @@ import torch.nn as nn
 from autorank import shortcut
 from autorank.errors import PlanError
 from autorank.plan.plan import Choice, Plan, check_fingerprint, original_modules
-from autorank.shortcut import BATCH_NORMS, lean
+from autorank.shortcut import BATCH_NORMS, lean, lean_llm
 
 _STATE_ATTR = "_autorank_plan_state"  # on a model with a plan applied: what remove_plan undoes
 _RELU_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+# Hugging Face MLPs whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (read in
+# transformers 5.24's modeling files), matched by class name: no transformers import here. With a
+# SiLU act_fn they take lean_llm.LeanSwiGLU (GemmaMLP, the same forward with GELU, does not).
+SWIGLU_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 
 
 def candidate_layers(model: nn.Module) -> list[str]:
@@ -81,6 +85,25 @@ def _lean_companion(module: nn.Module, plan: Plan, trained: bool) -> nn.Module |
     return None
 
 
+def is_swiglu_mlp(module: nn.Module) -> bool:
+    """A known SwiGLU MLP (SWIGLU_MLP_CLASSES) with a SiLU act_fn: LeanSwiGLU computes its forward."""
+    act = getattr(module, "act_fn", None)
+    return type(module).__name__ in SWIGLU_MLP_CLASSES and isinstance(act, nn.Module) and lean_llm.is_silu(act)
+
+
+def _lean_containers(model: nn.Module, region: set[str]) -> list[tuple[str, nn.Module]]:
+    """Swap each SwiGLU MLP whose gate projection is in the region (so gate(x) needs a gradient)
+    for a LeanSwiGLU; (name, original) per swap. Run after the leaves' swaps: the companion takes
+    the MLP's submodules as they are then (wrapped or not), and remove_plan, undoing the swaps in
+    reverse, puts the MLP back before its leaves."""
+    swaps = []
+    for name, module in list(model.named_modules()):
+        if name and is_swiglu_mlp(module) and f"{name}.gate_proj" in region:
+            _set_submodule(model, name, lean_llm.LeanSwiGLU(module))
+            swaps.append((name, module))
+    return swaps
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -99,7 +122,8 @@ def apply_plan(model: nn.Module, plan_or_path: Plan | str | Path, *, strict: boo
       with bn='train'.
     - lean=True: inside the trained region (after the first trained layer), BN -> FrozenBatchNorm2d
       (bn='frozen'), ReLU/ReLU6/Hardtanh -> PackedReLU, frozen conv/linear -> FrozenConv2d /
-      FrozenLinear.
+      FrozenLinear; a SwiGLU MLP (Llama's) whose gate projection is in the region -> LeanSwiGLU,
+      its submodules (wrapped or not) kept under their names.
     strict: check the plan's fingerprint (if it has one). Names are always checked. A plan
     already applied is removed first. A plan that trains no layer is a PlanError (nothing would
     get a gradient: backward would fail later) unless allow_untrained (the cost model prices
@@ -141,6 +165,8 @@ def apply_plan(model: nn.Module, plan_or_path: Plan | str | Path, *, strict: boo
         if new is not None and new is not module:
             _set_submodule(model, name, new)
             swaps.append((name, module))
+    if plan.lean:
+        swaps += _lean_containers(model, set(region))
     setattr(model, _STATE_ATTR, {"plan": plan, "swaps": swaps, "requires_grad": requires_grad})
     return model
 

@@ -82,13 +82,15 @@ def _shortcut_base(module: nn.Module) -> nn.Module:
 
 def original_modules(model: nn.Module):
     """(name, module) pairs of the model as it was before any plan: ShortcutLayers are seen
-    through (their base_layer takes their name) and their internals are skipped."""
+    through (their base_layer takes their name) and their internals are skipped, except a
+    container companion's (keeps_children): its submodules are the original's, under their names."""
     skip: set[str] = set()
     for name, module in model.named_modules():
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
         if isinstance(module, ShortcutLayer):
-            skip.add(name)  # wrapper internals (base_layer, ...) are not the original model's
+            if not module.keeps_children:
+                skip.add(name)  # wrapper internals (base_layer, ...) are not the original model's
             yield name, _shortcut_base(module)
         else:
             yield name, module
@@ -144,8 +146,9 @@ class Plan:
     """Module name -> Choice for the conv/linear layers (a layer not listed is frozen).
 
     bn: 'frozen' (BN inside the trained region becomes a fixed affine op) or 'train' (left as it
-    is, affine trained). lean: swap BN / ReLU / frozen conv inside the trained region for the lean
-    companions of autorank.shortcut.lean. meta: free-form (level names, source).
+    is, affine trained). lean: swap BN / ReLU / frozen conv / SwiGLU MLPs inside the trained region
+    for the lean companions of autorank.shortcut.lean and lean_llm. meta: free-form (level names,
+    source).
     fingerprint: model_fingerprint() of the model the plan was made for, or None (names checked
     only).
     """

@@ -37,9 +37,13 @@ class ShortcutLayer(nn.Module):
 
     ``traced``: False (the default), the cost model takes the layer's ``saved_bytes`` formula
     and does not look inside; True, it traces the layer's forward op by op like any module (a
-    composite of ordinary layers, such as LoRA, whose input storage others may share)."""
+    composite of ordinary layers, such as LoRA, whose input storage others may share).
+    ``keeps_children``: False (the default), the wrapper's submodules are its own internals;
+    True, they are the original module's submodules under their original names (a container
+    companion such as LeanSwiGLU): code that sees a plan through walks into them."""
 
     traced = False
+    keeps_children = False
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
