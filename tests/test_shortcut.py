@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from autorank.shortcut import (
@@ -314,6 +315,27 @@ def test_pack_bits_round_trip(n):
     if n == 8:
         assert torch.equal(pack_bits(torch.tensor([1, 0, 0, 0, 0, 0, 0, 1], dtype=torch.bool)),
                            torch.tensor([129], dtype=torch.uint8))
+
+
+def test_pack_bits_every_byte_and_an_unaligned_view():
+    """All 256 bit patterns (the int64 multiply packs without carries for each), and a mask that
+    is a view at an odd offset into a larger one."""
+    byte = torch.arange(256)
+    m = ((byte.unsqueeze(1) >> torch.arange(8)) & 1).bool()  # row k: the bits of k, bit 0 first
+    assert torch.equal(pack_bits(m), byte.to(torch.uint8))
+    big = torch.rand(1003, generator=torch.Generator().manual_seed(0)) > 0.5
+    view = big[3:1003]  # storage offset 3
+    assert torch.equal(unpack_bits(pack_bits(view), (1000,)), view)
+
+
+def test_packed_relu_channels_last_keeps_the_layout_and_the_gradient():
+    x = torch.randn(2, 16, 5, 7, dtype=DT).mul(4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    pr = PackedReLU(nn.ReLU6())
+    gy = torch.randn(2, 16, 5, 7, dtype=DT).contiguous(memory_format=torch.channels_last)
+    g = torch.autograd.grad(pr(x), x, gy)[0]
+    assert torch.equal(g, torch.autograd.grad(F.relu6(x), x, gy)[0])
+    assert g.is_contiguous(memory_format=torch.channels_last)
+    assert measure_saved_bytes(lambda: pr(x), pr) == (2 * 16 * 5 * 7 + 7) // 8
 
 
 @pytest.mark.parametrize("kind,name", CASES)
