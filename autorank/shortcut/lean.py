@@ -47,8 +47,10 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
         flat = flat.clone()
     # bool and uint8 share the 1-byte layout; the product wraps in int64 (only its top byte is
     # kept); >> is arithmetic, so the conversion to uint8 keeps the low 8 bits of the shift
-    words = flat.view(torch.uint8).view(torch.int64)
-    return ((words * _PACK_MUL) >> 56).to(torch.uint8)
+    # (shifted in place: one n-byte temporary, as many as the per-element shift it replaced)
+    packed = flat.view(torch.uint8).view(torch.int64) * _PACK_MUL
+    packed >>= 56
+    return packed.to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
