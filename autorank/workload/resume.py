@@ -7,6 +7,8 @@ torch RNG state kept at the trial's end, the refit continues from there and ends
 step 0 would (tests/test_resume.py compares them). Our own code rather than Lightning's
 checkpoints: Lightning resumes a fit mid-epoch only with stateful loaders and writes files;
 this keeps the states in memory, bounded by trainer.resume_cache_mb, for the refits of one job.
+Exact on the CPU; on a GPU as exact as two GPU runs of the same steps are (cuDNN may pick
+nondeterministic kernels), the CUDA RNG restored too.
 """
 
 from __future__ import annotations
@@ -68,6 +70,20 @@ class Snapshot:
     optimizer_state: dict[str, Any]
     rng_state: torch.Tensor
     train_losses: list[float]
+    cuda_rng_state: list[torch.Tensor] | None = None  # where CUDA was used (dropout on a GPU)
+
+    @classmethod
+    def take(cls, steps: int, suffix: nn.Module, optimizer: torch.optim.Optimizer,
+             train_losses: list[float]) -> Snapshot:
+        """Copies of the run's state now (after its last optimizer step)."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        return cls(steps, copy.deepcopy(suffix), copy.deepcopy(optimizer.state_dict()),
+                   torch.get_rng_state(), list(train_losses), cuda)
+
+    def restore_rng(self) -> None:
+        torch.set_rng_state(self.rng_state)
+        if self.cuda_rng_state is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng_state)
 
     @property
     def nbytes(self) -> int:

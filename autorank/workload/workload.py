@@ -233,7 +233,7 @@ class Workload:
         snap = self.snapshots.get(key, before=max_steps) if max_steps else None
         if snap is not None:  # the same run was trained fewer steps: go on from there (resume.py)
             suffix = snap.suffix
-            torch.set_rng_state(snap.rng_state)
+            snap.restore_rng()
         start = snap.steps if snap is not None else 0
         cl = use_channels_last(t.channels_last, t.accelerator)
         # Every step at the device's batch shape, the one the memory is predicted for (ASI's
@@ -259,9 +259,7 @@ class Workload:
         if max_steps:  # epochs begun, the last possibly partial
             epochs = -(-steps // sampler.per_epoch)
             # before evaluate and the measured step below, which would move ASI's subspaces on
-            self.snapshots.put(key, Snapshot(steps, copy.deepcopy(suffix),
-                                             copy.deepcopy(trainer.optimizers[0].state_dict()),
-                                             torch.get_rng_state(), list(module.train_losses)))
+            self.snapshots.put(key, Snapshot.take(steps, suffix, trainer.optimizers[0], module.train_losses))
 
         acc, val_loss = evaluate(suffix, val_loader, channels_last=cl, loss=self.loss)
 
