@@ -35,21 +35,14 @@ def old_pack(mask: torch.Tensor) -> torch.Tensor:
     return (bits << torch.arange(8, dtype=torch.uint8, device=mask.device)).sum(1, dtype=torch.uint8)
 
 
-class OldPackedClampFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, lo, hi):
-        y = x.clamp(lo, hi)
-        mask = x > lo
-        if hi is not None:
-            mask &= x < hi
-        ctx.shape = x.shape
-        ctx.save_for_backward(old_pack(mask))
-        return y
+def use_old_packing(old: bool) -> None:
+    """The old way through the same autograd Function: the old pack_bits, and every mask flattened
+    in NCHW order (a channels-last mask copied), as _PackedClampFn did before."""
+    lean.pack_bits = old_pack if old else NEW_PACK
+    lean._is_channels_last = (lambda x: False) if old else NEW_IS_CL
 
-    @staticmethod
-    def backward(ctx, gy):
-        (packed,) = ctx.saved_tensors
-        return gy * lean.unpack_bits(packed, ctx.shape), None, None
+
+NEW_PACK, NEW_IS_CL = lean.pack_bits, lean._is_channels_last
 
 
 def model_for(which: str) -> torch.nn.Module:
@@ -69,7 +62,6 @@ def main() -> None:
     ap.add_argument("--plans", nargs="+", default=["plain", "asi"])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    new_fn = lean._PackedClampFn
     for which in a.plans:
         m = model_for(which)
         x = torch.randn(128, 3, 112, 112).contiguous(memory_format=torch.channels_last)
@@ -85,13 +77,13 @@ def main() -> None:
         step()
         times: dict[str, list[float]] = {"old": [], "new": []}
         for _ in range(a.rounds):
-            for name, fn in (("old", OldPackedClampFn), ("new", new_fn)):
-                lean._PackedClampFn = fn
+            for name in ("old", "new"):
+                use_old_packing(name == "old")
                 t0 = time.perf_counter()
                 for _ in range(a.steps):
                     step()
                 times[name].append((time.perf_counter() - t0) / a.steps)
-        lean._PackedClampFn = new_fn
+        use_old_packing(False)
         o, n = statistics.median(times["old"]), statistics.median(times["new"])
         print(f"{which}: old packing {o:.3f} s/step, new {n:.3f} s/step, ratio {o / n:.2f}x "
               f"(rounds old {[round(v, 2) for v in times['old']]}, new {[round(v, 2) for v in times['new']]})")
