@@ -72,10 +72,12 @@ def make_case(kind, name, dtype=DT, seed=0):
 
 
 def grads(layer, base, x, gy_seed=1):
-    """(output, grad_input, grad_weight, grad_bias) of one forward+backward."""
+    """(output, grad_input, grad_weight, grad_bias) of one forward+backward; the output gradient
+    in the output's layout (channels-last after a channels-last conv, as in a training step)."""
     x = x.detach().requires_grad_(True)
     y = layer(x)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(gy_seed), dtype=DT).to(y.device, y.dtype)
+    gy = torch.empty_like(y).copy_(gy)  # y's layout
     params = [x, base.weight] + ([base.bias] if base.bias is not None else [])
     gs = torch.autograd.grad(y, params, gy)
     return (y.detach(), *gs) + ((None,) if base.bias is None else ())
@@ -501,3 +503,57 @@ def test_tucker_layers_say_which_ranks_an_input_gets():
     assert asi.state_bytes(x.shape, DT) == 8 * (4 * 2 + 5 * 4 + 5 * 4)
     assert hosvd.state_bytes(x.shape, DT) == 0
     assert asi.trains_weight and not asi.requires_grad_(False).trains_weight
+
+
+# ---------------------------------------------------------------- channels-last steps
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
+def test_mode_product_of_a_permuted_tensor_keeps_its_layout(n):
+    from autorank.shortcut.tucker import mode_product, physical_order
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(4, 6, 5, 3, generator=g, dtype=DT)
+    m = torch.randn(x.shape[n], 2, generator=g, dtype=DT)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    assert physical_order(xcl) == (0, 2, 3, 1) and physical_order(x) is None
+    got = mode_product(xcl, m, n)
+    assert rel(got, mode_product(x, m, n)) <= 1e-14
+    # computed in memory order: the result is channels-last too (the channel mode at the back)
+    assert got.permute(0, 2, 3, 1).is_contiguous()
+
+
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_channels_last_shortcut_conv_exact_and_keeps_the_layout(name):
+    """A channels-last input is factorised in its memory order (no copy of x): the core and both
+    gradients channels-last, grad_weight = the gradient on the reconstruction, grad_input exact.
+    The modes are projected in another order than in the default layout (subspace iteration is
+    sequential), so the factors differ; the approximation is as good."""
+    base, x, low = make_case("conv", name)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    layers = [wrap("conv", "asi", base, low, seed=3).record_factors() for _ in range(2)]
+    outs = [grads(layers[0], base, x), grads(layers[1], base, xcl)]
+    (core0, f0), (core1, f1) = layers[0].last_factors(), layers[1].last_factors()
+    assert core1.shape == core0.shape
+    for a, b in zip(f1, f0):
+        assert (a is None) == (b is None) and (a is None or a.shape == b.shape)
+    e0, e1 = rel(tucker_reconstruct(core0, f0), x), rel(tucker_reconstruct(core1, f1), x)
+    assert abs(e1 - e0) <= 0.1 * e0
+    assert core1.permute(0, 2, 3, 1).is_contiguous()
+    ref = grads(base, base, tucker_reconstruct(core1, f1).contiguous(memory_format=torch.channels_last))
+    exact = grads(base, base, xcl)
+    assert rel(outs[1][2], ref[2]) <= 1e-6
+    assert rel(outs[1][1], exact[1]) <= 1e-12
+    if ConvGeometry(base).native:  # (padded geometries return a crop or a pad's gradient)
+        assert outs[1][1].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_frozen_conv_grad_input_channels_last(name):
+    base, x, _ = make_case("conv", name)
+    base.weight.requires_grad_(False)
+    xg = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = FrozenConv2d(base)(xg)
+    gy = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, xg, gy)
+    (want,) = torch.autograd.grad(base(xg), xg, gy)
+    assert rel(got, want) <= 1e-12
+    assert got.is_contiguous(memory_format=torch.channels_last) or not ConvGeometry(base).native

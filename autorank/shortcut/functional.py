@@ -60,15 +60,11 @@ class ConvGeometry:
         return F.pad(z, self.pads, mode="constant" if self.mode == "zeros" else self.mode)
 
     def grad_input(self, gy: torch.Tensor, w: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
-        b, c, h, wd = x_shape
+        h, wd = x_shape[2:]
         if self.native:
-            dummy = gy.new_empty(1).expand(x_shape)
-            return _conv_bw(gy, dummy, w, None, self.stride, self.native_padding, self.dilation,
-                            False, [0, 0], self.groups, (True, False, False))[0]
+            return self._transpose(gy, w, (h, wd), self.native_padding)
         l, r, t, bt = self.pads
-        dummy = gy.new_empty(1).expand(b, c, h + t + bt, wd + l + r)
-        gxp = _conv_bw(gy, dummy, w, None, self.stride, (0, 0), self.dilation,
-                       False, [0, 0], self.groups, (True, False, False))[0]
+        gxp = self._transpose(gy, w, (h + t + bt, wd + l + r), (0, 0))
         if self.mode == "zeros":
             return gxp[:, :, t : t + h, l : l + wd]
         # reflect / replicate / circular: the pad's vector-Jacobian product does not depend on
@@ -78,15 +74,26 @@ class ConvGeometry:
             (gx,) = torch.autograd.grad(F.pad(z, self.pads, mode=self.mode), z, gxp)
         return gx
 
+    def _transpose(self, gy, w, size, padding) -> torch.Tensor:
+        """grad_input of the conv as its transpose, sized to the input's (h, w). Not
+        convolution_backward with an expanded dummy input: oneDNN copies that dummy into a
+        full-size input in the default layout and returns the gradient in it, 4-8x slower than
+        this on channels-last steps (docs/BENCHMARKS.md section 15); this allocates only gx."""
+        k = w.shape[2:]
+        out_pad = [size[i] - ((gy.shape[2 + i] - 1) * self.stride[i] - 2 * padding[i]
+                              + self.dilation[i] * (k[i] - 1) + 1) for i in range(2)]
+        return F.conv_transpose2d(gy, w, None, self.stride, padding, out_pad, self.groups, self.dilation)
+
     def grad_weight(self, z: torch.Tensor, w_shape, gy: torch.Tensor, groups: int) -> torch.Tensor:
         """Weight gradient of a conv of input z (unpadded) against output gradient gy."""
         padding = self.native_padding
         if not self.native:
             z = self._pad(z)
         if gy.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous(memory_format=torch.channels_last):
-            # z (the Tucker core expanded) comes out in the default layout; beside a channels-last
-            # gy (a channels-last training step) torch's CPU convolution backward takes a slow
-            # path: 10-14x on 56x56 layers (docs/BENCHMARKS.md section 13). Same numbers.
+            # z (the Tucker core expanded) keeps the input's layout (tucker.mode_product), but a
+            # padded z, or a core from a default-layout input, does not; beside a channels-last
+            # gy torch's CPU convolution backward takes a slow path: 10-14x on 56x56 layers
+            # (docs/BENCHMARKS.md section 13). Same numbers.
             z = z.contiguous(memory_format=torch.channels_last)
         dummy = gy.new_empty(1).expand(w_shape)
         return _conv_bw(gy, z, dummy, None, self.stride, padding, self.dilation,

@@ -38,12 +38,32 @@ def _split(shape: Sequence[int], n: int) -> tuple[int, int, int]:
     return math.prod(shape[:n]), shape[n], math.prod(shape[n + 1 :])
 
 
+def physical_order(x: torch.Tensor) -> tuple[int, ...] | None:
+    """The permutation p with x.permute(p) contiguous (x's modes in memory order: (0, 2, 3, 1)
+    for a channels-last NCHW tensor), or None when x is contiguous or no permutation is."""
+    if x.is_contiguous():
+        return None
+    # ties (size-1 modes) keep their logical order; the check below decides
+    p = tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), d)))
+    return p if x.permute(p).is_contiguous() else None
+
+
+def inverse(p: Sequence[int]) -> list[int]:
+    return [p.index(d) for d in range(len(p))]
+
+
 def mode_product(x: torch.Tensor, m: torch.Tensor, n: int) -> torch.Tensor:
     """x x_n m^T for m of shape (I_n, r): mode n of x (size I_n) becomes size r.
 
     Expansion (S x_n U) is ``mode_product(S, U.T, n)``. One GEMM (or one broadcast bmm for a
-    middle mode), no permute copy.
+    middle mode), no permute copy. A permuted-contiguous x (a channels-last activation or output
+    gradient) is multiplied in its memory order and the result keeps that layout: a reshape of
+    the logical view would copy the whole tensor (the copies that made ASI steps slower than
+    plain ones, docs/BENCHMARKS.md section 15).
     """
+    p = physical_order(x)
+    if p is not None:
+        return mode_product(x.permute(p), m, p.index(n)).permute(inverse(p))
     shape = list(x.shape)
     a, i, b = _split(shape, n)
     r = m.shape[1]
@@ -116,6 +136,11 @@ def subspace_iteration_step(x: torch.Tensor, ranks, prev):
     the other end (a cyclic rotation of the modes): the three products are plain GEMMs on
     transposed views, with no permute copies and no batched small matmuls.
     """
+    p = physical_order(x)
+    if p is not None:  # factorise in memory order (no copy of x); the core keeps x's layout
+        core, qs = subspace_iteration_step(x.permute(p), [ranks[d] for d in p], [prev[d] for d in p])
+        inv = inverse(p)
+        return core.permute(inv), [qs[d] for d in inv]
     shape = tuple(int(s) for s in x.shape)
     front, order = cyclic_schedule(shape, tuple(ranks))
     phys = list(range(len(shape)))  # logical mode held by each physical dim
