@@ -51,9 +51,8 @@ class FineTuneResult:
     cut: str = ""  # first block of the trained suffix
     # FLOPs of one real training step of the whole model at the device's batch shape (frozen
     # prefix forward + trained suffix forward and backward), counted by autorank.cost's corrected
-    # FlopCounterMode on real tensors: what train_step_flops(model, example_input, plan) predicts
-    # for an input in the training layout (ASI's compression FLOPs depend on the layout: within
-    # 0.2% of the default layout's count on the default job).
+    # FlopCounterMode on real tensors, in the default layout (the device runner's) whatever layout
+    # training used: what train_step_flops(model, example_input, plan) predicts.
     measured_flops: int = 0
     # mean cross-entropy on the held-out data (per sample; per token for a language model,
     # whose perplexity is exp(val_loss))

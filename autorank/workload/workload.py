@@ -191,6 +191,41 @@ class Workload:
                 return ((xs[j:j + bs], ys[j:j + bs]) for j in range(0, len(xs), bs))
         return self.features.get(key(n), nn.Sequential(*blocks[start:]), batches)
 
+    def _resume_point(self, plan, hp, max_steps):
+        """(run key, the latest Snapshot of the same run before max_steps or None); a run of
+        epochs (max_steps None) is never continued."""
+        if not max_steps:
+            return "", None
+        key = run_key(plan, hp, {"trainer": asdict(self.trainer), "data": self.data.key("downstream"),
+                                 "checkpoint": self.checkpoint_sha256})
+        return key, self.snapshots.get(key, before=max_steps)
+
+    def _fit(self, suffix, x_train, y_train, val_loader, hp, snap, epochs, max_steps, eval_steps,
+             progress, cl):
+        """Train `suffix` on the features with Lightning from `snap` (or step 0): (module, trainer,
+        EvalAtSteps, train wall seconds without the evaluations, batch sampler)."""
+        t = self.trainer
+        start = snap.steps if snap is not None else 0
+        # Every step at the device's batch shape, the one the memory is predicted for (ASI's
+        # warm-started subspaces are per shape: a short last batch would restart them).
+        sampler = StepBatchSampler(len(x_train), self.data.batch_size, t.seed, start=start,
+                                   stop=max_steps or None)
+        # its own generator: each iter() of a loader draws a seed from torch's global RNG
+        # otherwise, which a continued run would draw at a different step (dropout uses it)
+        loader = DataLoader(TensorDataset(x_train, y_train), batch_sampler=sampler,
+                            generator=torch.Generator().manual_seed(t.seed))
+        module = PlanModule(suffix, **hp, bn_eval=t.bn_eval, channels_last=cl, loss=self.loss,
+                            optimizer_state=snap.optimizer_state if snap is not None else None)
+        module.train_losses = list(snap.train_losses) if snap is not None else []
+        at_steps = EvalAtSteps(eval_steps, val_loader, offset=start)
+        trainer = make_trainer(None if max_steps else epochs, t.accelerator, self.paths.output_dir, progress,
+                               max_steps=(max_steps - start) if max_steps else -1,
+                               callbacks=[at_steps] if at_steps.steps else [])
+        t1 = time.perf_counter()
+        trainer.fit(module, train_dataloaders=loader)
+        wall = time.perf_counter() - t1 - at_steps.wall_s
+        return module, trainer, at_steps, wall, sampler
+
     def finetune(self, plan: Any, *, max_epochs: int | None = None, progress: bool | None = None,
                  max_steps: int | None = None, eval_steps: Iterable[int] = (), lr: float | None = None,
                  momentum: float | None = None, weight_decay: float | None = None) -> FineTuneResult:
@@ -228,34 +263,17 @@ class Workload:
 
         hp = {"lr": t.lr if lr is None else lr, "momentum": t.momentum if momentum is None else momentum,
               "weight_decay": t.weight_decay if weight_decay is None else weight_decay}
-        key = run_key(plan, hp, {"trainer": asdict(t), "data": self.data.key("downstream"),
-                                 "checkpoint": self.checkpoint_sha256}) if max_steps else ""
-        snap = self.snapshots.get(key, before=max_steps) if max_steps else None
+        key, snap = self._resume_point(plan, hp, max_steps)
         if snap is not None:  # the same run was trained fewer steps: go on from there (resume.py)
             suffix = snap.suffix
             snap.restore_rng()
         start = snap.steps if snap is not None else 0
         cl = use_channels_last(t.channels_last, t.accelerator)
-        # Every step at the device's batch shape, the one the memory is predicted for (ASI's
-        # warm-started subspaces are per shape: a short last batch would restart them).
-        sampler = StepBatchSampler(len(x_train), bs, t.seed, start=start, stop=max_steps or None)
-        # its own generator: each iter() of a loader draws a seed from torch's global RNG
-        # otherwise, which a continued run would draw at a different step (dropout uses it)
-        loader = DataLoader(TensorDataset(x_train, y_train), batch_sampler=sampler,
-                            generator=torch.Generator().manual_seed(t.seed))
-        module = PlanModule(suffix, **hp, bn_eval=t.bn_eval, channels_last=cl, loss=self.loss,
-                            optimizer_state=snap.optimizer_state if snap is not None else None)
-        module.train_losses = list(snap.train_losses) if snap is not None else []
         val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=bs)
-        at_steps = EvalAtSteps(eval_steps, val_loader, offset=start)
-        trainer = make_trainer(None if max_steps else epochs, t.accelerator, self.paths.output_dir, progress,
-                               max_steps=(max_steps - start) if max_steps else -1,
-                               callbacks=[at_steps] if at_steps.steps else [])
-        t1 = time.perf_counter()
-        trainer.fit(module, train_dataloaders=loader)
-        train_wall_s = time.perf_counter() - t1 - at_steps.wall_s
-        train_loss = module.train_losses[-1] if module.train_losses else float("nan")
+        module, trainer, at_steps, train_wall_s, sampler = self._fit(
+            suffix, x_train, y_train, val_loader, hp, snap, epochs, max_steps, eval_steps, progress, cl)
         steps = start + int(trainer.global_step)
+        train_loss = module.train_losses[-1] if module.train_losses else float("nan")
         if max_steps:  # epochs begun, the last possibly partial
             epochs = -(-steps // sampler.per_epoch)
             # before evaluate and the measured step below, which would move ASI's subspaces on
@@ -264,10 +282,13 @@ class Workload:
         acc, val_loss = evaluate(suffix, val_loader, channels_last=cl, loss=self.loss)
 
         # The step as the device runs it, measured on real tensors (the search compares it with
-        # the prediction): the suffix's step on cached features + the frozen prefix's forward.
+        # the prediction): the suffix's step on cached features + the frozen prefix's forward, in
+        # the device runner's default layout (ASI projects its modes in memory order, so the
+        # compression's FLOPs differ in channels-last: 1.6% of a deep step's).
         module.train()
-        saved_bytes, suffix_flops = measure_suffix_step(suffix, x_train, y_train, bs, channels_last=cl,
-                                                        loss=self.loss)
+        if cl:
+            suffix.to(memory_format=torch.contiguous_format)
+        saved_bytes, suffix_flops = measure_suffix_step(suffix, x_train, y_train, bs, loss=self.loss)
         batch, _ = next(iter(self.data.loader("downstream", "train")))
         prefix_flops = prefix_forward_flops(prefix, batch, self.input_shape)
         return FineTuneResult(
