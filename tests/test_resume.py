@@ -109,3 +109,15 @@ def test_cache_keeps_the_latest_within_its_bytes():
     cache.put("c", snap(5, 100))  # 1200 bytes > 1000: the least recently used ("b") goes
     assert cache.get("b", before=9) is None and cache.get("a", before=9) is not None
     SnapshotCache(0).put("x", snap(1, 1))  # off: keeps nothing, no error
+
+
+def test_a_run_does_not_depend_on_the_feature_cache(tmp_path):
+    """Computing a cut's features iterates a DataLoader, which draws from torch's global RNG; the
+    first run of a cut (cache cold) must train exactly like a later one (cache warm): the same
+    dropout masks, so the same losses."""
+    wl = make_workload(tmp_path, resume_mb=0)
+    plan = plans(wl)[1]
+    cold = wl.finetune(plan, max_steps=5, lr=0.03)
+    warm = wl.finetune(plan, max_steps=5, lr=0.03)
+    assert cold.features_wall_s > 0
+    assert warm.train_loss == cold.train_loss and warm.val_loss == cold.val_loss

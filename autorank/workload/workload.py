@@ -251,8 +251,11 @@ class Workload:
         cut = cut_name(model, plan)
 
         t0 = time.perf_counter()
-        x_train, y_train = self._features(prefix, cut, "train")
-        x_val, y_val = self._features(prefix, cut, "val")
+        # computing a cut's features iterates DataLoaders, each drawing a seed from torch's global
+        # RNG: forked, so a run trains (dropout) the same whether the cut's features were cached
+        with torch.random.fork_rng(devices=[]):
+            x_train, y_train = self._features(prefix, cut, "train")
+            x_val, y_val = self._features(prefix, cut, "val")
         features_wall_s = time.perf_counter() - t0
         bs = self.data.batch_size
 
