@@ -77,7 +77,7 @@ class ConvGeometry:
     def _transpose(self, gy, w, size, padding) -> torch.Tensor:
         """grad_input of the conv as its transpose, sized to the input's (h, w). Not
         convolution_backward with an expanded dummy input: oneDNN copies that dummy into a
-        full-size input in the default layout and returns the gradient in it, 4-8x slower than
+        full-size input in the default layout and returns the gradient in it, 3-12x slower than
         this on channels-last steps (docs/BENCHMARKS.md section 15); this allocates only gx."""
         k = w.shape[2:]
         out_pad = [size[i] - ((gy.shape[2 + i] - 1) * self.stride[i] - 2 * padding[i]

@@ -9,7 +9,7 @@ from torch import nn
 
 
 def measure_suffix_step(suffix: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
-                        batch_size: int, channels_last: bool = False, loss: str = "class") -> tuple[int, int]:
+                        batch_size: int, loss: str = "class") -> tuple[int, int]:
     """(saved activation bytes, FLOPs) of one training step of the trained suffix on one batch of
     cached prefix features at the device's batch size.
 
@@ -18,14 +18,13 @@ def measure_suffix_step(suffix: nn.Module, x_train: torch.Tensor, y_train: torch
     what the whole model would. FLOPs: the suffix's forward and backward, counted by autorank.cost's
     corrected FlopCounterMode; the loss is elementwise and counts 0, as output.sum() does in the
     prediction. Add prefix_forward_flops for the whole model's step as the device runs it (the
-    device has no feature cache). channels_last: the batch in the layout training used. loss:
-    "class" or "token" (autorank.cost.loss)."""
+    device has no feature cache). The batch in the default layout, the device runner's (the
+    caller puts the suffix's weights in it too). loss: "class" or "token" (autorank.cost.loss)."""
     from autorank.cost import flop_counter, measure_saved_bytes
     from autorank.cost.loss import training_loss
-    from autorank.workload.module import to_layout
 
     idx = torch.arange(batch_size) % len(x_train)
-    xb = to_layout(x_train[idx], channels_last)  # fresh storage: a view would count all of x_train
+    xb = x_train[idx].contiguous()  # fresh storage: a view would count all of x_train
     yb = y_train[idx]
     outs: list[torch.Tensor] = []
     with flop_counter() as counter:
