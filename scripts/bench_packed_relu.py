@@ -39,10 +39,10 @@ def use_old_packing(old: bool) -> None:
     """The old way through the same autograd Function: the old pack_bits, and every mask flattened
     in NCHW order (a channels-last mask copied), as _PackedClampFn did before."""
     lean.pack_bits = old_pack if old else NEW_PACK
-    lean._is_channels_last = (lambda x: False) if old else NEW_IS_CL
+    lean.physical_order = (lambda x: None) if old else NEW_ORDER
 
 
-NEW_PACK, NEW_IS_CL = lean.pack_bits, lean._is_channels_last
+NEW_PACK, NEW_ORDER = lean.pack_bits, lean.physical_order
 
 
 def model_for(which: str) -> torch.nn.Module:

@@ -20,6 +20,7 @@ from torch import nn
 
 from .base import BATCH_NORMS, ShortcutLayer
 from .functional import ConvGeometry, FrozenConv2dFn, FrozenLinearFn
+from .tucker import inverse_permutation, physical_order
 
 __all__ = ["FrozenBatchNorm2d", "PackedReLU", "FrozenConv2d", "FrozenLinear", "pack_bits", "unpack_bits"]
 
@@ -111,22 +112,19 @@ class FrozenBatchNorm2d(ShortcutLayer):
         return 0
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 class _PackedClampFn(torch.autograd.Function):
-    # A channels-last x is packed in its memory order (N, H, W, C): flattening it in the logical
-    # order would copy the mask, and unpacking into the gradient's layout keeps the product fast.
+    # A permuted x (channels-last: N, H, W, C) is packed in its memory order (tucker.physical_order):
+    # flattening it in the logical order would copy the mask, and unpacking into the gradient's
+    # layout keeps the product fast.
     @staticmethod
     def forward(ctx, x, lo, hi):
         y = x.clamp(lo, hi)
         mask = x > lo
         if hi is not None:
             mask &= x < hi
-        ctx.channels_last = _is_channels_last(x)
-        if ctx.channels_last:
-            mask = mask.permute(0, 2, 3, 1)
+        ctx.order = physical_order(mask)
+        if ctx.order is not None:
+            mask = mask.permute(ctx.order)
         ctx.shape = mask.shape
         ctx.save_for_backward(pack_bits(mask))
         return y
@@ -135,8 +133,8 @@ class _PackedClampFn(torch.autograd.Function):
     def backward(ctx, gy):
         (packed,) = ctx.saved_tensors
         mask = unpack_bits(packed, ctx.shape)
-        if ctx.channels_last:
-            mask = mask.permute(0, 3, 1, 2)
+        if ctx.order is not None:
+            mask = mask.permute(inverse_permutation(ctx.order))
         return gy * mask, None, None
 
 

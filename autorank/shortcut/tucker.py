@@ -16,6 +16,8 @@ import torch
 __all__ = [
     "compute_dtype",
     "mode_product",
+    "physical_order",
+    "inverse_permutation",
     "mode_gram_apply",
     "eps_rank",
     "hosvd_ranks",
@@ -48,7 +50,7 @@ def physical_order(x: torch.Tensor) -> tuple[int, ...] | None:
     return p if x.permute(p).is_contiguous() else None
 
 
-def _inverse(p: Sequence[int]) -> list[int]:
+def inverse_permutation(p: Sequence[int]) -> list[int]:
     return [p.index(d) for d in range(len(p))]
 
 
@@ -63,7 +65,7 @@ def mode_product(x: torch.Tensor, m: torch.Tensor, n: int) -> torch.Tensor:
     """
     p = physical_order(x)
     if p is not None:
-        return mode_product(x.permute(p), m, p.index(n)).permute(_inverse(p))
+        return mode_product(x.permute(p), m, p.index(n)).permute(inverse_permutation(p))
     shape = list(x.shape)
     a, i, b = _split(shape, n)
     r = m.shape[1]
@@ -139,7 +141,7 @@ def subspace_iteration_step(x: torch.Tensor, ranks, prev):
     p = physical_order(x)
     if p is not None:  # factorise in memory order (no copy of x); the core keeps x's layout
         core, qs = subspace_iteration_step(x.permute(p), [ranks[d] for d in p], [prev[d] for d in p])
-        inv = _inverse(p)
+        inv = inverse_permutation(p)
         return core.permute(inv), [qs[d] for d in inv]
     shape = tuple(int(s) for s in x.shape)
     front, order = cyclic_schedule(shape, tuple(ranks))
