@@ -13,6 +13,7 @@ import autorank.device.runner as runner
 from blocking import import_blocker
 from autorank.cost import predict_saved_bytes
 from autorank.device import main
+from autorank.device.data import TensorSplit
 from autorank.models import mcunet_like, replace_head
 from autorank.plan import Choice, Plan, applied_plan, build_model_from_factory, finetune_mode, load_base_weights
 
@@ -22,7 +23,8 @@ STACK = ("hydra", "optuna", "lightning", "pytorch_lightning", "mlflow", "torchvi
 
 # Runs `python -m autorank.device ARGS` in a process where the search stack cannot be imported.
 BLOCKED_RUN = import_blocker(STACK) + r"""
-import runpy
+import os, runpy
+os.environ["AUTORANK_DEVICE_CHILD"] = "1"  # the runner in this process, where the stack is blocked
 sys.argv = ["autorank-device", *sys.argv[2:]]
 try:
     runpy.run_module("autorank.device", run_name="__main__", alter_sys=True)
@@ -65,7 +67,7 @@ def test_runner_is_torch_only_and_measures_the_predicted_bytes(tmp_path):
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     assert "STACK []" in r.stdout  # none of the search stack (nor torchvision) was imported
-    assert (f"saved activations per step (batch 8): measured {expected:,} bytes, "
+    assert (f"saved activations per step (batch 8, measured on the first step): measured {expected:,} bytes, "
             f"predicted {expected:,} bytes (+0.00%)") in r.stdout
     assert "kept fresh on purpose: classifier.1.weight, classifier.1.bias" in r.stdout
     assert "SGD lr 0.01," in r.stdout and "epoch 1/1: train loss" in r.stdout
@@ -199,8 +201,9 @@ def test_runner_steps_have_the_plans_batch_shape():
 
     model = Recorder(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert runner.train(model, torch.randn(10, 3), torch.randint(0, 2, (10,)), opt, bs=4, epochs=2)
+    split = TensorSplit(torch.randn(10, 3), torch.randint(0, 2, (10,)), None, mapped=False)
+    assert runner.train(model, split, opt, bs=4, epochs=2)
     assert seen == [4, 4, 4, 4]
     seen.clear()
-    assert runner.train(model, torch.randn(3, 3), torch.randint(0, 2, (3,)), opt, bs=4, epochs=1)
+    assert runner.train(model, TensorSplit(torch.randn(3, 3), torch.randint(0, 2, (3,)), None, False), opt, bs=4, epochs=1)
     assert seen == [3]

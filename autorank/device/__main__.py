@@ -2,7 +2,7 @@
 
 import sys
 
-from autorank.device.runner import main
+from autorank.device.guard import main
 
 if __name__ == "__main__":
     sys.exit(main())

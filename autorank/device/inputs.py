@@ -3,11 +3,14 @@ Every mistake in them is a BadInput with the fix in its message."""
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 import torch
 
-from autorank.plan import Plan, PlanError, build_model_from_factory, load_base_weights, read_weights_file
+from autorank.models import classifier_name, replace_head
+from autorank.plan import Plan, PlanError, build_model_from_factory, check_fingerprint, load_base_weights
 from autorank.plan.plan import FineTuneSettings
 
 DEFAULT_LR = 0.01  # the workload's fine-tuning default (conf trainer.lr)
@@ -65,60 +68,6 @@ def load_weights(model: torch.nn.Module, checkpoint: str) -> list[str]:
         raise BadInput(f"{e}{hint}") from e
 
 
-def _read_data(path: str):
-    """(x, y, x_val, y_val) as stored, x_val/y_val None when absent."""
-    if not Path(path).is_file():
-        raise BadInput(f"data file {path} does not exist")
-    try:
-        d = read_weights_file(path, what="data file", how='torch.save({"x": x, "y": y}, path)')
-    except ValueError as e:
-        raise BadInput(str(e)) from e
-    if isinstance(d, (tuple, list)) and len(d) == 2:
-        return d[0], d[1], None, None
-    if not isinstance(d, dict):
-        raise BadInput(f"data file {path} holds a {type(d).__name__}: it must be a dict "
-                       '{"x": ..., "y": ...} or a tuple (x, y)')
-    if "x" not in d or "y" not in d:
-        raise BadInput(f"data file {path} holds a dict with keys {sorted(map(str, d))}: it needs "
-                       '"x" (N, C, H, W) and "y" (N,) (and optionally "x_val" with "y_val")')
-    xv, yv = d.get("x_val"), d.get("y_val")
-    if (xv is None) != (yv is None):
-        have, lack = ("x_val", "y_val") if yv is None else ("y_val", "x_val")
-        raise BadInput(f"data file {path} has {have!r} but no {lack!r}: give both for a validation "
-                       "accuracy, or neither")
-    return d["x"], d["y"], xv, yv
-
-
-def load_data(path: str):
-    """(x, y long, x_val | None, y_val long | None) from a torch.save'd file: x float (images),
-    or x integer (N, L) tokens with y (N, L) next-token labels (a language model: x kept long)."""
-    x, y, xv, yv = _read_data(path)
-    pairs = [("x", "y", x, y)] + ([("x_val", "y_val", xv, yv)] if xv is not None else [])
-    for nx, ny, a, b in pairs:
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-            raise BadInput(f"data file {path}: {nx!r} and {ny!r} must be tensors")
-        if len(a) != len(b) or len(a) == 0:
-            raise BadInput(f"data file {path}: {nx!r} has {len(a)} samples and {ny!r} {len(b)}: "
-                           "they must be the same non-zero number")
-        if b.is_floating_point() or b.is_complex():
-            raise BadInput(f"data file {path}: {ny!r} must hold integer class labels, got {b.dtype}")
-    tokens = not x.is_floating_point()
-    if tokens and any(b.shape != a.shape for _, _, a, b in pairs):
-        raise BadInput(f"data file {path}: integer x is read as tokens (N, L), whose labels y are the next "
-                       f"tokens, of x's shape; got x {list(x.shape)}, y {list(y.shape)}")
-
-    def as_x(t):
-        return None if t is None else (t.long() if tokens else t.float())
-
-    return as_x(x), y.long(), as_x(xv), (yv.long() if yv is not None else None)
-
-
-def loss_kind(x: torch.Tensor) -> str:
-    """The training loss the data asks for (autorank.cost.loss): "token" for integer x (a language
-    model's tokens), else "class"."""
-    return "class" if x.is_floating_point() else "token"
-
-
 def finetune_lr(plan: Plan, lr: float | None) -> float:
     """--lr, else the lr the plan's fine-tuning settings record, else DEFAULT_LR."""
     if lr is not None:
@@ -134,7 +83,7 @@ def check_labels(model: torch.nn.Module, xb: torch.Tensor, labels: dict[str, tor
 
     with torch.no_grad():
         out = logits_of(model(xb[:1]))
-    token = loss_kind(xb) == "token"
+    token = not xb.is_floating_point()
     if out.dim() != (3 if token else 2):
         return
     n_classes = out.shape[-1] if token else out.shape[1]
@@ -143,3 +92,39 @@ def check_labels(model: torch.nn.Module, xb: torch.Tensor, labels: dict[str, tor
             raise BadInput(f"data {name!r} has labels in [{int(y.min())}, {int(y.max())}] but the "
                            f"model has {n_classes} classes: build it with num_classes={int(y.max()) + 1} "
                            "(--model-kwargs)")
+
+
+def _model_kwargs(text: str | None) -> dict | None:
+    try:
+        kwargs = json.loads(text) if text else None
+    except json.JSONDecodeError as e:
+        raise BadInput(f"--model-kwargs is not valid JSON: {e}") from e
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise BadInput("--model-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    return kwargs
+
+
+def load_model(a: argparse.Namespace, plan: Plan, keep_head: bool = False) -> torch.nn.Module:
+    """The plan's model with the checkpoint's weights and, unless --keep-head (or `keep_head`: a
+    language model's output layer is its vocabulary, which fine-tuning keeps) or the checkpoint's
+    head did not fit, a fresh head seeded as the search's (autorank.models.replace_head)."""
+    model = build_model(plan, a.model, _model_kwargs(a.model_kwargs))
+    if plan.fingerprint is not None:
+        try:
+            check_fingerprint(plan.fingerprint, model)
+        except ValueError as e:
+            raise BadInput(f"{e}; build the model the plan was made for (--model/--model-kwargs) "
+                           "or export the plan again for this model") from e
+    skipped = load_weights(model, a.checkpoint)
+    if skipped:
+        print(f"classifier head of another shape in the checkpoint, kept fresh on purpose: {', '.join(skipped)}")
+    elif keep_head:
+        print("token data: the checkpoint's output layer kept (same vocabulary), as the search trained it")
+    elif not a.keep_head:
+        # The search fine-tuned a fresh head (the checkpoint's head belongs to the upstream task).
+        ft = settings(plan)
+        seed = a.seed if a.seed is not None else (ft.seed if ft is not None else 0)
+        head = classifier_name(model)
+        replace_head(model, model.get_submodule(head).out_features, seed=seed)
+        print(f"classifier head {head}: fresh (seed {seed}); --keep-head keeps the checkpoint's")
+    return model

@@ -1,98 +1,72 @@
-"""The device runner's steps: build the model the plan names, load its weights and a fresh head,
-check the predicted saved bytes against a measurement, fine-tune, evaluate, save (torch only)."""
+"""The device runner's steps: set the allocator policy, build the model the plan names, load its
+weights and a fresh head, open the data batch by batch, predict the process's peak memory and
+refuse a plan that cannot fit, fine-tune (measuring the saved bytes on the first real step),
+evaluate in batches, save, and print the measured peaks beside the predictions (torch only)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from autorank.cost import measure_saved_bytes, predict_saved_bytes
+from autorank.cost import measure_saved_bytes, predict_peak_training_bytes
 from autorank.cost.loss import logits_of, training_loss
-from autorank.device.inputs import (
-    DEFAULT_LR,
-    BadInput,
-    build_model,
-    check_labels,
-    finetune_lr,
-    load_data,
-    load_plan,
-    loss_kind,
-    load_weights,
-    settings,
-)
-from autorank.models import classifier_name, replace_head
-from autorank.plan import Plan, PlanError, apply_plan, check_fingerprint, finetune_mode, save_base_weights
+from autorank.cost.process import ProcessPrediction
+from autorank.device.data import DataError, DeviceData, Split, open_data
+from autorank.device.inputs import DEFAULT_LR, BadInput, check_labels, finetune_lr, load_model, load_plan, settings
+from autorank.device.memory import MB, PeakSampler, memory_allowed, read_status, set_allocator_policy
+from autorank.device.status import report_phase
+from autorank.plan import PlanError, apply_plan, finetune_mode, save_base_weights
+
+EXIT_NO_FIT = 3  # the predicted process peak is above the memory the process may use: refused
+EXIT_OUT_OF_MEMORY = 4  # ran out of memory (an allocation failed, or killed by the kernel: guard.py)
 
 
-def _model_kwargs(text: str | None) -> dict | None:
-    try:
-        kwargs = json.loads(text) if text else None
-    except json.JSONDecodeError as e:
-        raise BadInput(f"--model-kwargs is not valid JSON: {e}") from e
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise BadInput("--model-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
-    return kwargs
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
-def load_model(a: argparse.Namespace, plan: Plan, keep_head: bool = False) -> torch.nn.Module:
-    """The plan's model with the checkpoint's weights and, unless --keep-head (or `keep_head`: a
-    language model's output layer is its vocabulary, which fine-tuning keeps) or the checkpoint's
-    head did not fit, a fresh head seeded as the search's (autorank.models.replace_head)."""
-    model = build_model(plan, a.model, _model_kwargs(a.model_kwargs))
-    if plan.fingerprint is not None:
-        try:
-            check_fingerprint(plan.fingerprint, model)
-        except ValueError as e:
-            raise BadInput(f"{e}; build the model the plan was made for (--model/--model-kwargs) "
-                           "or export the plan again for this model") from e
-    skipped = load_weights(model, a.checkpoint)
-    if skipped:
-        print(f"classifier head of another shape in the checkpoint, kept fresh on purpose: {', '.join(skipped)}")
-    elif keep_head:
-        print("token data: the checkpoint's output layer kept (same vocabulary), as the search trained it")
-    elif not a.keep_head:
-        # The search fine-tuned a fresh head (the checkpoint's head belongs to the upstream task).
-        ft = settings(plan)
-        seed = a.seed if a.seed is not None else (ft.seed if ft is not None else 0)
-        head = classifier_name(model)
-        replace_head(model, model.get_submodule(head).out_features, seed=seed)
-        print(f"classifier head {head}: fresh (seed {seed}); --keep-head keeps the checkpoint's")
-    return model
-
-
-def report_saved_bytes(model: torch.nn.Module, xb: torch.Tensor, predicted: int, shape) -> None:
-    """One forward of the planned model under saved-tensor hooks, printed against the prediction."""
-    measured = measure_saved_bytes(lambda: model(xb), model).activation_bytes
+def report_saved_bytes(measured: int, predicted: int, bs: int, shape, xshape) -> None:
     diff = 100 * (measured - predicted) / predicted if predicted else 0.0
-    line = (f"saved activations per step (batch {len(xb)}): measured {measured:,} bytes, "
+    line = (f"saved activations per step (batch {bs}, measured on the first step): measured {measured:,} bytes, "
             f"predicted {predicted:,} bytes ({diff:+.2f}%)")
-    if shape and list(xb.shape) != [int(v) for v in shape]:
-        line += f" [the plan was costed for input {list(shape)}, this data gives {list(xb.shape)}]"
+    if shape and list(xshape) != [int(v) for v in shape]:
+        line += f" [the plan was costed for input {list(shape)}, this data gives {list(xshape)}]"
     print(line)
     if measured != predicted:
         print(f"warning: measured and predicted saved bytes differ by {measured - predicted:+,} bytes: "
               "the cost model does not describe this model/plan exactly", file=sys.stderr)
 
 
-def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
-          bs: int, epochs: int, loss_kind: str = "class") -> bool:
+def train(model: torch.nn.Module, data: Split, opt: torch.optim.Optimizer, bs: int, epochs: int,
+          on_first_step=None) -> bool:
     """Plain SGD epochs over shuffled batches; False (after an error line) on a non-finite loss.
     A short last batch is dropped when there are at least `bs` samples: every step has the batch
-    shape the plan's memory was predicted for, as in the search's trials.
-    loss_kind "token": next-token cross-entropy over every position (autorank.cost.loss)."""
-    end = len(x) - len(x) % bs if len(x) >= bs else len(x)
+    shape the plan's memory was predicted for, as in the search's trials. The first step's
+    forward runs under saved-tensor hooks (no second forward): on_first_step(saved_bytes, x)."""
+    n = len(data)
+    end = n - n % bs if n >= bs else n
+    first = True
     for epoch in range(epochs):
-        perm = torch.randperm(len(x))
-        total, n = 0.0, 0
+        perm = torch.randperm(n)
+        total, seen = 0.0, 0
         for i in range(0, end, bs):
-            idx = perm[i:i + bs]
-            loss = training_loss(model(x[idx]), y[idx], loss_kind)
+            x, y = data.batch(perm[i:i + bs])
+            data.release()
+            if first:
+                out: list = []
+                saved = measure_saved_bytes(lambda: out.append(model(x)) or out[0], model)
+                loss = training_loss(out.pop(), y, data.kind)
+                if on_first_step is not None:
+                    on_first_step(saved.activation_bytes, x)
+                first = False
+            else:
+                loss = training_loss(model(x), y, data.kind)
             if not torch.isfinite(loss):
                 print(f"error: loss is {loss.item()} at epoch {epoch + 1}, step {i // bs + 1}: "
                       "try a smaller --lr", file=sys.stderr)
@@ -100,9 +74,25 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.o
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, n = total + loss.item() * len(idx), n + len(idx)
-        print(f"epoch {epoch + 1}/{epochs}: train loss {total / n:.4f}")
+            total, seen = total + loss.item() * len(y), seen + len(y)
+            del x, y, loss
+        print(f"epoch {epoch + 1}/{epochs}: train loss {total / max(seen, 1):.4f}")
     return True
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Split, bs: int) -> tuple[float, float]:
+    """Accuracy and mean loss over `data` in batches of `bs` (never the whole set at once)."""
+    correct = count = 0
+    loss_sum = 0.0
+    for i in range(0, len(data), bs):
+        x, y = data.batch(torch.arange(i, min(i + bs, len(data))))
+        data.release()
+        logits = logits_of(model(x))
+        correct += int((logits.argmax(-1 if data.kind == "token" else 1) == y).sum())
+        count += y.numel()
+        loss_sum += float(training_loss(logits, y, data.kind)) * y.numel()
+    return correct / count, loss_sum / count
 
 
 def check_args(a: argparse.Namespace) -> None:
@@ -116,65 +106,120 @@ def check_args(a: argparse.Namespace) -> None:
         raise BadInput(f"--lr must be a finite number > 0, got {a.lr} (leave it out for the plan's lr)")
     if not (math.isfinite(a.momentum) and 0 <= a.momentum < 1):
         raise BadInput(f"--momentum must lie in [0, 1), got {a.momentum}")
-    for name in ("plan", "checkpoint", "data"):
+    for name in ("plan", "checkpoint"):
         path = getattr(a, name)
         if Path(path).is_dir():
             raise BadInput(f"{name} {path} is a directory: pass the {name} file itself")
-    if a.out and Path(a.out).is_dir():
-        raise BadInput(f"--out {a.out} is a directory: pass the file to write, e.g. {Path(a.out) / 'weights.pt'}")
+    if a.out:
+        out = Path(a.out)
+        if out.is_dir():
+            raise BadInput(f"--out {a.out} is a directory: pass the file to write, e.g. {out / 'weights.pt'}")
+        parent = out.resolve().parent
+        while not parent.exists() and parent != parent.parent:  # missing folders are made when saving
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise BadInput(f"--out {a.out}: cannot write under {parent} (not a writable folder); "
+                           "pass a path in a writable folder")
 
 
-def run(a: argparse.Namespace) -> int:
-    check_args(a)
-    torch.manual_seed(0)
+def _prepare(a: argparse.Namespace):
+    """Plan, data, model with the plan applied, batch size and the process prediction."""
     plan = load_plan(a.plan)
-    x, y, xv, yv = load_data(a.data)
-    kind = loss_kind(x)
-    model = load_model(a, plan, keep_head=kind == "token")
-
-    # The fine-tuning mode the search costed: train mode (dropout live), BN in eval mode.
-    base = finetune_mode(model, bn_eval=True)
     ft = settings(plan)
     shape = (ft.input_shape if ft is not None else None) or None
+    try:
+        data = open_data(a.data, shape)
+    except DataError as e:
+        raise BadInput(str(e)) from e
+    print(f"data: {data.source}")
+    base = finetune_mode(load_model(a, plan, keep_head=data.kind == "token"), bn_eval=True)
     bs = a.batch_size if a.batch_size is not None else (int(shape[0]) if shape else 32)
     if bs < 1:
         raise BadInput(f"the plan's input_shape {list(shape)} has batch {bs}: pass --batch-size N (N >= 1)")
-    xb = x[torch.arange(bs) % len(x)]  # one batch at the costed size (fresh storage: a view would count all of x)
     try:
-        predicted = predict_saved_bytes(base, xb, plan).activation_bytes
+        xb, _ = data.train.batch(torch.arange(bs) % len(data.train))
+        data.train.release()
+    except DataError as e:
+        raise BadInput(str(e)) from e
+    try:  # on a meta-device shadow of the model: nothing of the batch's size is allocated
+        tensors = predict_peak_training_bytes(base, xb, plan, optimizer="sgd", momentum=a.momentum, loss=data.kind)
     except ValueError as e:  # fingerprint or layer names do not fit the model built here
         raise BadInput(f"{e}; build the model the plan was made for (--model/--model-kwargs) "
                        "or export the plan again for this model") from e
     except RuntimeError as e:  # the data's shape does not fit the model
-        raise BadInput(f"the model cannot run on the data (x has shape {list(x.shape)}): {e}") from e
-    check_labels(model, xb, {"y": y, "y_val": yv})
+        raise BadInput(f"the model cannot run on the data (a batch has shape {list(xb.shape)}): {e}") from e
+    check_labels(base, xb, {"y": data.train.labels, "y_val": data.val.labels if data.val else None})
+    del xb
     try:
-        model = apply_plan(base, plan)  # in place; checked above on a copy
+        model = apply_plan(base, plan)  # in place
     except PlanError as e:  # a plan that trains nothing
         raise BadInput(f"{e}: export a plan with at least one trained layer") from e
     finetune_mode(model, bn_eval=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise BadInput("the plan trains no parameter: export a plan with at least one trained layer")
-    report_saved_bytes(model, xb, predicted, shape)
+    process = ProcessPrediction.from_ready(read_status()["VmRSS"], tensors)
+    return plan, data, model, bs, shape, tensors, process
 
-    lr = finetune_lr(plan, a.lr)
-    opt = torch.optim.SGD(params, lr=lr, momentum=a.momentum)
-    print(f"fine-tuning {sum(p.numel() for p in params):,} parameters: SGD lr {lr:g}, momentum {a.momentum:g}, "
-          f"batch {bs}, {a.epochs} epoch(s)")
-    t0 = time.perf_counter()
-    if not train(model, x, y, opt, bs, a.epochs, kind):
-        return 1
-    print(f"training took {time.perf_counter() - t0:.1f} s")
-    if xv is not None:
+
+def _check_fits(process: ProcessPrediction, plan, force: bool) -> None:
+    allowed = memory_allowed()
+    planned = (plan.meta or {}).get("process_peak_bytes")
+    print(f"predicted process peak {process.line()}"
+          + (f"; the search predicted {planned / MB:.0f} MB for its device" if planned else ""))
+    report_phase("ready", predicted_bytes=process.total_bytes, allowed=allowed)
+    if allowed is None:
+        print("memory check: cannot read the memory this process may use (no cgroup limit, no /proc/meminfo)")
+        return
+    limit, where = allowed
+    if process.total_bytes <= limit:
+        print(f"memory check: fits, {process.total_bytes / MB:.0f} MB of {limit / MB:.0f} MB ({where})")
+        return
+    msg = (f"the plan needs about {process.total_bytes / MB:.0f} MB at its peak but this process may use "
+           f"{limit / MB:.0f} MB ({where}): export a plan for a smaller budget, free memory, or pass "
+           "--ignore-memory-check to try anyway")
+    if not force:
+        raise NoFit(msg)
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+class NoFit(Exception):
+    """The plan's predicted process peak is above the memory the process may use (exit 3)."""
+
+
+def run(a: argparse.Namespace) -> int:
+    check_args(a)
+    policy = set_allocator_policy()  # before the model and the data take memory
+    torch.manual_seed(0)
+    with PeakSampler() as mem:
+        plan, data, model, bs, shape, tensors, process = _prepare(a)
+        print(policy)
+        _check_fits(process, plan, a.ignore_memory_check)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise BadInput("the plan trains no parameter: export a plan with at least one trained layer")
+        lr = finetune_lr(plan, a.lr)
+        opt = torch.optim.SGD(params, lr=lr, momentum=a.momentum)
+        print(f"fine-tuning {sum(p.numel() for p in params):,} parameters: SGD lr {lr:g}, momentum {a.momentum:g}, "
+              f"batch {bs}, {a.epochs} epoch(s)")
+        report_phase("training", predicted_bytes=process.total_bytes)
+        t0 = time.perf_counter()
+        ok = train(model, data.train, opt, bs, a.epochs,
+                   lambda saved, x: report_saved_bytes(saved, tensors.activation_bytes, bs, shape, x.shape))
+        if not ok:
+            return 1
+        print(f"training took {time.perf_counter() - t0:.1f} s")
+        train_peaks = mem.peaks
+        _finish(a, model, data, bs)
+    print(f"process peak while training: {train_peaks.line()}; predicted {process.total_bytes / MB:.0f} MB "
+          f"({100 * (train_peaks.hwm - process.total_bytes) / process.total_bytes:+.1f}%)")
+    return 0
+
+
+def _finish(a: argparse.Namespace, model: torch.nn.Module, data: DeviceData, bs: int) -> None:
+    if data.val is not None:
         model.eval()
-        with torch.no_grad():
-            logits = logits_of(model(xv))
-            acc = float((logits.argmax(-1 if kind == "token" else 1) == yv).float().mean())
-            val_loss = float(training_loss(logits, yv, kind))
+        acc, val_loss = evaluate(model, data.val, bs)
         finetune_mode(model, bn_eval=True)
-        what = "next-token accuracy" if kind == "token" else "accuracy"
-        extra = f", loss {val_loss:.4f}" + (f", perplexity {math.exp(val_loss):.3f}" if kind == "token" else "")
+        what = "next-token accuracy" if data.kind == "token" else "accuracy"
+        extra = f", loss {val_loss:.4f}" + (f", perplexity {math.exp(val_loss):.3f}" if data.kind == "token" else "")
         print(f"validation {what} {acc:.4f}{extra}")
     if a.out:
         try:
@@ -183,7 +228,6 @@ def run(a: argparse.Namespace) -> int:
             raise BadInput(f"cannot write {a.out}: {e}") from e
         print(f"saved the fine-tuned base-model weights (no plan; load with "
               f"autorank.plan.load_base_weights or model.load_state_dict) to {path}")
-    return 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -191,7 +235,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  description="Fine-tune with an exported plan on the device, with torch alone.")
     ap.add_argument("plan")
     ap.add_argument("checkpoint")
-    ap.add_argument("data")
+    ap.add_argument("data", help="a tensor file (torch.save of {'x', 'y'}) or an image folder ROOT/<class>/<image>")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=None,
                     help=f"SGD learning rate (default: the plan's meta lr if it records one, else {DEFAULT_LR})")
@@ -204,13 +248,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="keep the checkpoint's classifier head (default: a fresh one, as the search trained)")
     ap.add_argument("--seed", type=int, default=None,
                     help="seed of the fresh head (default: the plan's meta.seed, the search's trainer.seed, else 0)")
+    ap.add_argument("--ignore-memory-check", action="store_true",
+                    help="train even when the predicted process peak is above the memory this process may use")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 done, 1 non-finite loss, 2 bad input, 3 the plan cannot fit in the memory this
+    process may use (refused before training), 4 out of memory while running."""
     a = parse_args(argv)  # argparse reports its own usage errors (exit 2)
     try:
         return run(a)
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NoFit as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NO_FIT
+    except (MemoryError, RuntimeError) as e:
+        if not _is_oom(e):
+            raise
+        status = read_status()
+        print(f"error: out of memory ({type(e).__name__}: {str(e).splitlines()[0][:160]}) with "
+              f"{status['VmRSS'] / MB:.0f} MB resident: export a plan for a smaller budget", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY

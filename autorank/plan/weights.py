@@ -56,16 +56,24 @@ def _load_failure(e: BaseException) -> str:
 
 
 def read_weights_file(path, what: str = "checkpoint",
-                      how: str = "torch.save(model.state_dict(), path)") -> object:
+                      how: str = "torch.save(model.state_dict(), path)", mmap: bool = False) -> object:
     """torch.load(path, weights_only=True) on the CPU: tensors and plain containers only, a
     pickled object never runs. A file it cannot read (random bytes, truncated, a pickle of other
-    objects, a directory) is a ValueError naming the file (`what`) and how to write one (`how`)."""
+    objects, a directory) is a ValueError naming the file (`what`) and how to write one (`how`).
+    mmap: the tensors stay in the file, mapped, and are read page by page as they are used (files
+    in torch.save's zip format, the default since torch 1.6; an older file is read whole)."""
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"cannot read {what} {p}: it is a directory; pass the file ({how})")
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol ...": the refusal below says it
             warnings.simplefilter("ignore", UserWarning)
+            if mmap:
+                try:
+                    return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
             return torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
         raise ValueError(f"cannot read {what} {p}: not a file torch.load(weights_only=True) reads "
@@ -77,7 +85,7 @@ def _read_state(path_or_state_dict) -> tuple[dict, str]:
         state, where = path_or_state_dict, "the state dict"
     else:
         where = str(path_or_state_dict)
-        state = read_weights_file(path_or_state_dict)
+        state = read_weights_file(path_or_state_dict, mmap=True)  # copied into the model, then unmapped
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):  # Lightning checkpoint
         state = state["state_dict"]
         if state and all(str(k).startswith("model.") for k in state):

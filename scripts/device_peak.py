@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Peak memory of a command, read from /proc/<pid>/status (stdlib only, Linux).
+
+    python3 scripts/device_peak.py [--json OUT] [--interval S] [--subtract BASE.json] -- CMD ARG...
+
+Samples /proc/<pid>/status of the command and of its descendants every 20 ms and reports, in MB
+(2**20 bytes): the peaks of the summed VmRSS, RssAnon, RssFile and RssShmem over the process tree
+(pages shared after a fork count once per process), the largest VmRSS and VmHWM of one process, ru_maxrss from wait4 (the kernel's own peak of the process and its reaped
+descendants, which no sampling interval misses), the wall time and the exit status. The JSON goes
+to stderr (the command's stdout stays its own) and, with --json, to OUT. The exit status is the
+command's (128+N for signal N).
+
+Under qemu-user (`qemu-aarch64-static -L ROOT ROOT/usr/bin/python3.11 ...`) the process measured
+is the emulator, whose memory holds the guest's: measure an empty guest interpreter the same way
+and pass its JSON as --subtract to get the guest program's share (peak minus baseline, per field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+MB = 2**20
+
+
+def _status(pid: int) -> dict[str, int] | None:
+    """The kB fields of /proc/<pid>/status in bytes; None when the process is gone (or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            text = f.read().decode("ascii", "replace")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            out[key] = int(parts[0]) * 1024
+    return out if "VmRSS" in out else None
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of pid, from /proc/<pid>/task/*/children (CONFIG_PROC_CHILDREN), else a scan."""
+    kids: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    try:
+        for tid in tasks:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+        return kids
+    except FileNotFoundError:
+        pass
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                kids.append(int(name))
+    return kids
+
+
+def _tree(root: int) -> list[int]:
+    seen, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.append(pid)
+            todo += _children(pid)
+    return seen
+
+
+def measure(cmd: list[str], interval: float = 0.02) -> dict:
+    peaks = {f: 0 for f in FIELDS}
+    single = 0  # the largest VmRSS of one process (the sums count pages shared after a fork twice)
+    hwm = 0
+    samples = 0
+    nprocs = 0
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd)
+    forward = lambda sig, _frame: proc.send_signal(sig)  # noqa: E731
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            # waitpid WNOHANG first: a reaped pid's /proc entry is gone, an unreaped zombie has no Vm*
+            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            total = {f: 0 for f in FIELDS}
+            pids = _tree(proc.pid)
+            nprocs = max(nprocs, len(pids))
+            for p in pids:
+                st = _status(p)
+                if st is None:
+                    continue
+                for f in FIELDS:
+                    total[f] += st.get(f, 0)
+                hwm = max(hwm, st.get("VmHWM", 0))
+                single = max(single, st["VmRSS"])
+            for f in FIELDS:
+                peaks[f] = max(peaks[f], total[f])
+            samples += 1
+            time.sleep(interval)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    wall = time.monotonic() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+    result = {f"peak_{f}_MB": round(peaks[f] / MB, 1) for f in FIELDS}
+    result.update(
+        peak_single_process_VmRSS_MB=round(single / MB, 1),
+        VmHWM_MB=round(hwm / MB, 1),
+        ru_maxrss_MB=round(rusage.ru_maxrss * 1024 / MB, 1),  # kB on Linux
+        wall_s=round(wall, 3),
+        exit_status=code,
+        samples=samples,
+        max_processes=nprocs,
+        interval_s=interval,
+        command=cmd,
+    )
+    return result
+
+
+def subtract(result: dict, base: dict) -> dict:
+    """Per-field result minus baseline for the *_MB fields, under `minus_baseline`."""
+    return {k: round(v - base[k], 1) for k, v in result.items() if k.endswith("_MB") and k in base}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    i = argv.index("--")
+    ap = argparse.ArgumentParser(description="Peak memory of a command from /proc/<pid>/status.")
+    ap.add_argument("--json", metavar="OUT", help="also write the JSON here")
+    ap.add_argument("--interval", type=float, default=0.02, help="seconds between samples (0.02)")
+    ap.add_argument("--subtract", metavar="BASE.json", help="a baseline run's JSON (e.g. an empty guest interpreter)")
+    args = ap.parse_args(argv[:i])
+    cmd = argv[i + 1 :]
+    if not cmd:
+        ap.error("no command after --")
+    result = measure(cmd, args.interval)
+    if args.subtract:
+        with open(args.subtract) as f:
+            base = json.load(f)
+        result["minus_baseline"] = subtract(result, base)
+        result["baseline"] = args.subtract
+    text = json.dumps(result, indent=1)
+    print(text, file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return result["exit_status"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
