@@ -83,7 +83,21 @@ def run(cfg: DictConfig) -> Any:
                         run_dir=cfg.paths.output_dir, export_path=cfg.export.path,
                         cache_dir=cfg.paths.cache_dir, progress=True)
     _summary(result, device, tracker)
+    _device_next_step(cfg, workload, result)
     return result
+
+
+def _device_next_step(cfg: DictConfig, workload: Any, result: Any) -> None:
+    """Write the downstream data for the device runner and print the command that trains the
+    exported plan with it, as a device would (torch only)."""
+    plan_path = getattr(result, "export_path", None)
+    if not plan_path or not Path(plan_path).is_file():
+        return
+    data = cfg.export.get("data_path")
+    if data:
+        workload.save_device_data(data)
+    print(f"on the device (pip install autorank; torch only):\n  autorank-device {plan_path} "
+          f"{workload.checkpoint_path} {data or 'DATA'}", flush=True)
 
 
 def _check_space(search: Any, workload: Any) -> None:

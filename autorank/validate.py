@@ -152,6 +152,7 @@ def check_config(cfg: Any) -> None:
         if not path.exists():
             raise ConfigError(f"model.checkpoint={path} does not exist: pass a weights file "
                               "(torch.save(model.state_dict(), path)), or null to pretrain one")
-    present, value = _value(cfg, "export.path")
-    if present and value is not None:
-        check_writable(value, "export.path")
+    for key in ("export.path", "export.data_path"):
+        present, value = _value(cfg, key)
+        if present and value is not None:
+            check_writable(value, key)

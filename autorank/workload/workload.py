@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from autorank.errors import ConfigError
+from autorank.io import atomic_write
 from autorank.plan import finetune_mode
 from autorank.workload.base import base_checkpoint, file_sha256, load_weights, make_trainer
 from autorank.workload.data import ImageData
@@ -134,6 +135,19 @@ class Workload:
 
     def example_input(self) -> torch.Tensor:
         return torch.zeros(self.input_shape, dtype=self.data.input_dtype)
+
+    def save_device_data(self, path: Path | str) -> Path:
+        """The downstream task's training and validation data as the device runner reads them
+        (autorank.device.data): images at their native size as uint8 (float images in [0, 1]
+        rounded to 8 bits), resized and normalised per batch on the device; tokens as they are.
+        Written atomically; a few MB where the float tensors at the input size were 100+ MB."""
+        out = {}
+        for part, (kx, ky) in (("train", ("x", "y")), ("val", ("x_val", "y_val"))):
+            x, y = self.data.tensors("downstream", part)
+            if x.is_floating_point():
+                x = (x * 255).round_().clamp_(0, 255).to(torch.uint8)
+            out[kx], out[ky] = x.contiguous().clone(), y.long().clone()
+        return atomic_write(path, lambda tmp: torch.save(out, tmp))
 
     def calibration_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first n shuffled (seeded) downstream training batches at the device batch shape."""
