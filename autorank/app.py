@@ -74,7 +74,9 @@ def run(cfg: DictConfig) -> Any:
     sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
     tracker = instantiate(cfg.tracking) if cfg.get("tracking") is not None else None
     budget_mb = device.budget_bytes / MB
-    print(f"autorank: device {device.name} (training budget {budget_mb:.0f} MB), "
+    print(f"autorank: device {device.name} ({device.ram_mb:.0f} MB RAM - OS {device.os_mb:.0f} MB = "
+          f"{device.process_budget_mb:.0f} MB for the training process; runtime {device.runtime_mb:.0f} MB: "
+          f"training budget {budget_mb:.0f} MB), "
           f"model {cfg.model.build._target_.rsplit('.', 1)[-1]}, data {cfg.data._target_.rsplit('.', 1)[-1]}, "
           f"search {search.name}", flush=True)
     workload.prepare(progress=True)
@@ -179,13 +181,16 @@ def _study_summary(console: Any, result: Any, device: Any) -> None:
                   f"{len(result.trials)} trials ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}), "
                   f"{result.n_new} new, {result.wall_s:.0f} s")
     steps = f" at {result.refit_steps} steps" if result.refit_steps else ""
-    table = Table(title=f"Pareto front (budget {budget_mb:.0f} MB on {device.name})",
+    process_mb = device.process_budget_mb
+    table = Table(title=f"Pareto front (training budget {budget_mb:.0f} MB on {device.name}: the process "
+                        f"may use {process_mb:.0f} MB, runtime {device.runtime_mb:.0f} MB)",
                   caption="plan: one code per candidate layer, input to output: - frozen, F full "
                           "backprop, .8 ASI at explained variance 0.8, .8b the same with the batch "
-                          "mode kept whole, L4 LoRA rank 4, L4.8 LoRA + ASI; proxy: the trial's own "
+                          "mode kept whole, L4 LoRA rank 4, L4.8 LoRA + ASI; peak MB: training tensors; process MB: "
+                          "the device process (runtime + tensors); proxy: the trial's own "
                           "(short) training; val loss: held-out cross-entropy (per token for a "
                           "language model) after the refit, else the trial's")
-    for col in ("trial", "proxy acc", f"refit acc{steps}", "val loss", "lr", "peak MB", "GFLOP/step",
+    for col in ("trial", "proxy acc", f"refit acc{steps}", "val loss", "lr", "peak MB", "process MB", "GFLOP/step",
                 "device s/step", "plan"):
         table.add_column(col)
     for r in sorted(result.front, key=lambda r: r.predicted_peak_bytes):
@@ -193,6 +198,7 @@ def _study_summary(console: Any, result: Any, device: Any) -> None:
         loss = r.refit_val_loss if r.refit_val_loss is not None else r.val_loss
         table.add_row(str(r.number), _acc(r.val_accuracy), _acc(r.refit_accuracy), _acc(loss),
                       "-" if lr is None else f"{lr:.3g}", _mb(r.predicted_peak_bytes),
+                      _mb(device.process_peak(r.predicted_peak_bytes).total_bytes),
                       f"{r.flops / 1e9:.2f}", f"{device.step_time_s(r.flops):.2f}", _short_plan(r.choices))
     console.print(table)
     best = result.best
@@ -202,7 +208,8 @@ def _study_summary(console: Any, result: Any, device: Any) -> None:
     acc = best.refit_accuracy if best.refit_accuracy is not None else best.val_accuracy
     kind = "refit" if best.refit_accuracy is not None else "proxy"
     loss = best.refit_val_loss if best.refit_accuracy is not None else best.val_loss
-    line = f"exported plan (trial {best.number}): {kind} acc {acc:.3f} at {_mb(best.predicted_peak_bytes)} MB"
+    line = (f"exported plan (trial {best.number}): {kind} acc {acc:.3f} at {_mb(best.predicted_peak_bytes)} MB "
+            f"(process {_mb(device.process_peak(best.predicted_peak_bytes).total_bytes)} of {process_mb:.0f} MB)")
     if loss is not None:  # per token for a language model: perplexity exp(loss)
         line += f" (val loss {loss:.3f}, perplexity {math.exp(min(loss, 700.0)):.2f})"
     plain = result.best_plain

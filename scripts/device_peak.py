@@ -1,18 +1,27 @@
 #!/usr/bin/env python3
 """Peak memory of a command, read from /proc/<pid>/status (stdlib only, Linux).
 
-    python3 scripts/device_peak.py [--json OUT] [--interval S] [--subtract BASE.json] -- CMD ARG...
+    python3 scripts/device_peak.py [--json OUT] [--interval S] [--qemu] [--subtract BASE.json] -- CMD ARG...
 
 Samples /proc/<pid>/status of the command and of its descendants every 20 ms and reports, in MB
-(2**20 bytes): the peaks of the summed VmRSS, RssAnon, RssFile and RssShmem over the process tree
-(pages shared after a fork count once per process), the largest VmRSS and VmHWM of one process, ru_maxrss from wait4 (the kernel's own peak of the process and its reaped
-descendants, which no sampling interval misses), the wall time and the exit status. The JSON goes
-to stderr (the command's stdout stays its own) and, with --json, to OUT. The exit status is the
-command's (128+N for signal N).
+(2**20 bytes): the peaks of VmRSS, RssAnon, RssFile and RssShmem summed over the process tree
+(pages shared after a fork count once per process), the largest VmRSS and VmHWM of one process,
+ru_maxrss from wait4 (the kernel's peak of the command and its reaped descendants, which no
+sampling interval misses, but which also counts this script's forked copy before the exec: never
+below ~15 MB), the wall time and the exit status. The JSON goes to stderr (the command's stdout
+stays its own) and, with --json, to OUT. The exit status is the command's (128+N for signal N).
 
 Under qemu-user (`qemu-aarch64-static -L ROOT ROOT/usr/bin/python3.11 ...`) the process measured
-is the emulator, whose memory holds the guest's: measure an empty guest interpreter the same way
-and pass its JSON as --subtract to get the guest program's share (peak minus baseline, per field).
+is the emulator, whose memory holds the guest's. The emulator's own share is not constant: its
+translated-code buffer grows with the guest code run (about 18 MB for an empty interpreter, 127 MB
+after `import torch`) and its heap with it (3 -> 23 MB), so subtracting an empty interpreter's
+figures (--subtract BASE.json, per field) overstates a torch program by ~130 MB. --qemu instead
+reads /proc/<pid>/smaps of each qemu process at every sample (a few ms each: consider
+--interval 0.05) and subtracts the emulator's own mappings at that moment (the anonymous executable
+code buffer, the emulator's brk heap, the qemu binary itself), giving peak_guest_* fields. What
+it cannot tell apart (the emulator's malloc'd mmaps, its host thread stacks; ~8 MB with torch
+loaded) stays in, so the guest figures are upper bounds by about that much; compared with the
+guest's own /proc/self/maps they were within 8 MB (221 vs 229 MB) after importing torch.
 """
 
 from __future__ import annotations
@@ -71,6 +80,31 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _qemu_own(pid: int) -> dict[str, int] | None:
+    """Bytes of a qemu-user process's own mappings (code buffer, brk heap, its binary): Rss,
+    Anonymous and the file-backed rest; None when pid is not a qemu process or is gone."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        if "qemu-" not in os.path.basename(exe):
+            return None
+        own = {"VmRSS": 0, "RssAnon": 0}
+        mine = False
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split(None, 5)
+                if "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+                    name = head[5].strip() if len(head) > 5 else ""
+                    mine = name == "[heap]" or name == exe or (name == "" and "x" in head[1])
+                elif mine and head[0] == "Rss:":
+                    own["VmRSS"] += int(head[1]) * 1024
+                elif mine and head[0] == "Anonymous:":
+                    own["RssAnon"] += int(head[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        return None
+    own["RssFile"] = own["VmRSS"] - own["RssAnon"]
+    return own
+
+
 def _tree(root: int) -> list[int]:
     seen, todo = [], [root]
     while todo:
@@ -81,8 +115,11 @@ def _tree(root: int) -> list[int]:
     return seen
 
 
-def measure(cmd: list[str], interval: float = 0.02) -> dict:
+def measure(cmd: list[str], interval: float = 0.02, qemu: bool = False) -> dict:
     peaks = {f: 0 for f in FIELDS}
+    guest_fields = ("VmRSS", "RssAnon", "RssFile")
+    guest_peaks = {f: 0 for f in guest_fields}
+    qemu_seen = 0
     single = 0  # the largest VmRSS of one process (the sums count pages shared after a fork twice)
     hwm = 0
     samples = 0
@@ -98,6 +135,7 @@ def measure(cmd: list[str], interval: float = 0.02) -> dict:
             if pid:
                 break
             total = {f: 0 for f in FIELDS}
+            guest = {f: 0 for f in guest_fields}
             pids = _tree(proc.pid)
             nprocs = max(nprocs, len(pids))
             for p in pids:
@@ -108,8 +146,15 @@ def measure(cmd: list[str], interval: float = 0.02) -> dict:
                     total[f] += st.get(f, 0)
                 hwm = max(hwm, st.get("VmHWM", 0))
                 single = max(single, st["VmRSS"])
+                own = _qemu_own(p) if qemu else None
+                if own is not None:
+                    qemu_seen += 1
+                for f in guest_fields:
+                    guest[f] += st.get(f, 0) - (own[f] if own else 0)
             for f in FIELDS:
                 peaks[f] = max(peaks[f], total[f])
+            for f in guest_fields:
+                guest_peaks[f] = max(guest_peaks[f], guest[f])
             samples += 1
             time.sleep(interval)
     finally:
@@ -119,6 +164,10 @@ def measure(cmd: list[str], interval: float = 0.02) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
     result = {f"peak_{f}_MB": round(peaks[f] / MB, 1) for f in FIELDS}
+    if qemu:
+        if not qemu_seen:
+            print("device_peak: --qemu, but no qemu process was sampled", file=sys.stderr)
+        result.update({f"peak_guest_{f}_MB": round(guest_peaks[f] / MB, 1) for f in guest_fields})
     result.update(
         peak_single_process_VmRSS_MB=round(single / MB, 1),
         VmHWM_MB=round(hwm / MB, 1),
@@ -148,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="OUT", help="also write the JSON here")
     ap.add_argument("--interval", type=float, default=0.02, help="seconds between samples (0.02)")
     ap.add_argument("--subtract", metavar="BASE.json", help="a baseline run's JSON (e.g. an empty guest interpreter)")
+    ap.add_argument("--qemu", action="store_true",
+                    help="also peak_guest_*: the tree's figures less each qemu-user process's own mappings (from smaps)")
     args = ap.parse_args(argv[:i])
     cmd = argv[i + 1 :]
     if not cmd:
         ap.error("no command after --")
-    result = measure(cmd, args.interval)
+    result = measure(cmd, args.interval, args.qemu)
     if args.subtract:
         with open(args.subtract) as f:
             base = json.load(f)

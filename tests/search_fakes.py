@@ -4,6 +4,8 @@ test_tracking and test_export): deterministic accuracy from the choices, costs f
 from collections import OrderedDict
 from types import SimpleNamespace
 
+from autorank.cost.process import ProcessPrediction
+
 import optuna
 from torch import nn
 
@@ -68,7 +70,8 @@ class FakeWorkload:
                                measured_flops=FakeCost().flops(choices), train_wall_s=0.01, epochs=1)
 
 
-DEVICE = SimpleNamespace(name="fakedev", budget_bytes=BASE + 5000, step_time_s=lambda f: f / 1e9)
+DEVICE = SimpleNamespace(name="fakedev", budget_bytes=BASE + 5000, step_time_s=lambda f: f / 1e9,
+                         process_peak=lambda b: ProcessPrediction.from_runtime(300 * 2**20, b, "fake"))
 
 
 def make_profile(head_rule=False):

@@ -4,6 +4,8 @@ import itertools
 import random
 from types import SimpleNamespace
 
+from autorank.cost.process import ProcessPrediction
+
 import pytest
 
 from blocking import import_blocker
@@ -180,7 +182,8 @@ class Tiny:
                                train_wall_s=0.0, epochs=1)
 
 wl = Tiny()
-device = SimpleNamespace(name="dev", budget_bytes=10 * 2**20, step_time_s=lambda f: f / 1e9)
+device = SimpleNamespace(name="dev", budget_bytes=10 * 2**20, step_time_s=lambda f: f / 1e9,
+                         process_peak=lambda b: ProcessPrediction.from_runtime(300 * 2**20, b, "fake"))
 space = SearchSpace(name="t", last=2, levels=(0.5, 0.9))
 out = sys.argv[1]
 run = KnapsackSearch(space=space).run(wl, device, export_path=out, progress=False)

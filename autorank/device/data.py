@@ -60,6 +60,22 @@ def _release(t: torch.Tensor) -> None:
         pass
 
 
+def _file_mapped(t: torch.Tensor) -> bool:
+    """Whether `t`'s memory lies in a mapping of a file (/proc/self/maps): torch.load(mmap=True)
+    worked. False where /proc cannot tell."""
+    ptr = t.untyped_storage().data_ptr()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                if lo <= ptr < hi:
+                    return len(fields) >= 6 and fields[4] != "0"  # an inode: a file
+    except OSError:
+        pass
+    return False
+
+
 @dataclass
 class Split:
     """One split of the data: `labels` in memory (small), images or tokens read per batch."""
@@ -171,7 +187,7 @@ def open_tensor_file(path: str | Path, shape=None) -> DeviceData:
     if tokens and any(b.shape != a.shape for _, _, a, b in pairs):
         raise DataError(f"data file {path}: integer x is read as tokens (N, L), whose labels y are the next "
                         f"tokens, of x's shape; got x {list(x.shape)}, y {list(d['y'].shape)}")
-    mapped = x.untyped_storage().filename is not None if hasattr(x.untyped_storage(), "filename") else False
+    mapped = _file_mapped(x)
     train = TensorSplit(x, d["y"], shape, mapped)
     val = TensorSplit(xv, yv, shape, mapped) if xv is not None else None
     return DeviceData(train, val, f"{path} ({'memory-mapped' if mapped else 'read whole'})")

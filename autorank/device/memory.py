@@ -116,7 +116,7 @@ class PeakSampler:
         self.sample()
 
 
-def _cgroup_paths() -> list[tuple[str, Path]]:
+def cgroup_paths() -> list[tuple[str, Path]]:
     """(version, folder) of this process's memory cgroup, innermost first, then its ancestors."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
@@ -141,7 +141,7 @@ def cgroup_limit() -> tuple[int, str] | None:
     """The tightest memory limit of this process's cgroups (v1 memory.limit_in_bytes, v2
     memory.max), with the file it came from; None when no finite limit is set."""
     best = None
-    for version, folder in _cgroup_paths():
+    for version, folder in cgroup_paths():
         f = folder / ("memory.limit_in_bytes" if version == "v1" else "memory.max")
         try:
             text = f.read_text().strip()

@@ -54,6 +54,7 @@ def run_knapsack(workload: Workload, device: Device, space: SearchSpace | str, *
     plan = prof.to_plan(res.choices, meta={
         "source": "knapsack", "budget_bytes": int(device.budget_bytes), "device": device.name,
         "predicted_peak_bytes": res.predicted_peak_bytes,
+        "process_peak_bytes": int(device.process_peak(res.predicted_peak_bytes).total_bytes),
         "predicted_activation_bytes": int(peak.activation_bytes), "train_flops": flops,
         "sensitivity": res.sensitivity, "finetune": workload.finetune_settings(max_epochs).to_dict()})
     res.plan = plan

@@ -73,6 +73,10 @@ class Device(Protocol):
 
     def step_time_s(self, flops: float) -> float: ...
 
+    def process_peak(self, tensor_peak_bytes: int) -> Any:
+        """The training process's predicted peak (autorank.cost.process.ProcessPrediction:
+        .total_bytes) for a plan whose tensors peak at `tensor_peak_bytes`."""
+
 
 def device_summary(device: Device) -> dict[str, Any]:
     """The device's figures for a tracker: every field of a dataclass device (its `sources`, long
@@ -82,6 +86,7 @@ def device_summary(device: Device) -> dict[str, Any]:
         d.update({f.name: getattr(device, f.name) for f in dataclasses.fields(device)
                   if f.name != "sources"})
     d["budget_bytes"] = int(device.budget_bytes)
+    d["process_budget_bytes"] = int(device.process_peak(device.budget_bytes).total_bytes)
     return d
 
 

@@ -224,7 +224,7 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
                     refs = refit_references(study, workload, profile, cost, budget_bytes=budget,
                                             steps=settings.refit_steps, hparams=hp0, plan_meta=plan_meta)
         with times.timed("log"):
-            result = write_plans(study, workload, settings, storage, budget)
+            result = write_plans(study, workload, settings, storage, budget, device)
         result.references = refs
         result.n_new, result.time_split_s = n_new, times.as_dict()
         result.wall_s = time.perf_counter() - t_start
@@ -242,7 +242,7 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
 
 
 def write_plans(study: optuna.Study, workload: Workload, settings: StudySettings, storage: str,
-                budget: int) -> StudyResult:
+                budget: int, device: Device) -> StudyResult:
     """Read the trials and the front back from storage; write every front plan under
     <run_dir>/front/ and the best one to settings.export_path: the best refit plan when plans
     were refit (its plan file then records the refit's steps), else the best proxy one."""
@@ -254,7 +254,9 @@ def write_plans(study: optuna.Study, workload: Workload, settings: StudySettings
     best_plain = (best_refit(plain) if refit else None) or best_of(plain)
 
     def meta(r: TrialRecord) -> dict:
-        m: dict = {"val_accuracy": r.val_accuracy}
+        m: dict = {"val_accuracy": r.val_accuracy,
+                   # the whole training process on the device: runtime + tensors (autorank.cost.process)
+                   "process_peak_bytes": int(device.process_peak(r.predicted_peak_bytes).total_bytes)}
         if r.val_loss is not None:  # held-out cross-entropy (per token for a language model)
             m["val_loss"] = r.val_loss
         if r.refit_accuracy is not None:

@@ -1,0 +1,115 @@
+"""The device runner's data (memory-mapped tensor files, image folders) and its process memory
+model: batches equal the search's preprocessing, the data set's size stays out of resident memory,
+the memory figures read from /proc and a cgroup, the process prediction's arithmetic."""
+
+import mmap
+
+import pytest
+import torch
+
+from autorank.cost.process import FIRST_STEP_OVERHEAD_BYTES, ProcessPrediction
+from autorank.device.data import DataError, normalise_images, open_data
+from autorank.device.guard import killed_line
+from autorank.device.memory import MB, PeakSampler, cgroup_limit, memory_allowed, read_status
+from autorank.workload.device import DeviceProfile
+from autorank.workload.imagedata import BatchTransform
+
+SHAPE = [4, 3, 16, 16]
+
+
+def test_uint8_batches_equal_the_searchs_preprocessing(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.arange(10) % 3
+    torch.save({"x": x, "y": y, "x_val": x[:4].clone(), "y_val": y[:4].clone()}, tmp_path / "d.pt")
+    data = open_data(tmp_path / "d.pt", SHAPE)
+    assert "memory-mapped" in data.source and data.kind == "class" and len(data.val) == 4
+    idx = torch.tensor([7, 2, 5])
+    xb, yb = data.train.batch(idx)
+    order = idx.sort().values  # a mapped file is read forwards
+    expected = BatchTransform(16).images(x[order])
+    assert xb.shape == (3, 3, 16, 16) and torch.equal(yb, y[order])
+    torch.testing.assert_close(xb, expected, rtol=0, atol=1e-6)
+    # float images in [0, 1] and their uint8 form normalise to within one 8-bit step
+    xf = torch.rand(2, 3, 5, 5, generator=g)
+    diff = normalise_images(xf, (7, 7)) - normalise_images((xf * 255).round().to(torch.uint8), (7, 7))
+    assert diff.abs().max() <= 2 / 255 + 1e-6
+
+
+def test_float_data_is_used_as_it_is_and_tokens_stay_integers(tmp_path):
+    x = torch.randn(6, 3, 16, 16)
+    torch.save((x, torch.arange(6) % 2), tmp_path / "f.pt")
+    xb, _ = open_data(tmp_path / "f.pt", SHAPE).train.batch(torch.tensor([4, 1]))
+    assert torch.equal(xb, x[[1, 4]])
+    tok = torch.randint(0, 50, (5, 9))
+    torch.save({"x": tok, "y": tok.roll(-1, 1)}, tmp_path / "t.pt")
+    data = open_data(tmp_path / "t.pt", [2, 9])
+    xb, yb = data.train.batch(torch.tensor([3]))
+    assert data.kind == "token" and xb.dtype == torch.int64 and torch.equal(yb, tok.roll(-1, 1)[[3]])
+
+
+def test_a_mapped_data_set_does_not_stay_resident(tmp_path):
+    """128 MiB of uint8 images read whole, batch by batch: resident memory grows by about one
+    batch, not by the file (the pages are handed back after each batch)."""
+    n = 2048
+    x = torch.randint(0, 256, (n, 1, 256, 256), dtype=torch.uint8)
+    torch.save({"x": x, "y": torch.zeros(n, dtype=torch.int64)}, tmp_path / "big.pt")
+    del x
+    data = open_data(tmp_path / "big.pt", [64, 1, 256, 256])
+    before = read_status()
+    grown = 0
+    for i in range(0, n, 64):
+        data.train.batch(torch.arange(i, i + 64))
+        data.train.release()
+        grown = max(grown, read_status()["VmRSS"] - before["VmRSS"])
+    assert grown < 40 * MB, grown / MB  # the file is 128 MiB; a float batch is 16 MiB
+    if hasattr(mmap, "MADV_DONTNEED"):
+        assert read_status()["RssFile"] - before["RssFile"] < 20 * MB
+
+
+def test_image_folder_reads_classes_and_refuses_undecodable_files(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    for split in ("train", "val"):
+        for c, colour in (("cat", 0), ("dog", 255)):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (20 + i, 10), (colour, colour, colour)).save(tmp_path / split / c / f"{i}.png")
+    data = open_data(tmp_path, SHAPE)
+    assert len(data.train) == 6 and len(data.val) == 6 and "2 classes" in data.source
+    xb, yb = data.train.batch(torch.tensor([0, 5]))
+    assert xb.shape == (2, 3, 16, 16) and yb.tolist() == [0, 1]
+    assert torch.allclose(xb[0], torch.full_like(xb[0], -1.0)) and torch.allclose(xb[1], torch.ones_like(xb[1]))
+    (tmp_path / "train" / "dog" / "9.png").write_bytes(b"not an image")
+    data = open_data(tmp_path, SHAPE)
+    with pytest.raises(DataError, match="cannot decode image .*9.png"):
+        data.train.batch(torch.arange(len(data.train)))
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    with pytest.raises(DataError, match="at least 2 class subfolders"):
+        open_data(tmp_path / "one", SHAPE)
+
+
+def test_peak_sampler_sees_an_allocation_and_limits_are_read():
+    with PeakSampler(interval_s=0.005) as mem:
+        base = read_status()["RssAnon"]
+        t = torch.ones(64 * MB // 4)  # 64 MiB, touched
+        t.add_(1)
+        mem.sample()
+        del t
+    assert mem.peaks.anon - base >= 60 * MB and mem.peaks.hwm >= mem.peaks.rss > 0
+    allowed = memory_allowed()
+    assert allowed is not None and allowed[0] > read_status()["VmRSS"]
+    limit = cgroup_limit()
+    assert limit is None or limit[0] > 0
+
+
+def test_process_prediction_and_device_budget_add_up():
+    tensors = type("P", (), {"weights_bytes": 10 * MB, "total_bytes": 150 * MB})()
+    p = ProcessPrediction.from_ready(400 * MB, tensors)
+    assert p.runtime_bytes == 390 * MB and p.total_bytes == 390 * MB + 150 * MB + FIRST_STEP_OVERHEAD_BYTES
+    dev = DeviceProfile("d", ram_mb=1024, os_mb=300, runtime_mb=250, gflops_fp32=2.0)
+    assert dev.process_budget_mb == 724
+    assert dev.budget_bytes == int((1024 - 300 - 250) * MB - FIRST_STEP_OVERHEAD_BYTES)
+    # a plan exactly at the training budget is a process exactly at the process budget
+    assert abs(dev.process_peak(dev.budget_bytes).total_bytes - dev.process_budget_mb * MB) <= 1
+    line = killed_line({"phase": "training", "predicted_bytes": 600 * MB, "allowed": [550 * MB, "the cgroup"]})
+    assert "SIGKILL" in line and "training" in line and "600 MB" in line and "550 MB" in line
