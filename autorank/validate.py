@@ -46,9 +46,10 @@ RULES: list[tuple[str, str, float, bool, str]] = [
     ("search.refit_top", "int", 0, False, "front plans refit at full fidelity"),
     ("search.n_calibration_batches", "int", 1, False, "batches the profile reads"),
     ("device.ram_mb", "pos", 0, False, "the device's RAM in MB"),
-    ("device.reserved_mb", "num", 0, False, "MB the OS and runtime keep"),
+    ("device.os_mb", "num", 0, False, "MB the OS keeps"),
+    ("device.runtime_mb", "num", 0, False, "MB the Python/torch runtime holds when ready to train"),
     ("device.gflops_fp32", "pos", 0, False, "sustained GFLOP/s"),
-    ("device.budget_mb", "pos", 0, True, "the training budget in MB; null: ram_mb - reserved_mb"),
+    ("device.budget_mb", "pos", 0, True, "the training budget in MB; null: ram_mb - os_mb - runtime_mb - first-step overhead"),
 ]
 UPPER = {"trainer.momentum": 1.0, "data.val_fraction": 1.0}
 

@@ -80,15 +80,21 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _is_qemu(pid: int) -> bool | None:
+    """Whether pid runs a qemu-user emulator; None when it is gone."""
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("qemu-")
+    except OSError:
+        return None
+
+
 def _qemu_own(pid: int) -> dict[str, int] | None:
-    """Bytes of a qemu-user process's own mappings (code buffer, brk heap, its binary): Rss,
-    Anonymous and the file-backed rest; None when pid is not a qemu process or is gone."""
+    """Bytes of a qemu-user process's own mappings (its code buffer, brk heap and binary): VmRSS,
+    RssAnon and RssFile; None when they cannot be read (the process is gone or exiting)."""
+    own = {"VmRSS": 0, "RssAnon": 0}
+    mine = False
     try:
         exe = os.readlink(f"/proc/{pid}/exe")
-        if "qemu-" not in os.path.basename(exe):
-            return None
-        own = {"VmRSS": 0, "RssAnon": 0}
-        mine = False
         with open(f"/proc/{pid}/smaps") as f:
             for line in f:
                 head = line.split(None, 5)
@@ -100,6 +106,8 @@ def _qemu_own(pid: int) -> dict[str, int] | None:
                 elif mine and head[0] == "Anonymous:":
                     own["RssAnon"] += int(head[1]) * 1024
     except (OSError, IndexError, ValueError):
+        return None
+    if not own["VmRSS"]:  # an exiting process: its mappings are already gone
         return None
     own["RssFile"] = own["VmRSS"] - own["RssAnon"]
     return own
@@ -135,26 +143,30 @@ def measure(cmd: list[str], interval: float = 0.02, qemu: bool = False) -> dict:
             if pid:
                 break
             total = {f: 0 for f in FIELDS}
-            guest = {f: 0 for f in guest_fields}
+            guest: dict[str, int] | None = {f: 0 for f in guest_fields}
             pids = _tree(proc.pid)
             nprocs = max(nprocs, len(pids))
             for p in pids:
-                st = _status(p)
+                is_qemu = _is_qemu(p) if qemu else False
+                st = _status(p) if is_qemu is not None else None
                 if st is None:
                     continue
                 for f in FIELDS:
                     total[f] += st.get(f, 0)
                 hwm = max(hwm, st.get("VmHWM", 0))
                 single = max(single, st["VmRSS"])
-                own = _qemu_own(p) if qemu else None
-                if own is not None:
-                    qemu_seen += 1
-                for f in guest_fields:
-                    guest[f] += st.get(f, 0) - (own[f] if own else 0)
+                own = _qemu_own(p) if is_qemu else None
+                if is_qemu and own is None:
+                    guest = None  # this sample cannot tell the guest's share
+                elif guest is not None:
+                    qemu_seen += bool(is_qemu)
+                    for f in guest_fields:
+                        guest[f] += st.get(f, 0) - (own[f] if own else 0)
             for f in FIELDS:
                 peaks[f] = max(peaks[f], total[f])
             for f in guest_fields:
-                guest_peaks[f] = max(guest_peaks[f], guest[f])
+                if guest is not None:
+                    guest_peaks[f] = max(guest_peaks[f], guest[f])
             samples += 1
             time.sleep(interval)
     finally:

@@ -284,10 +284,10 @@ def test_the_budget_checks_reject_non_finite_values_in_the_api_too():
     from autorank.workload.device import DeviceProfile
 
     for kw in ({"budget_mb": math.inf}, {"budget_mb": math.nan}, {"ram_mb": math.nan}):
-        args = {"name": "d", "ram_mb": 1024, "reserved_mb": 700, "gflops_fp32": 2.0, **kw}
+        args = {"name": "d", "ram_mb": 1024, "os_mb": 300, "runtime_mb": 400, "gflops_fp32": 2.0, **kw}
         with pytest.raises(ConfigError, match="must be finite numbers"):
             DeviceProfile(**args)
-    assert DeviceProfile("d", 1024, 700, 2.0, budget_mb=100).budget_bytes == 100 * 2**20
+    assert DeviceProfile("d", 1024, 300, 400, 2.0, budget_mb=100).budget_bytes == 100 * 2**20
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from autorank.app import CONF_DIR
 from autorank.models import ModelSpec
 from autorank.workload.data import ImageData
 from autorank.workload.textdata import TextData
+from autorank.cost.process import FIRST_STEP_OVERHEAD_BYTES
 from autorank.workload.device import DeviceProfile
 from autorank.workload.workload import Paths, TrainerConfig
 
@@ -58,8 +59,10 @@ def test_every_group_has_options():
 def test_device_options(tmp_path, name):
     dev = instantiate(compose_groups(tmp_path, device=name).device)
     assert isinstance(dev, DeviceProfile) and dev.name == name
-    assert dev.budget_bytes == int((dev.ram_mb - dev.reserved_mb) * 2**20)
-    assert set(dev.sources) == {"ram_mb", "reserved_mb", "gflops_fp32"}
+    overhead = FIRST_STEP_OVERHEAD_BYTES / 2**20
+    assert dev.budget_bytes == int((dev.ram_mb - dev.os_mb - dev.runtime_mb - overhead) * 2**20)
+    assert set(dev.sources) == {"ram_mb", "os_mb", "runtime_mb", "gflops_fp32"}
+    assert all(len(v) > 20 for v in dev.sources.values())  # each figure says where it comes from
     assert dev.step_time_s(dev.gflops_fp32 * 1e9) == pytest.approx(1.0)
 
 

@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 import pytest
+
+from autorank.cost.process import FIRST_STEP_OVERHEAD_BYTES
 import torch
 from torch import nn
 
@@ -86,12 +88,12 @@ def test_split_with_applied_plan_keeps_outputs():
 
 
 def test_device_budget():
-    dev = DeviceProfile("d", ram_mb=2048, reserved_mb=700, gflops_fp32=2.0)
-    assert dev.budget_bytes == 1348 * 2**20
-    assert DeviceProfile("d", 2048, 700, 2.0, budget_mb=100).budget_bytes == 100 * 2**20
+    dev = DeviceProfile("d", ram_mb=2048, os_mb=300, runtime_mb=400, gflops_fp32=2.0)
+    assert dev.budget_bytes == (2048 - 300 - 400) * 2**20 - FIRST_STEP_OVERHEAD_BYTES
+    assert DeviceProfile("d", 2048, 300, 400, 2.0, budget_mb=100).budget_bytes == 100 * 2**20
     assert dev.step_time_s(4e9) == pytest.approx(2.0)
     with pytest.raises(ValueError):
-        DeviceProfile("d", ram_mb=512, reserved_mb=700, gflops_fp32=2.0)
+        DeviceProfile("d", ram_mb=512, os_mb=300, runtime_mb=400, gflops_fp32=2.0)
 
 
 # --- base model, feature cache, fine-tuning ------------------------------------------------------
