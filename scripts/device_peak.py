@@ -128,6 +128,7 @@ def measure(cmd: list[str], interval: float = 0.02, qemu: bool = False) -> dict:
     guest_fields = ("VmRSS", "RssAnon", "RssFile")
     guest_peaks = {f: 0 for f in guest_fields}
     qemu_seen = 0
+    own_peak: dict[int, int] = {}  # per qemu pid: the largest own share seen
     single = 0  # the largest VmRSS of one process (the sums count pages shared after a fork twice)
     hwm = 0
     samples = 0
@@ -156,6 +157,12 @@ def measure(cmd: list[str], interval: float = 0.02, qemu: bool = False) -> dict:
                 hwm = max(hwm, st.get("VmHWM", 0))
                 single = max(single, st["VmRSS"])
                 own = _qemu_own(p) if is_qemu else None
+                if own is not None:
+                    # an exiting emulator unmaps its code buffer while its status still counts it
+                    if own["VmRSS"] < own_peak.get(p, 0) // 2:
+                        own = None
+                    else:
+                        own_peak[p] = max(own_peak.get(p, 0), own["VmRSS"])
                 if is_qemu and own is None:
                     guest = None  # this sample cannot tell the guest's share
                 elif guest is not None:

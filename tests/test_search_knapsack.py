@@ -4,7 +4,6 @@ import itertools
 import random
 from types import SimpleNamespace
 
-from autorank.cost.process import ProcessPrediction
 
 import pytest
 
@@ -180,6 +179,8 @@ class Tiny:
         self.tuned.append(plan)
         return SimpleNamespace(val_accuracy=0.75, train_loss=0.1, val_loss=0.5, measured_activation_bytes=1, measured_flops=1,
                                train_wall_s=0.0, epochs=1)
+
+from autorank.cost.process import ProcessPrediction
 
 wl = Tiny()
 device = SimpleNamespace(name="dev", budget_bytes=10 * 2**20, step_time_s=lambda f: f / 1e9,

@@ -41,6 +41,8 @@ class CapResult:
     oom_kills: int
     wall_s: float
     version: str
+    stdout: str | bytes | None = None
+    stderr: str | bytes | None = None
 
 
 class MemoryCap:
@@ -77,7 +79,8 @@ class MemoryCap:
             if (self.path / "memory.swap.max").exists():
                 self._write("memory.swap.max", 0)
 
-    def _join(self) -> None:  # runs in the child between fork and exec
+    def join(self) -> None:
+        """Move the calling process into the cgroup (a preexec_fn: runs between fork and exec)."""
         name = "cgroup.procs" if self.version == "v2" else "tasks"
         (self.path / name).write_text(str(os.getpid()))
 
@@ -98,12 +101,13 @@ class MemoryCap:
                         return int(value)
         return 0
 
-    def run(self, argv: list[str], **popen) -> CapResult:
+    def run(self, argv: list[str], **kwargs) -> CapResult:
+        """subprocess.run(argv, **kwargs) inside the cgroup; its output in the result."""
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, preexec_fn=self._join, **popen)
-        rc = proc.wait()
+        proc = subprocess.run(argv, preexec_fn=self.join, **kwargs)
+        rc = proc.returncode
         return CapResult(self.limit_bytes, rc, rc in (-9, 137), self.peak_bytes(), self.oom_kills(),
-                         time.perf_counter() - t0, self.version)
+                         time.perf_counter() - t0, self.version, proc.stdout, proc.stderr)
 
     def remove(self) -> None:
         for _ in range(50):  # the last task may take a moment to leave

@@ -155,7 +155,10 @@ def _prepare(a: argparse.Namespace):
     except PlanError as e:  # a plan that trains nothing
         raise BadInput(f"{e}: export a plan with at least one trained layer") from e
     finetune_mode(model, bn_eval=True)
-    process = ProcessPrediction.from_ready(read_status()["VmRSS"], tensors)
+    ready = read_status()
+    print(f"ready to train: RSS {ready['VmRSS'] / MB:.0f} MB (anonymous {ready['RssAnon'] / MB:.0f} MB, "
+          f"file-backed {ready['RssFile'] / MB:.0f} MB)")
+    process = ProcessPrediction.from_ready(ready["VmRSS"], tensors)
     return plan, data, model, bs, shape, tensors, process
 
 
