@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv run test test-slow bench wheel clean data-fashion-mnist
+.PHONY: venv run test test-slow bench wheel clean data-fashion-mnist device-root-arm64
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,12 @@ bench: venv
 # The wheel a user installs (configs inside); tests/test_wheel.py builds and installs it too.
 wheel: venv
 	$(BIN)/pip wheel --no-deps --no-build-isolation -w dist .
+
+# An aarch64 (Raspberry Pi) Debian root with a CPU-only torch, run through qemu-user without
+# binfmt (nothing kernel-wide): qemu-aarch64-static -L ROOT ROOT/usr/bin/python3.11 -m autorank.device ...
+# Cached: seconds once built. ROOT defaults to .cache/autorank/arm64-root.
+device-root-arm64:
+	bash scripts/device_root_arm64.sh $(ROOT)
 
 clean:
 	rm -rf $(VENV) outputs multirun .cache build dist

@@ -6,18 +6,22 @@
 #
 #   scripts/device_root_arm64.sh [ROOT]          # default ROOT: .cache/autorank/arm64-root
 #   qemu-aarch64-static -L ROOT ROOT/usr/bin/python3.11 -m autorank.device PLAN CHECKPOINT DATA
-#   QEMU_CPU=cortex-a72 ...   # a Pi 4's instruction set (cortex-a76: Pi 5); qemu's default is "max"
+#   QEMU_CPU=cortex-a72 qemu-aarch64-static ...   # a Pi 4's instruction set (cortex-a76: Pi 5);
+#                                                  # qemu's default "max" has every extension
 #   python3 scripts/device_peak.py --json peak.json -- qemu-aarch64-static -L ROOT ROOT/usr/bin/python3.11 ...
 #
 # Idempotent and cached: a complete root (stamp file ROOT/.autorank-root-stamp matching this
 # script's settings) returns in about a second. Downloads come from Debian's archive (debootstrap,
 # apt) and PyPI (host pip, aarch64 wheels), at set-up time only.
 #
-# torch: the newest PyPI release whose aarch64 wheel is CPU-only. From 2.11 on the aarch64 wheels
-# on PyPI are CUDA builds (Requires-Dist: cuda-toolkit, nvidia-cudnn-cu13, ... for
-# platform_system == "Linux", several GB); 2.10.0's METADATA marks every nvidia-* / cuda-*
-# requirement `platform_machine == "x86_64"`, and its wheel is a CPU build. Override with
-# AUTORANK_ARM64_TORCH=VERSION.
+# torch: 2.9.1, the newest PyPI release whose aarch64 wheel is a CPU build that runs on a Pi 4.
+# From 2.11 on the aarch64 wheels on PyPI are CUDA builds (METADATA Requires-Dist: cuda-toolkit,
+# nvidia-cudnn-cu13, ... ; platform_system == "Linux", several GB); up to 2.10.0 every nvidia-*
+# requirement is marked `platform_machine == "x86_64"`. 2.10.0's aarch64 wheel, though, executes
+# ARMv8.1 LSE atomics (ldaddal) while loading torch._C: SIGILL on a Pi 4's Cortex-A72 (ARMv8.0;
+# pytorch/pytorch#176993), reproduced here with QEMU_CPU=cortex-a72; it runs on cortex-a76 (Pi 5).
+# Override with AUTORANK_ARM64_TORCH=VERSION, e.g. 2.10.0 with AUTORANK_ARM64_CPU=cortex-a76.
+# The set-up check runs under AUTORANK_ARM64_CPU (default cortex-a72, a Pi 4's instruction set).
 #
 # autorank itself is not copied: a .pth file in the root's site-packages names this working tree
 # (qemu-user looks a path up under ROOT first and falls back to the host's), so the runner always
@@ -29,7 +33,8 @@ ROOT="${1:-$REPO/.cache/autorank/arm64-root}"
 mkdir -p "$(dirname "$ROOT")"
 ROOT="$(cd "$(dirname "$ROOT")" && pwd)/$(basename "$ROOT")"
 
-TORCH_VERSION="${AUTORANK_ARM64_TORCH:-2.10.0}"
+TORCH_VERSION="${AUTORANK_ARM64_TORCH:-2.9.1}"
+CPU="${AUTORANK_ARM64_CPU:-cortex-a72}"
 SUITE=bookworm
 # Debian packages beyond minbase: the interpreter and its full standard library (ctypes,
 # multiprocessing, sqlite3, ...), and the C/C++ runtime torch's shared objects link against.
@@ -38,7 +43,7 @@ DEBS="python3.11-minimal,libpython3.11-stdlib,python3.11,libgomp1,libstdc++6,zli
 PYPKGS="torch==$TORCH_VERSION filelock typing_extensions sympy mpmath networkx jinja2 markupsafe fsspec pyyaml"
 SITE="$ROOT/usr/local/lib/python3.11/dist-packages"
 STAMP="$ROOT/.autorank-root-stamp"
-STAMP_TEXT="suite=$SUITE debs=$DEBS pypkgs=$PYPKGS"
+STAMP_TEXT="suite=$SUITE debs=$DEBS pypkgs=$PYPKGS cpu=$CPU"
 QEMU=qemu-aarch64-static
 PY=(env -u PYTHONPATH -u PYTHONHOME "$QEMU" -L "$ROOT" "$ROOT/usr/bin/python3.11")
 
@@ -93,14 +98,17 @@ PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-chec
 rm -rf "$SITE/bin"  # console scripts written for the host's interpreter
 write_pth
 
-# --- check, then stamp -------------------------------------------------------------------------
-"${PY[@]}" - <<'EOF'
+# --- check (on the chosen CPU model: an instruction it lacks is a SIGILL here), then stamp ---
+QEMU_CPU="$CPU" "${PY[@]}" - <<'EOF'
 import platform, torch, yaml
 import autorank.device  # the torch-only runner
 assert platform.machine() == "aarch64", platform.machine()
 assert torch.version.cuda is None and not torch.cuda.is_available(), "not a CPU-only build"
 x = torch.randn(2, 3, requires_grad=True)
 (x @ x.T).sum().backward()
+from autorank.models import mcunet_like
+m = mcunet_like(num_classes=10)
+m(torch.randn(2, 3, 64, 64)).sum().backward()
 print("torch", torch.__version__, "on", platform.machine(), "python", platform.python_version())
 EOF
 echo "$STAMP_TEXT" >"$STAMP"

@@ -103,8 +103,7 @@ def test_peak_sampler_sees_an_allocation_and_limits_are_read():
 
 
 def test_process_prediction_and_device_budget_add_up():
-    tensors = type("P", (), {"weights_bytes": 10 * MB, "total_bytes": 150 * MB})()
-    p = ProcessPrediction.from_ready(400 * MB, tensors)
+    p = ProcessPrediction.from_ready(400 * MB, 150 * MB, weights_bytes=10 * MB)
     assert p.runtime_bytes == 390 * MB and p.total_bytes == 390 * MB + 150 * MB + FIRST_STEP_OVERHEAD_BYTES
     dev = DeviceProfile("d", ram_mb=1024, os_mb=300, runtime_mb=250, gflops_fp32=2.0)
     assert dev.process_budget_mb == 724
@@ -113,3 +112,21 @@ def test_process_prediction_and_device_budget_add_up():
     assert abs(dev.process_peak(dev.budget_bytes).total_bytes - dev.process_budget_mb * MB) <= 1
     line = killed_line({"phase": "training", "predicted_bytes": 600 * MB, "allowed": [550 * MB, "the cgroup"]})
     assert "SIGKILL" in line and "training" in line and "600 MB" in line and "550 MB" in line
+
+
+def test_kernel_bytes_are_the_largest_plain_convs_input_and_output():
+    from autorank.cost import predict_peak_training_bytes
+    from autorank.plan import Choice, Plan
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 3, stride=2, padding=1), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 8 * 8, 2))
+    x = torch.zeros(5, 3, 16, 16)
+    second = (5 * 8 * 16 * 16 + 5 * 4 * 8 * 8) * 4  # its input + output, float32
+    first = (5 * 3 * 16 * 16 + 5 * 8 * 16 * 16) * 4
+    both = Plan({"0": Choice.full(), "2": Choice.full(), "4": Choice.full()})
+    assert predict_peak_training_bytes(model, x, both).kernel_bytes == max(first, second)
+    assert predict_peak_training_bytes(model, x, Plan({"2": Choice.full(), "4": Choice.full()})).kernel_bytes == second
+    asi = Plan({"2": Choice.asi([5, 4, 4, 4]), "4": Choice.full()})
+    assert predict_peak_training_bytes(model, x, asi).kernel_bytes == 0  # a shortcut layer is no plain conv
+    assert predict_peak_training_bytes(model, x, Plan({"4": Choice.full()})).kernel_bytes == 0

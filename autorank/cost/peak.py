@@ -25,9 +25,11 @@ the three phases' peaks, everything resident included; total_bytes is the larges
 the sum of the parts when that is larger (the gradients and all saved activations rarely coexist;
 the sum stays on the safe side, within a few percent).
 
-Not modelled: memory a kernel allocates and frees inside one op, which is no tensor (on x86 the
-oneDNN convolutions copy their input and weight, about one conv's input + weight at a time; on a
-GPU, cuDNN's workspace, which can exceed the tensors), allocator rounding and fragmentation.
+Not in total_bytes: memory a kernel allocates and frees inside one op, which is no tensor. On the
+CPU the backward of a plainly trained convolution takes about its input + output once more
+(oneDNN's reorders; measured: docs/DEVICE.md); `kernel_bytes` is the largest such pair among
+the plainly trained convolutions, which the process model (autorank.cost.process) adds. Not
+modelled: cuDNN's workspace on a GPU, which can exceed the tensors.
 scripts/check_peak_cpu.py compares this with the live bytes of a real CPU step (--allocator: with
 the CPU allocator's peak), scripts/check_peak_cuda.py with torch.cuda.max_memory_allocated.
 """
@@ -67,6 +69,7 @@ class PeakMemory:
     forward_peak_bytes: int = 0
     backward_peak_bytes: int = 0
     step_peak_bytes: int = 0
+    kernel_bytes: int = 0
 
     @property
     def total_mb(self) -> float:
@@ -164,7 +167,8 @@ def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, m
     if opt != "sgd":
         optimizer_bytes += 4 * len(trained)  # Adam's `step` counter: a float32 scalar per parameter
 
-    saved, labels_shape, forward, backward, warm = _simulate_step(model, example_input, cuda, loss)
+    with _conv_io_bytes(model) as conv_io:
+        saved, labels_shape, forward, backward, warm = _simulate_step(model, example_input, cuda, loss)
     modules = dict(model.named_modules())
     state = sum(int(modules[name].state_bytes(in_shape, dtype)) for name, in_shape, _, dtype in saved.region_shapes
                 if isinstance(modules[name], TuckerLayer))
@@ -181,4 +185,26 @@ def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, m
     parts = weights + grads + optimizer_bytes + saved.activation_bytes + batch + state
     total = max(parts, forward_peak, backward_peak, step_peak)
     return PeakMemory(weights, grads, optimizer_bytes, saved.activation_bytes, batch, total - parts, state, total,
-                      forward_peak, backward_peak, step_peak)
+                      forward_peak, backward_peak, step_peak, kernel_bytes=max(conv_io, default=0))
+
+
+class _conv_io_bytes:
+    """Collects input + output bytes of every plainly trained nn.Conv2d (its weight trained; a
+    shortcut layer computes its own product and is not one) while the block runs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.convs = [m for m in model.modules() if type(m) is nn.Conv2d and m.weight.requires_grad]
+        self.sizes: list[int] = []
+        self.handles: list = []
+
+    def _hook(self, module, args, out) -> None:
+        x = args[0]
+        self.sizes.append(x.numel() * x.element_size() + out.numel() * out.element_size())
+
+    def __enter__(self) -> list[int]:
+        self.handles = [m.register_forward_hook(self._hook) for m in self.convs]
+        return self.sizes
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()

@@ -141,25 +141,53 @@ def _prepare(a: argparse.Namespace):
         data.train.release()
     except DataError as e:
         raise BadInput(str(e)) from e
+    training, activation, source = _training_prediction(a, plan, base, xb, data.kind)
+    check_labels(base, xb, {"y": data.train.labels, "y_val": data.val.labels if data.val else None})
+    del xb
+    weights = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in [*base.parameters(), *base.buffers()]}.values())
+    try:
+        model = apply_plan(base, plan)  # in place
+    except PlanError as e:  # a plan that trains nothing
+        raise BadInput(f"{e}: export a plan with at least one trained layer") from e
+    except ValueError as e:  # layer names that do not fit the model built here
+        raise BadInput(f"{e}; build the model the plan was made for (--model/--model-kwargs) "
+                       "or export the plan again for this model") from e
+    finetune_mode(model, bn_eval=True)
+    ready = read_status()
+    print(f"ready to train: RSS {ready['VmRSS'] / MB:.0f} MB (anonymous {ready['RssAnon'] / MB:.0f} MB, "
+          f"file-backed {ready['RssFile'] / MB:.0f} MB); training peak {training / MB:.1f} MB ({source})")
+    process = ProcessPrediction.from_ready(ready["VmRSS"], training, weights)
+    return plan, data, model, bs, shape, activation, process
+
+
+def _recorded(plan, shape, xshape) -> tuple[int, int] | None:
+    """The search's own prediction in the plan file (training peak, saved activations), when it
+    was made for this batch shape; None otherwise."""
+    meta = plan.meta or {}
+    peak, act = meta.get("predicted_peak_bytes"), meta.get("predicted_activation_bytes")
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (peak, act))
+    if not ok or not shape or [int(v) for v in shape] != list(xshape):
+        return None
+    return int(peak), int(act)
+
+
+def _training_prediction(a, plan, base, xb, kind: str) -> tuple[int, int, str]:
+    """(training peak bytes: tensors + kernel copies, saved activation bytes, where they come from).
+    The plan file's figures when they were made for this batch (no tracing here: the meta-device
+    trace imports about 70 MB of symbolic-shape machinery that would stay resident for the whole
+    run), else predicted here."""
+    ft = settings(plan)
+    recorded = None if a.predict_here else _recorded(plan, ft.input_shape if ft else None, xb.shape)
+    if recorded is not None:
+        return recorded[0], recorded[1], "the plan file's prediction"
     try:  # on a meta-device shadow of the model: nothing of the batch's size is allocated
-        tensors = predict_peak_training_bytes(base, xb, plan, optimizer="sgd", momentum=a.momentum, loss=data.kind)
+        t = predict_peak_training_bytes(base, xb, plan, optimizer="sgd", momentum=a.momentum, loss=kind)
     except ValueError as e:  # fingerprint or layer names do not fit the model built here
         raise BadInput(f"{e}; build the model the plan was made for (--model/--model-kwargs) "
                        "or export the plan again for this model") from e
     except RuntimeError as e:  # the data's shape does not fit the model
         raise BadInput(f"the model cannot run on the data (a batch has shape {list(xb.shape)}): {e}") from e
-    check_labels(base, xb, {"y": data.train.labels, "y_val": data.val.labels if data.val else None})
-    del xb
-    try:
-        model = apply_plan(base, plan)  # in place
-    except PlanError as e:  # a plan that trains nothing
-        raise BadInput(f"{e}: export a plan with at least one trained layer") from e
-    finetune_mode(model, bn_eval=True)
-    ready = read_status()
-    print(f"ready to train: RSS {ready['VmRSS'] / MB:.0f} MB (anonymous {ready['RssAnon'] / MB:.0f} MB, "
-          f"file-backed {ready['RssFile'] / MB:.0f} MB)")
-    process = ProcessPrediction.from_ready(ready["VmRSS"], tensors)
-    return plan, data, model, bs, shape, tensors, process
+    return t.total_bytes + t.kernel_bytes, t.activation_bytes, "predicted here"
 
 
 def _check_fits(process: ProcessPrediction, plan, force: bool) -> None:
@@ -192,7 +220,7 @@ def run(a: argparse.Namespace) -> int:
     policy = set_allocator_policy()  # before the model and the data take memory
     torch.manual_seed(0)
     with PeakSampler() as mem:
-        plan, data, model, bs, shape, tensors, process = _prepare(a)
+        plan, data, model, bs, shape, activation, process = _prepare(a)
         print(policy)
         _check_fits(process, plan, a.ignore_memory_check)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -205,7 +233,7 @@ def run(a: argparse.Namespace) -> int:
         report_phase("training", predicted_bytes=process.total_bytes)
         t0 = time.perf_counter()
         ok = train(model, data.train, opt, bs, a.epochs,
-                   lambda saved, x: report_saved_bytes(saved, tensors.activation_bytes, bs, shape, x.shape))
+                   lambda saved, x: report_saved_bytes(saved, activation, bs, shape, x.shape))
         if not ok:
             return 1
         print(f"training took {time.perf_counter() - t0:.1f} s")
@@ -251,6 +279,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="keep the checkpoint's classifier head (default: a fresh one, as the search trained)")
     ap.add_argument("--seed", type=int, default=None,
                     help="seed of the fresh head (default: the plan's meta.seed, the search's trainer.seed, else 0)")
+    ap.add_argument("--predict-here", action="store_true",
+                    help="predict the training peak here even when the plan file records one for this batch")
     ap.add_argument("--ignore-memory-check", action="store_true",
                     help="train even when the predicted process peak is above the memory this process may use")
     return ap.parse_args(argv)

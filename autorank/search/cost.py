@@ -7,6 +7,8 @@ costed once per study however many steps need its figures.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
@@ -59,10 +61,15 @@ class PlanCost:
         self.flop_counts: dict[tuple, int] = {}
 
     def peak(self, choices: Choices) -> PeakRecord:
+        """The step's peak as the device process meets it: the tensors' peak plus the largest
+        plainly trained convolution's kernel copy (PeakMemory.kernel_bytes, no tensor), so that
+        every budget comparison of the search counts it."""
         k = plan_key(choices)
         if k not in self.peaks:
-            self.peaks[k] = predict_peak_training_bytes(
+            pm = predict_peak_training_bytes(
                 self.model, self.example_input, self.profile.to_plan(choices), **self.peak_kwargs)
+            self.peaks[k] = dataclasses.replace(pm, total_bytes=pm.total_bytes + pm.kernel_bytes,
+                                                transient_bytes=pm.transient_bytes + pm.kernel_bytes)
         return self.peaks[k]
 
     def flops(self, choices: Choices) -> int:

@@ -228,8 +228,8 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
             result = write_plans(study, workload, settings, storage, budget, device)
         result.references = refs
         with times.timed("log"):
-            result.reference_files = write_reference_plans(workload, profile, device, refs, result, settings.run_dir,
-                                                           plan_meta)
+            result.reference_files = write_reference_plans(workload, profile, cost, device, refs, result,
+                                                           settings.run_dir, plan_meta)
         result.n_new, result.time_split_s = n_new, times.as_dict()
         result.wall_s = time.perf_counter() - t_start
         if tracker is not None:
@@ -245,20 +245,23 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
     return result
 
 
-def write_reference_plans(workload: Workload, profile: Profile, device: Device, refs: Mapping[str, Mapping],
-                          result: StudyResult, run_dir: str | Path, plan_meta: Mapping[str, Any]) -> dict[str, Path]:
+def write_reference_plans(workload: Workload, profile: Profile, cost: CostModel, device: Device,
+                          refs: Mapping[str, Mapping], result: StudyResult, run_dir: str | Path,
+                          plan_meta: Mapping[str, Any]) -> dict[str, Path]:
     """Plan files of the points a user compares the exported plan with on the device: the best
     plain-only plan that fits and the refit references (plain reference, head alone), under
     <run_dir>/references/, each with its predicted tensor and process peaks."""
     folder = Path(run_dir) / "references"
     out: dict[str, Path] = {}
-    points = {name: (ref["choices"], int(ref["peak_bytes"])) for name, ref in refs.items()}
+    points = {name: ref["choices"] for name, ref in refs.items()}
     if result.best_plain is not None:
-        points["best plain"] = (result.best_plain.choices, int(result.best_plain.predicted_peak_bytes))
-    for name, (choices, peak) in points.items():
+        points["best plain"] = result.best_plain.choices
+    for name, choices in points.items():
         plan = profile.to_plan(choices, meta=dict(plan_meta))
-        meta = {"reference": name, "predicted_peak_bytes": peak,
-                "process_peak_bytes": int(device.process_peak(peak).total_bytes),
+        peak = cost.peak(choices)
+        meta = {"reference": name, "predicted_peak_bytes": int(peak.total_bytes),
+                "predicted_activation_bytes": int(peak.activation_bytes),
+                "process_peak_bytes": int(device.process_peak(peak.total_bytes).total_bytes),
                 "finetune": workload.finetune_settings().to_dict()}
         out[name] = export_plan(plan, folder / f"{name.replace(' ', '_')}.yaml", workload.model, meta=meta)
     return out

@@ -69,9 +69,10 @@ class DeviceProfile:
         """Training memory budget in bytes (MiB = 2**20 bytes)."""
         return int(self.effective_budget_mb * MB)
 
-    def process_peak(self, tensor_peak_bytes: int) -> ProcessPrediction:
-        """The training process's predicted peak for a plan whose tensors peak at `tensor_peak_bytes`."""
-        return ProcessPrediction.from_runtime(int(self.runtime_mb * MB), int(tensor_peak_bytes),
+    def process_peak(self, training_peak_bytes: int) -> ProcessPrediction:
+        """The training process's predicted peak for a plan whose training step peaks at
+        `training_peak_bytes` (tensors and kernel copies: autorank.search.cost.PlanCost.peak)."""
+        return ProcessPrediction.from_runtime(int(self.runtime_mb * MB), int(training_peak_bytes),
                                               self.sources.get("runtime_mb", "measured"))
 
     def step_time_s(self, flops: float) -> float:
