@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -30,24 +31,29 @@ def measure_saved_bytes(fn: Callable[[], object], model: nn.Module | Iterable[to
     Resident tensors (not counted as activations): nn.Parameter instances, the parameters and
     buffers of every nn.Module that runs inside fn (BN running statistics are saved by
     batch_norm's node), and, with `model`, all of its parameters and buffers (tensors, for a
-    functional fn) - matched by storage, so weight.t() saved by linear counts as the weight. Every saved storage is
-    held until the measurement ends so that a freed pointer can never be taken for a new one.
+    functional fn) - matched by storage, so weight.t() saved by linear counts as the weight.
+    A saved tensor is held only by a weak reference: nothing stays alive longer than in a step
+    without the hooks (the device runner measures on its first real step, at its peak). A freed
+    storage whose pointer comes back for a new one is told apart by its dead reference.
     Empty storages (eval-mode BN's save_mean) count 0 bytes.
     """
     resident: set[tuple] = set()
     if model is not None:
         tensors = list(model.parameters()) + list(model.buffers()) if isinstance(model, nn.Module) else list(model)
         resident = {storage_key(t) for t in tensors if t.numel() > 0}
-    seen: dict[tuple, tuple[torch.UntypedStorage, bool, str]] = {}
+    live: dict[tuple, weakref.ref] = {}  # storage key -> a saved tensor on it, while one lives
+    counted: list[tuple[int, bool, str]] = []  # (bytes, is a parameter, dtype), once per storage
     n_tensors = 0
 
     def pack(t: torch.Tensor):
         nonlocal n_tensors
         n_tensors += 1
         key = storage_key(t)
-        if key not in seen and t.untyped_storage().nbytes() > 0:
+        ref = live.get(key)
+        if (ref is None or ref() is None) and t.untyped_storage().nbytes() > 0:
             is_param = isinstance(t, nn.Parameter) or key in resident
-            seen[key] = (t.untyped_storage(), is_param, str(t.dtype).removeprefix("torch."))
+            counted.append((t.untyped_storage().nbytes(), is_param, str(t.dtype).removeprefix("torch.")))
+        live[key] = weakref.ref(t)
         return t
 
     def note_module(module, args):
@@ -64,11 +70,11 @@ def measure_saved_bytes(fn: Callable[[], object], model: nn.Module | Iterable[to
         handle.remove()
     activation = parameter = 0
     by_dtype: dict[str, int] = {}
-    for storage, is_param, dtype in seen.values():
+    for nbytes, is_param, dtype in counted:
         if is_param:
-            parameter += storage.nbytes()
+            parameter += nbytes
         else:
-            activation += storage.nbytes()
-            by_dtype[dtype] = by_dtype.get(dtype, 0) + storage.nbytes()
+            activation += nbytes
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
     del out
-    return SavedBytes(activation, parameter, n_tensors, by_dtype, n_storages=len(seen))
+    return SavedBytes(activation, parameter, n_tensors, by_dtype, n_storages=len(counted))

@@ -6,6 +6,7 @@ evaluate in batches, save, and print the measured peaks beside the predictions (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -19,6 +20,7 @@ from autorank.cost.loss import logits_of, training_loss
 from autorank.cost.process import ProcessPrediction
 from autorank.device.data import DataError, DeviceData, Split, open_data
 from autorank.device.inputs import DEFAULT_LR, BadInput, check_labels, finetune_lr, load_model, load_plan, settings
+from autorank.device.sgd import SGD
 from autorank.device.memory import MB, PeakSampler, memory_allowed, read_status, set_allocator_policy
 from autorank.device.status import report_phase
 from autorank.plan import PlanError, apply_plan, finetune_mode, save_base_weights
@@ -43,7 +45,7 @@ def report_saved_bytes(measured: int, predicted: int, bs: int, shape, xshape) ->
               "the cost model does not describe this model/plan exactly", file=sys.stderr)
 
 
-def train(model: torch.nn.Module, data: Split, opt: torch.optim.Optimizer, bs: int, epochs: int,
+def train(model: torch.nn.Module, data: Split, opt, bs: int, epochs: int,
           on_first_step=None) -> bool:
     """Plain SGD epochs over shuffled batches; False (after an error line) on a non-finite loss.
     A short last batch is dropped when there are at least `bs` samples: every step has the batch
@@ -227,7 +229,7 @@ def run(a: argparse.Namespace) -> int:
         if not params:
             raise BadInput("the plan trains no parameter: export a plan with at least one trained layer")
         lr = finetune_lr(plan, a.lr)
-        opt = torch.optim.SGD(params, lr=lr, momentum=a.momentum)
+        opt = SGD(params, lr=lr, momentum=a.momentum)  # not torch.optim's: see autorank/device/sgd.py
         print(f"fine-tuning {sum(p.numel() for p in params):,} parameters: SGD lr {lr:g}, momentum {a.momentum:g}, "
               f"batch {bs}, {a.epochs} epoch(s)")
         report_phase("training", predicted_bytes=process.total_bytes)
@@ -237,7 +239,7 @@ def run(a: argparse.Namespace) -> int:
         if not ok:
             return 1
         print(f"training took {time.perf_counter() - t0:.1f} s")
-        train_peaks = mem.peaks
+        train_peaks = dataclasses.replace(mem.peaks)  # a copy: the sampler goes on through evaluation
         _finish(a, model, data, bs)
     print(f"process peak while training: {train_peaks.line()}; predicted {process.total_bytes / MB:.0f} MB "
           f"({100 * (train_peaks.hwm - process.total_bytes) / process.total_bytes:+.1f}%)")
