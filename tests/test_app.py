@@ -111,26 +111,28 @@ def test_tracking_option(tmp_path):
 
 
 def test_default_workload_binds_on_rpi4(tmp_path):
-    """Issue 3 section 1: with the DEFAULT model and data (mcunet_like x0.5, 112 px, batch 128) on
-    rpi4, training every conv/linear layer plainly does not fit the budget; ASI on the default
-    space's layers does."""
+    """With the DEFAULT model and data (mcunet_like x0.5, 128 px, batch 128) on the 1 GB rpi4, the
+    training budget is what the OS and the measured runtime leave; plain backprop of the whole
+    network (the default space's plain reference) is over it, counting its kernel copies, as the
+    search counts them; ASI on the default space's layers fits."""
     from autorank.cost import predict_peak_training_bytes
+    from autorank.cost.process import FIRST_STEP_OVERHEAD_BYTES
     from autorank.plan import Choice, Plan, candidate_layers
     from autorank.search.space import load_space
 
     cfg = _compose(tmp_path, ["+device=rpi4"])
     assert cfg.model.build._target_.endswith("mcunet_like") and cfg.model.build.width_mult == 0.5
-    assert (cfg.data.input_size, cfg.data.batch_size) == (112, 128)
+    assert (cfg.data.input_size, cfg.data.batch_size) == (128, 128)
     device = _instantiate(cfg, cfg.device)
-    assert device.budget_bytes == 324 * 2**20
+    assert device.budget_bytes == int((1024 - device.os_mb - device.runtime_mb) * 2**20 - FIRST_STEP_OVERHEAD_BYTES)
+    assert device.process_budget_mb == 1024 - device.os_mb
     spec, data = _instantiate(cfg, cfg.model), _instantiate(cfg, cfg.data)
     model = spec(num_classes=data.num_classes("downstream"))
     x = torch.zeros(cfg.data.batch_size, 3, cfg.data.input_size, cfg.data.input_size)
-    assert data.input_size == 112 and data.batch_size == 128
     names = candidate_layers(model)
-    every = Plan(layers={n: Choice.full() for n in names}, bn="frozen", lean=True)
-    peak_every = predict_peak_training_bytes(model, x, every).total_bytes
-    assert peak_every > device.budget_bytes
+    every = predict_peak_training_bytes(model, x, Plan(layers={n: Choice.full() for n in names}, bn="frozen", lean=True))
+    assert every.total_bytes + every.kernel_bytes > device.budget_bytes
+    assert device.process_peak(every.total_bytes + every.kernel_bytes).total_bytes > device.process_budget_mb * 2**20
     space = load_space(cfg.space)
     picked = space.resolve(model)
     assert picked == names[:8] + names[-4:]
@@ -139,8 +141,8 @@ def test_default_workload_binds_on_rpi4(tmp_path):
     modules = dict(model.named_modules())
     asi = Plan(layers={n: Choice.asi([2] * (4 if isinstance(modules[n], torch.nn.Conv2d) else 2))
                        for n in picked}, bn=space.bn, lean=space.lean)
-    peak_asi = predict_peak_training_bytes(model, x, asi).total_bytes
-    assert peak_asi < device.budget_bytes < peak_every
+    peak_asi = predict_peak_training_bytes(model, x, asi)
+    assert peak_asi.total_bytes + peak_asi.kernel_bytes < device.budget_bytes
 
 
 def test_device_profiles_listed():
