@@ -24,7 +24,7 @@ def workload(tmp_path_factory):
     data = DigitsData(input_size=12, batch_size=32)
     paths = Paths(root=str(tmp), output_dir=str(tmp / "out"), cache_dir=str(tmp / "cache"))
     trainer = TrainerConfig(pretrain_epochs=1, max_epochs=1, lr=0.05)
-    wl = Workload(DeviceProfile("rpi4", 2048, 700, 2.0), spec, data, trainer, paths)
+    wl = Workload(DeviceProfile("rpi4", 2048, 300, 400, 2.0), spec, data, trainer, paths)
     wl.prepare(progress=False)
     return wl
 

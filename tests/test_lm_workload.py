@@ -47,7 +47,7 @@ def workload(tmp_path):
     spec = ModelSpec(build=functools.partial(tiny_llama, **SMALL))
     trainer = TrainerConfig(steps=3, lr=0.1, pretrain_epochs=1, pretrain_batch_size=8)
     paths = Paths(root=str(tmp_path), output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
-    return Workload(DeviceProfile("dev", 1024, 0, 1.0), spec, corpus(tmp_path), trainer, paths)
+    return Workload(DeviceProfile("dev", 1024, 0, 0, 1.0), spec, corpus(tmp_path), trainer, paths)
 
 
 def last_block_plan(model):
@@ -95,7 +95,7 @@ def test_lm_workload_base_trial_settings_and_device_runner(tmp_path, capsys):
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
     n = res.measured_activation_bytes
-    assert f"saved activations per step (batch {BATCH}): measured {n:,} bytes, predicted {n:,} bytes" in text
+    assert f"saved activations per step (batch {BATCH}, measured on the first step): measured {n:,} bytes, predicted {n:,} bytes" in text
     assert "output layer kept" in text and "validation next-token accuracy" in text and "perplexity" in text
     tuned = torch.load(out, weights_only=True)
     assert not torch.equal(tuned["lm_head.weight"], state["lm_head.weight"])  # trained from the checkpoint's

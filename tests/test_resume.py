@@ -25,7 +25,7 @@ def make_workload(tmp, resume_mb: float = 64.0) -> Workload:
                       downstream_classes=[5, 6, 7, 8, 9], max_per_class=40)
     paths = Paths(root=str(tmp), output_dir=str(tmp / "out"), cache_dir=str(tmp / "cache"))
     trainer = TrainerConfig(pretrain_epochs=1, lr=0.05, resume_cache_mb=resume_mb)
-    wl = Workload(DeviceProfile("rpi4", 2048, 700, 2.0), spec, data, trainer, paths)
+    wl = Workload(DeviceProfile("rpi4", 2048, 300, 400, 2.0), spec, data, trainer, paths)
     wl.prepare(progress=False)
     return wl
 

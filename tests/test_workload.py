@@ -111,7 +111,7 @@ def make_workload(tmp_path, cache_dir=None, **trainer) -> Workload:
     cfg = {"pretrain_epochs": 2, "max_epochs": 8, "lr": 0.05, **trainer}
     cache = str(cache_dir or tmp_path / "cache")
     paths = Paths(root=str(tmp_path), output_dir=str(tmp_path / "out"), cache_dir=cache)
-    return Workload(DeviceProfile("rpi4", 2048, 700, 2.0), spec, data, TrainerConfig(**cfg), paths)
+    return Workload(DeviceProfile("rpi4", 2048, 300, 400, 2.0), spec, data, TrainerConfig(**cfg), paths)
 
 
 def test_checkpoint_cached_and_reused(tmp_path, monkeypatch):
