@@ -182,3 +182,12 @@ def test_the_runners_sgd_is_torch_optim_sgd():
     assert all(p.grad is not None for p in ours.params)
     ours.zero_grad()
     assert all(p.grad is None for p in ours.params)
+
+
+def test_the_supervisor_imports_no_torch():
+    """autorank-device's parent process stays small: the guard, the memory figures, the status
+    file and the cgroup tool import the standard library only."""
+    code = ("import sys, autorank.device.guard, autorank.device.memory, autorank.device.status, "
+            "autorank.device.cap; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'yaml')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr + r.stdout

@@ -300,6 +300,9 @@ def main(argv=None) -> int:
     except NoFit as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NO_FIT
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C): nothing was saved", file=sys.stderr)
+        return 130
     except (MemoryError, RuntimeError) as e:
         if not _is_oom(e):
             raise
