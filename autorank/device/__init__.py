@@ -43,7 +43,7 @@ __all__ = ["BadInput", "main", "parse_args", "run"]
 # Lazy: the supervisor (autorank.device.guard, the console script) imports this package and must
 # not pay for torch; `from autorank.device import main` still gets the runner's in-process main.
 _HOMES = {"BadInput": "autorank.device.inputs", "main": "autorank.device.runner",
-          "parse_args": "autorank.device.runner", "run": "autorank.device.runner"}
+          "parse_args": "autorank.device.options", "run": "autorank.device.runner"}
 
 
 def __getattr__(name: str):
