@@ -100,6 +100,37 @@ def _device_next_step(cfg: DictConfig, workload: Any, result: Any) -> None:
         workload.save_device_data(data)
     print(f"on the device (pip install autorank; torch only):\n  autorank-device {plan_path} "
           f"{workload.checkpoint_path} {data or 'DATA'}", flush=True)
+    if data and cfg.export.get("device_check", False):
+        _device_check(plan_path, workload.checkpoint_path, data)
+
+
+def _device_check(plan: Path, checkpoint: Path, data: str) -> None:
+    """Two training steps of the exported plan by the device runner in a fresh process: its
+    measured peak against the prediction, here (the runtime is this machine's torch build; the
+    training part is the plan's). A warning when they differ by more than 10%."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "autorank.device", str(plan), str(checkpoint), str(data), "--steps", "2",
+            "--ignore-memory-check"]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL,
+                           env={**os.environ, "AUTORANK_DEVICE_CHILD": "1"})
+    except subprocess.TimeoutExpired:
+        print("device check: the runner took over 30 minutes; skipped", flush=True)
+        return
+    line = next((s for s in r.stdout.splitlines() if s.startswith("process peak while training")), None)
+    if r.returncode != 0 or line is None:
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"warning: device check failed (exit {r.returncode}): {tail}", file=sys.stderr, flush=True)
+        return
+    print(f"device check (2 steps here, this machine's torch): {line}", flush=True)
+    err = line.rsplit("(", 1)[-1].rstrip(")%")
+    try:
+        if abs(float(err)) > 10:
+            print(f"warning: the measured process peak differs from the prediction by {err}%: the memory "
+                  "model does not describe this plan on this build (docs/DEVICE.md)", file=sys.stderr, flush=True)
+    except ValueError:
+        pass
 
 
 def _check_space(search: Any, workload: Any) -> None:

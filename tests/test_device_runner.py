@@ -207,3 +207,17 @@ def test_runner_steps_have_the_plans_batch_shape():
     seen.clear()
     assert runner.train(model, TensorSplit(torch.randn(3, 3), torch.randint(0, 2, (3,)), None, False), opt, bs=4, epochs=1)
     assert seen == [3]
+
+
+def test_the_jobs_device_check_runs_two_steps_and_compares_the_peak(tmp_path, capfd):
+    """The app's closing check: the runner in a fresh process, 2 steps, its measured process peak
+    within 10% of its prediction for a small plan (a warning otherwise)."""
+    from autorank.app import _device_check
+
+    _device_files(tmp_path)
+    _device_check(tmp_path / "plan.yaml", tmp_path / "ckpt.pt", str(tmp_path / "data.pt"))
+    out, err = capfd.readouterr()
+    line = next(s for s in out.splitlines() if s.startswith("device check"))
+    measured = float(line.split("RSS ")[1].split(" MB")[0])
+    predicted = float(line.split("predicted ")[1].split(" MB")[0])
+    assert abs(measured - predicted) <= 0.1 * predicted and "warning" not in err, (line, err)

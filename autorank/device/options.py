@@ -16,6 +16,8 @@ def check_args(a: argparse.Namespace) -> None:
     option, the value and what is allowed."""
     if a.batch_size is not None and a.batch_size < 1:
         raise BadInput(f"--batch-size must be >= 1, got {a.batch_size} (leave it out for the plan's batch)")
+    if a.steps is not None and a.steps < 1:
+        raise BadInput(f"--steps must be >= 1, got {a.steps} (leave it out to train every epoch)")
     if a.epochs < 0:
         raise BadInput(f"--epochs must be >= 0 (0: load, check and evaluate without training), got {a.epochs}")
     if a.lr is not None and not (math.isfinite(a.lr) and a.lr > 0):
@@ -45,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("checkpoint")
     ap.add_argument("data", help="a tensor file (torch.save of {'x', 'y'}) or an image folder ROOT/<class>/<image>")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="stop after this many training steps in all (a quick check of the plan's memory)")
     ap.add_argument("--lr", type=float, default=None,
                     help=f"SGD learning rate (default: the plan's meta lr if it records one, else {DEFAULT_LR})")
     ap.add_argument("--momentum", type=float, default=0.9)

@@ -45,14 +45,15 @@ def report_saved_bytes(measured: int, predicted: int, bs: int, shape, xshape) ->
 
 
 def train(model: torch.nn.Module, data: Split, opt, bs: int, epochs: int,
-          on_first_step=None) -> bool:
+          on_first_step=None, max_steps: int | None = None) -> bool:
     """Plain SGD epochs over shuffled batches; False (after an error line) on a non-finite loss.
     A short last batch is dropped when there are at least `bs` samples: every step has the batch
     shape the plan's memory was predicted for, as in the search's trials. The first step's
-    forward runs under saved-tensor hooks (no second forward): on_first_step(saved_bytes, x)."""
+    forward runs under saved-tensor hooks (no second forward): on_first_step(saved_bytes, x).
+    max_steps: stop after that many steps in all (a quick check of the plan's memory)."""
     n = len(data)
     end = n - n % bs if n >= bs else n
-    first = True
+    first, steps = True, 0
     for epoch in range(epochs):
         perm = torch.randperm(n)
         total, seen = 0.0, 0
@@ -77,7 +78,13 @@ def train(model: torch.nn.Module, data: Split, opt, bs: int, epochs: int,
             opt.step()
             total, seen = total + loss.item() * len(y), seen + len(y)
             del x, y, loss
+            steps += 1
+            if max_steps and steps >= max_steps:
+                break
         print(f"epoch {epoch + 1}/{epochs}: train loss {total / max(seen, 1):.4f}")
+        if max_steps and steps >= max_steps:
+            print(f"stopped after {steps} step(s) (--steps)")
+            break
     return True
 
 
@@ -207,7 +214,7 @@ def run(a: argparse.Namespace) -> int:
         report_phase("training", predicted_bytes=process.total_bytes)
         t0 = time.perf_counter()
         ok = train(model, data.train, opt, bs, a.epochs,
-                   lambda saved, x: report_saved_bytes(saved, activation, bs, shape, x.shape))
+                   lambda saved, x: report_saved_bytes(saved, activation, bs, shape, x.shape), a.steps)
         if not ok:
             return 1
         print(f"training took {time.perf_counter() - t0:.1f} s")
