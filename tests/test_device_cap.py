@@ -67,7 +67,7 @@ def _figures(d, plan):
     assert r.returncode == 0, r.stderr[-2000:]
     pred = int(re.search(r"predicted process peak (\d+) MB", r.stdout).group(1))
     anon = int(re.search(r"ready to train: RSS \d+ MB \(anonymous (\d+) MB", r.stdout).group(1))
-    tensors = float(re.search(r"training tensors ([\d.]+) MB", r.stdout).group(1))
+    tensors = float(re.search(r"\+ training ([\d.]+) MB", r.stdout).group(1))
     return pred, anon, tensors
 
 
@@ -84,7 +84,8 @@ def test_a_plan_that_fits_completes_and_one_that_does_not_is_stopped_in_one_line
         r = c.run(_device(files, "plain.yaml"), capture_output=True, text=True, timeout=600)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 3 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert f"about {plain_mb} MB" in errors[0] and f"may use {cap} MB" in errors[0]
+    needed = int(re.search(r"needs about (\d+) MB", errors[0]).group(1))
+    assert abs(needed - plain_mb) <= 5 and f"may use {cap} MB" in errors[0]  # its ready memory varies by an MB
     # forced to train under a limit below its anonymous memory: the kernel kills the runner, the
     # supervisor says so in one line
     low = plain_anon + int(plain_t) // 3
