@@ -8,6 +8,7 @@ a dev venv's editable autorank is not what the fresh venv imports (asserted)."""
 from __future__ import annotations
 
 import ast
+import re
 import os
 import shutil
 import subprocess
@@ -109,5 +110,6 @@ def test_wheel_app_and_device_runner_from_another_folder(venv):
     r = _run([venv / "bin" / "autorank-device", plan, ckpt, root / "data.pt", "--out", root / "tuned.pt"], cwd=where)
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(s for s in r.stdout.splitlines() if s.startswith("saved activations per step"))
-    measured, predicted = (int(line.split(w)[1].split("bytes")[0].replace(",", "")) for w in ("measured", "predicted"))
+    measured, predicted = (int(v.replace(",", "")) for v in
+                           re.search(r"measured ([\d,]+) bytes, predicted ([\d,]+) bytes", line).groups())
     assert measured == predicted > 0 and (root / "tuned.pt").is_file()
