@@ -1,4 +1,4 @@
-"""Lean companions for the rest of a trained region (DESIGN section 2, issue 2b).
+"""Lean companions for the rest of a trained region (docs/ARCHITECTURE.md).
 
 In a trained region with BN in eval mode, the trained convs' inputs are only 26-60% of what
 backward keeps; BN inputs and ReLU/ReLU6 outputs hold most of the rest, and a frozen conv inside

@@ -1,4 +1,4 @@
-"""Lean companions inside a language model's trained region: the SwiGLU MLP (issue 10, item 3).
+"""Lean companions inside a language model's trained region: the SwiGLU MLP.
 
 A Llama-style MLP computes down_proj(silu(gate_proj(x)) * up_proj(x)). Plain autograd keeps three
 (B, L, I) tensors for its backward: gate(x) (SiLU's input), silu(gate(x)) and up(x) (the product's
