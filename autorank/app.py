@@ -217,8 +217,8 @@ def _study_summary(console: Any, result: Any, device: Any) -> None:
                         f"may use {process_mb:.0f} MB, runtime {device.runtime_mb:.0f} MB)",
                   caption="plan: one code per candidate layer, input to output: - frozen, F full "
                           "backprop, .8 ASI at explained variance 0.8, .8b the same with the batch "
-                          "mode kept whole, L4 LoRA rank 4, L4.8 LoRA + ASI; peak MB: training tensors; process MB: "
-                          "the device process (runtime + tensors); proxy: the trial's own "
+                          "mode kept whole, L4 LoRA rank 4, L4.8 LoRA + ASI; peak MB: the training step (tensors and kernel copies); process MB: "
+                          "the device process (runtime + step + 24 MB); proxy: the trial's own "
                           "(short) training; val loss: held-out cross-entropy (per token for a "
                           "language model) after the refit, else the trial's")
     for col in ("trial", "proxy acc", f"refit acc{steps}", "val loss", "lr", "peak MB", "process MB", "GFLOP/step",
