@@ -72,6 +72,11 @@ class PeakMemory:
     kernel_bytes: int = 0
 
     @property
+    def training_bytes(self) -> int:
+        """What the step holds at its peak in a real process: the tensors and the kernel copy."""
+        return self.total_bytes + self.kernel_bytes
+
+    @property
     def total_mb(self) -> float:
         return self.total_bytes / 2**20
 

@@ -36,7 +36,7 @@ FIRST_STEP_OVERHEAD_BYTES = 24 * MB
 class ProcessPrediction:
     """The process's predicted peak resident memory (RSS) and its parts, in bytes. training_bytes:
     the step's tensors plus the largest plainly trained convolution's kernel copy
-    (autorank.cost.peak.PeakMemory: total_bytes + kernel_bytes)."""
+    (autorank.cost.peak.PeakMemory.training_bytes)."""
 
     runtime_bytes: int
     training_bytes: int

@@ -168,7 +168,7 @@ def _training_prediction(a, plan, base, xb, kind: str) -> tuple[int, int, str]:
                        "or export the plan again for this model") from e
     except RuntimeError as e:  # the data's shape does not fit the model
         raise BadInput(f"the model cannot run on the data (a batch has shape {list(xb.shape)}): {e}") from e
-    return t.total_bytes + t.kernel_bytes, t.activation_bytes, "predicted here"
+    return t.training_bytes, t.activation_bytes, "predicted here"
 
 
 def _check_fits(process: ProcessPrediction, plan, force: bool) -> None:

@@ -68,7 +68,7 @@ class PlanCost:
         if k not in self.peaks:
             pm = predict_peak_training_bytes(
                 self.model, self.example_input, self.profile.to_plan(choices), **self.peak_kwargs)
-            self.peaks[k] = dataclasses.replace(pm, total_bytes=pm.total_bytes + pm.kernel_bytes,
+            self.peaks[k] = dataclasses.replace(pm, total_bytes=pm.training_bytes, kernel_bytes=0,
                                                 transient_bytes=pm.transient_bytes + pm.kernel_bytes)
         return self.peaks[k]
 
