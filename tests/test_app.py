@@ -111,7 +111,7 @@ def test_tracking_option(tmp_path):
 
 
 def test_default_workload_binds_on_rpi4(tmp_path):
-    """With the DEFAULT model and data (mcunet_like x0.5, 128 px, batch 128) on the 1 GB rpi4, the
+    """With the DEFAULT model and data (mcunet_like x0.5, 144 px, batch 128) on the 1 GB rpi4, the
     training budget is what the OS and the measured runtime leave; plain backprop of the whole
     network (the default space's plain reference) is over it, counting its kernel copies, as the
     search counts them; ASI on the default space's layers fits."""
@@ -122,7 +122,7 @@ def test_default_workload_binds_on_rpi4(tmp_path):
 
     cfg = _compose(tmp_path, ["+device=rpi4"])
     assert cfg.model.build._target_.endswith("mcunet_like") and cfg.model.build.width_mult == 0.5
-    assert (cfg.data.input_size, cfg.data.batch_size) == (128, 128)
+    assert (cfg.data.input_size, cfg.data.batch_size) == (144, 128)
     device = _instantiate(cfg, cfg.device)
     assert device.budget_bytes == int((1024 - device.os_mb - device.runtime_mb) * 2**20 - FIRST_STEP_OVERHEAD_BYTES)
     assert device.process_budget_mb == 1024 - device.os_mb

@@ -110,7 +110,7 @@ class FastMeta(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.observers: list = []  # objects with observe(out, inputs, fresh)
+        self.observers: list = []  # objects with observe(out, inputs, fresh, func, args)
 
     def __enter__(self):
         _ACTIVE.append(self)
@@ -122,8 +122,8 @@ class FastMeta(TorchDispatchMode):
 
     @contextlib.contextmanager
     def observing(self, observer):
-        """Within: observer.observe(out, inputs, fresh) after every op this mode runs (inputs: the
-        argument tensors; fresh: see dispatch)."""
+        """Within: observer.observe(out, inputs, fresh, func, args) after every op this mode runs
+        (inputs: the argument tensors; fresh: see dispatch)."""
         self.observers.append(observer)
         try:
             yield observer
@@ -139,7 +139,7 @@ class FastMeta(TorchDispatchMode):
             if not training:  # the CPU and cuDNN kernels return empty save_mean / save_invstd
                 out = (out[0], out[1].new_empty((0,)), out[2].new_empty((0,)))
         for observer in self.observers:
-            observer.observe(out, inputs, fresh)
+            observer.observe(out, inputs, fresh, func, args)
         return out
 
     def dispatch(self, func, args, kwargs, inputs) -> tuple[object, bool | None]:

@@ -26,9 +26,11 @@ the sum of the parts when that is larger (the gradients and all saved activation
 the sum stays on the safe side, within a few percent).
 
 Not in total_bytes: memory a kernel allocates and frees inside one op, which is no tensor. On the
-CPU the backward of a plainly trained convolution takes about its input + output once more
-(oneDNN's reorders; measured: docs/DEVICE.md); `kernel_bytes` is the largest such pair among
-the plainly trained convolutions, which the process model (autorank.cost.process) adds. Not
+CPU the backward of a plainly trained convolution copies its input and its output's gradient
+once more (oneDNN's reorders; autorank.cost.live.cpu_kernel_scratch_bytes); the simulated step
+counts that copy while the op runs, beside what is alive then, and `kernel_bytes` is how far
+that raises the step's peak above total_bytes (0 when it stays below), which the process model
+(autorank.cost.process) adds. Not
 modelled: cuDNN's workspace on a GPU, which can exceed the tensors.
 scripts/check_peak_cpu.py compares this with the live bytes of a real CPU step (--allocator: with
 the CPU allocator's peak), scripts/check_peak_cuda.py with torch.cuda.max_memory_allocated.
@@ -44,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from autorank.cost.fastmeta import active_fast_meta
-from autorank.cost.live import LiveBytes
+from autorank.cost.live import LiveBytes, cpu_kernel_scratch_bytes
 from autorank.cost.loss import check_loss, label_shape, logits_of, training_loss
 from autorank.cost.meta import run_planned, storage_key
 from autorank.cost.saved import trace_training_forward
@@ -98,10 +100,11 @@ def predict_peak_training_bytes(model: nn.Module, example_input: torch.Tensor, p
 
 def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool, loss_kind: str = "class"):
     """Forward (traced for the saved bytes), loss and backward of `model` on x under LiveBytes.
-    Returns (saved-bytes prediction, label shape, forward peak, backward peak, state), the peaks
-    in live bytes of the storages the step allocates (what existed before it is not counted)
-    plus the warm-start state held from the step before (`state`, also returned)."""
-    live = LiveBytes()
+    Returns (saved-bytes prediction, label shape, forward peak, backward peak, state, kernel
+    peak), the peaks in live bytes of the storages the step allocates (what existed before it is
+    not counted) plus the warm-start state held from the step before (`state`, also returned);
+    kernel peak: the forward's and backward's with the CPU kernels' scratch counted (0 on CUDA)."""
+    live = LiveBytes(scratch=None if cuda else cpu_kernel_scratch_bytes)
     # each simulation runs on a copy of the layer's factorizer (it leaves no state behind), and
     # simulates a steady-state step: no extra cold-start iterations (same peak, less time)
     tucker = [m for m in model.modules() if isinstance(m, TuckerLayer)]
@@ -120,16 +123,16 @@ def _simulate_step(model: nn.Module, x: torch.Tensor, cuda: bool, loss_kind: str
             live.forget(labels)  # the batch's labels: resident, in batch_bytes
             loss = training_loss(logits, labels, loss_kind)
             del out, logits
-            forward = live.peak_bytes
+            forward, kernel = live.peak_bytes, live.kernel_peak_bytes
             live.reset_peak()
             if loss.requires_grad:
                 loss.backward()
             del loss
-            backward = live.peak_bytes
+            backward, kernel = live.peak_bytes, max(kernel, live.kernel_peak_bytes)
     finally:
         for m, f in zip(tucker, factorizers):
             m.factorizer = f
-    return saved, tuple(labels.shape), forward, backward, state
+    return saved, tuple(labels.shape), forward, backward, state, (0 if cuda else kernel)
 
 
 def _warm_up(model: nn.Module, x: torch.Tensor, tucker: list, live: LiveBytes) -> int:
@@ -172,8 +175,7 @@ def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, m
     if opt != "sgd":
         optimizer_bytes += 4 * len(trained)  # Adam's `step` counter: a float32 scalar per parameter
 
-    with _conv_io_bytes(model) as conv_io:
-        saved, labels_shape, forward, backward, warm = _simulate_step(model, example_input, cuda, loss)
+    saved, labels_shape, forward, backward, warm, kernel = _simulate_step(model, example_input, cuda, loss)
     modules = dict(model.named_modules())
     state = sum(int(modules[name].state_bytes(in_shape, dtype)) for name, in_shape, _, dtype in saved.region_shapes
                 if isinstance(modules[name], TuckerLayer))
@@ -190,26 +192,5 @@ def _peak(model: nn.Module, example_input: torch.Tensor, cuda: bool, opt: str, m
     parts = weights + grads + optimizer_bytes + saved.activation_bytes + batch + state
     total = max(parts, forward_peak, backward_peak, step_peak)
     return PeakMemory(weights, grads, optimizer_bytes, saved.activation_bytes, batch, total - parts, state, total,
-                      forward_peak, backward_peak, step_peak, kernel_bytes=max(conv_io, default=0))
+                      forward_peak, backward_peak, step_peak, kernel_bytes=max(0, resident + kernel - total))
 
-
-class _conv_io_bytes:
-    """Collects input + output bytes of every plainly trained nn.Conv2d (its weight trained; a
-    shortcut layer computes its own product and is not one) while the block runs."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.convs = [m for m in model.modules() if type(m) is nn.Conv2d and m.weight.requires_grad]
-        self.sizes: list[int] = []
-        self.handles: list = []
-
-    def _hook(self, module, args, out) -> None:
-        x = args[0]
-        self.sizes.append(x.numel() * x.element_size() + out.numel() * out.element_size())
-
-    def __enter__(self) -> list[int]:
-        self.handles = [m.register_forward_hook(self._hook) for m in self.convs]
-        return self.sizes
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
