@@ -9,7 +9,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "read_mapping"]
+__all__ = ["atomic_write", "check_output", "read_mapping", "same_file"]
 
 
 def _new_temp(path: Path) -> Path:
@@ -24,6 +24,54 @@ def _new_temp(path: Path) -> Path:
         os.close(fd)
         return tmp
     raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def same_file(a, b) -> bool:
+    """Whether two paths name the same file: the same resolved path (links followed), or, both
+    existing, the same inode (hard links, bind mounts). A SQLAlchemy/Optuna URL is not a path:
+    pass its database file (sqlite:///PATH)."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    try:
+        if pa.resolve() == pb.resolve():
+            return True
+    except (OSError, RuntimeError):  # a link loop: compare what exists
+        pass
+    try:
+        return os.path.samefile(pa, pb)
+    except OSError:
+        return False
+
+
+def check_output(path, *, what: str, inputs: dict | None = None, error: type[Exception] = ValueError) -> Path:
+    """Before any work: `path` may be written by this tool, or `error(message)` says why not and
+    what to do. The one guard every writer of autorank calls (the app's outputs, the export CLI,
+    the device runner's --out):
+    - never one of its inputs or its storage (`inputs`: role -> path, e.g. {"the study's storage":
+      db_file, "the plan file": plan}): writing there would destroy what the run was made from;
+    - not a directory; the nearest existing folder above it accepts a new file (tried with a
+      temporary file, which is removed: permission bits alone say nothing for root or on a
+      read-only mount).
+    Returns the path."""
+    p = Path(path).expanduser()
+    for role, other in (inputs or {}).items():
+        if other is not None and str(other) != "" and same_file(p, other):
+            raise error(f"{what}={p} is {role}: writing there would destroy it; choose another path for {what}")
+    if p.is_dir():
+        raise error(f"{what}={p} is a directory: give a file path, e.g. {what}={p / 'plan.yaml'}")
+    folder = p.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise error(f"{what}={p} cannot be written: {folder} is a file, not a folder")
+    probe = folder / f".autorank-write-test-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise error(f"{what}={p} cannot be written: no file can be created in {folder} "
+                    f"({e.strerror or e}); choose a writable path ({what}=...)") from e
+    os.close(fd)
+    probe.unlink(missing_ok=True)
+    return p
 
 
 def atomic_write(path, write_fn: Callable[[Path], Any]) -> Path:

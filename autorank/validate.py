@@ -10,13 +10,11 @@ the smallest plan) is checked where those are first known, still before any tria
 from __future__ import annotations
 
 import math
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 from autorank.errors import ConfigError
-from autorank.io import read_mapping
+from autorank.io import check_output, read_mapping
 
 __all__ = ["check_config", "check_writable", "SPACE_FORM"]
 
@@ -94,26 +92,10 @@ def check_value(key: str, value: Any, kind: str, low: float, none_ok: bool, why:
         raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}{null} ({why})")
 
 
-def check_writable(path: str | Path, what: str) -> None:
-    """ConfigError unless a file can be written at `path`: it is not a directory, and the nearest
-    existing folder above it is a folder we can create files in (tried with a temporary file, which
-    is removed: permission bits alone say nothing for root or on a read-only mount)."""
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{what}={p} is a directory: give a file path, e.g. {what}={p / 'plan.yaml'}")
-    folder = p.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ConfigError(f"{what}={p} cannot be written: {folder} is a file, not a folder")
-    probe = folder / f".autorank-write-test-{secrets.token_hex(4)}"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as e:
-        raise ConfigError(f"{what}={p} cannot be written: no file can be created in {folder} "
-                          f"({e.strerror or e}); choose a writable path ({what}=...)") from e
-    os.close(fd)
-    probe.unlink(missing_ok=True)
+def check_writable(path: str | Path, what: str, inputs: dict | None = None) -> None:
+    """ConfigError unless a file can be written at `path` and it is none of `inputs`
+    (autorank.io.check_output: the one guard every writer uses)."""
+    check_output(path, what=what, inputs=inputs, error=ConfigError)
 
 
 def check_space_file(cfg: Any) -> None:
