@@ -94,12 +94,17 @@ def atomic_write(path, write_fn: Callable[[Path], Any]) -> Path:
     return path
 
 
-def read_mapping(path, *, what: str, expected: str, error: type[Exception] = ValueError) -> dict:
+def read_mapping(path, *, what: str, expected: str, error: type[Exception] = ValueError,
+                 max_bytes: int | None = None, max_nodes: int | None = None) -> dict:
     """The mapping a YAML file (JSON for a .json suffix) holds. Every way the file can be wrong is
     one `error(message)` naming the file, what is wrong and `expected` (the form it must have): it
     does not exist, is a directory, is binary or not UTF-8, is empty (an empty file is not "the
     defaults"), is not valid YAML/JSON (the parser's line and column), or holds no mapping.
-    `what` names the file's role ("plan file", "search space file")."""
+    `what` names the file's role ("plan file", "search space file").
+    For files that come from elsewhere (a plan on a device): max_bytes refuses a larger file
+    before reading it, and max_nodes a YAML document that would expand to more nodes than that
+    once its aliases are followed (a few hundred bytes of nested aliases can name billions of
+    values), or whose aliases refer to themselves; checked before anything is constructed."""
     import json
 
     import yaml
@@ -109,6 +114,10 @@ def read_mapping(path, *, what: str, expected: str, error: type[Exception] = Val
         raise error(f"{what} {p} is a directory: expected {expected}")
     if not p.is_file():
         raise error(f"{what} {p} does not exist: expected {expected}")
+    size = p.stat().st_size if max_bytes is not None else 0
+    if max_bytes is not None and size > max_bytes:
+        raise error(f"{what} {p} is {size:,} bytes, more than the {max_bytes:,} such a file may have: "
+                    f"expected {expected}")
     try:
         data = p.read_bytes()
     except OSError as e:
@@ -122,7 +131,11 @@ def read_mapping(path, *, what: str, expected: str, error: type[Exception] = Val
     if not text.strip():
         raise error(f"{what} {p} is empty: expected {expected}")
     try:
-        d = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+        d = json.loads(text) if p.suffix.lower() == ".json" else _load_yaml(text, max_nodes)
+    except _TooLarge as e:
+        raise error(f"{what} {p} {e}: expected {expected}") from None
+    except RecursionError:
+        raise error(f"{what} {p} is nested too deeply to read: expected {expected}") from None
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         kind = "JSON" if p.suffix.lower() == ".json" else "YAML"
         mark = getattr(e, "problem_mark", None)
@@ -132,3 +145,64 @@ def read_mapping(path, *, what: str, expected: str, error: type[Exception] = Val
     if not isinstance(d, dict):
         raise error(f"{what} {p} holds a {type(d).__name__}, not a mapping of keys: expected {expected}")
     return d
+
+
+class _TooLarge(Exception):
+    """A YAML document that expands past its node limit (the message completes "FILE ...")."""
+
+
+def _load_yaml(text: str, max_nodes: int | None):
+    """yaml.safe_load(text); with max_nodes, the document's node graph is composed first (aliases
+    are shared nodes there, cheap) and its size with every alias expanded is counted before a
+    value is constructed: _TooLarge above max_nodes or for an alias inside itself."""
+    import yaml
+
+    if max_nodes is None:
+        return yaml.safe_load(text)
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_expanded(node, max_nodes)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _count_expanded(root, limit: int) -> int:
+    """Nodes under `root` with aliases expanded (shared nodes counted once per reference),
+    walked without recursion, each node once."""
+    total: dict[int, int] = {}
+    open_: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        kids = _children(node)
+        if done:
+            open_.discard(key)
+            total[key] = 1 + sum(total[id(k)] for k in kids)
+            if total[key] > limit:
+                raise _TooLarge(f"expands to more than {limit:,} values once its YAML aliases (*name) are "
+                                "followed: write the values out, without anchors and aliases")
+            continue
+        if key in total:
+            continue
+        if key in open_:
+            raise _TooLarge("holds a YAML alias (*name) inside its own anchor (&name): a value cannot "
+                            "contain itself; write the values out")
+        open_.add(key)
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if id(k) not in total)
+    return total[id(root)]
+
+
+def _children(node) -> list:
+    value = getattr(node, "value", None)
+    if not isinstance(value, list):
+        return []  # a scalar
+    out = []
+    for item in value:
+        out.extend(item if isinstance(item, tuple) else (item,))  # a mapping's (key, value) pairs
+    return out

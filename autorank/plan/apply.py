@@ -56,6 +56,39 @@ def _check_names(model: nn.Module, plan: Plan) -> None:
                             f"(its conv/linear layers: {', '.join(candidate_layers(model)[-4:])}, ...)")
 
 
+def check_choices(model: nn.Module, plan: Plan) -> None:
+    """Every number of the plan's choices against the layer it names, before anything is built
+    (a LoRA rank makes two matrices of rank x in and out x rank): PlanError naming the layer.
+    - lora: a linear layer, rank at most the larger of its in and out features;
+    - asi (and lora's +asi): 4 ranks for a conv (batch, channels, height, width), at least 2 for a
+      linear layer; the feature mode's rank (a conv's channels, a linear layer's last mode) at
+      most the layer's input features. Other modes are clipped to the input's sizes when it runs."""
+    _check_names(model, plan)
+    modules = dict(original_modules(model))
+    for name, choice in plan.layers.items():
+        module = modules[name]
+        conv = isinstance(module, nn.Conv2d)
+        features = module.in_channels if conv else module.in_features
+        if choice.kind == "lora":
+            if not isinstance(module, nn.Linear):
+                raise PlanError(f"plan layer {name!r}: a lora choice needs a linear layer, it is {type(module).__name__}")
+            most = max(module.in_features, module.out_features)
+            if choice.rank > most:
+                raise PlanError(f"plan layer {name!r}: lora rank {choice.rank} is above the layer's larger "
+                                f"dimension ({module.in_features} in, {module.out_features} out): "
+                                f"use a rank of at most {most}")
+        if choice.ranks is None:
+            continue
+        ranks, want = choice.ranks, (4 if conv and choice.kind == "asi" else None)
+        if (want is not None and len(ranks) != want) or len(ranks) < 2:
+            need = "4 (batch, channels, height, width)" if want else "at least 2 (batch, ..., features)"
+            raise PlanError(f"plan layer {name!r}: {choice} gives {len(ranks)} ASI ranks, the layer needs {need}")
+        mode = 1 if conv and choice.kind == "asi" else -1
+        if ranks[mode] > features:
+            raise PlanError(f"plan layer {name!r}: {choice} keeps {ranks[mode]} feature ranks but the layer "
+                            f"has {features} input features: use at most {features}")
+
+
 def _wrap(module: nn.Module, choice: Choice, name: str) -> nn.Module:
     if choice.kind in ("full", "frozen"):
         return module
@@ -142,7 +175,7 @@ def apply_plan(model: nn.Module, plan_or_path: Plan | str | Path, *, strict: boo
         remove_plan(model)
     if strict and plan.fingerprint is not None:
         check_fingerprint(plan.fingerprint, model)
-    _check_names(model, plan)
+    check_choices(model, plan)
 
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     trained = set(plan.trained_layers())

@@ -11,6 +11,7 @@ from autorank.errors import PlanError
 
 KINDS = ("frozen", "full", "asi", "hosvd", "lora")
 
+MAX_RANK = 2**31 - 1  # a rank is a size of one tensor dimension; apply_plan checks it against the layer
 _CHOICE_RE = re.compile(r"^(frozen|full|asi|hosvd)(?:\[([^\]]*)\])?$")
 _LORA_RE = re.compile(r"^lora\[([^\]]*)\](?:\+asi\[([^\]]*)\])?$")
 
@@ -39,6 +40,8 @@ class Choice:
                 raise PlanError(f"asi ranks must be whole numbers, got {self.ranks!r}") from e
             if any(r < 1 for r in ranks):
                 raise PlanError(f"asi ranks must be >= 1, got {ranks}")
+            if any(r > MAX_RANK for r in ranks):
+                raise PlanError(f"asi ranks must be at most {MAX_RANK}, got {ranks}")
             object.__setattr__(self, "ranks", ranks)
         elif self.ranks is not None:
             raise PlanError(f"a {self.kind} choice takes no ranks")
@@ -49,6 +52,8 @@ class Choice:
                 rank = 0
             if rank < 1:
                 raise PlanError(f"a lora choice needs a rank >= 1, got {self.rank!r}")
+            if rank > MAX_RANK:
+                raise PlanError(f"a lora rank must be at most {MAX_RANK}, got {rank}")
             object.__setattr__(self, "rank", rank)
         elif self.rank is not None:
             raise PlanError(f"a {self.kind} choice takes no LoRA rank")
@@ -105,7 +110,7 @@ class Choice:
         lora = _LORA_RE.match(str(text).replace(" ", ""))
         if lora is not None:
             rank, asi = lora.groups()
-            if not rank.isdigit():
+            if not rank.isdigit() or len(rank) > len(str(MAX_RANK)):
                 raise PlanError(f"cannot parse choice {text!r}: lora needs one rank, e.g. lora[8]")
             if asi is not None and not asi:
                 raise PlanError(f"cannot parse choice {text!r}: +asi needs ranks, e.g. lora[8]+asi[8,64,32]")

@@ -25,6 +25,20 @@ from autorank.shortcut import ShortcutLayer
 
 FORMAT_VERSION = 1
 BN_MODES = ("frozen", "train")
+# A plan file is read on devices from wherever it came: a larger file, or one whose YAML aliases
+# expand past this many values, is refused before anything is built from it. The plan of a
+# large language model (its fingerprint lists every layer) is well under both.
+MAX_PLAN_BYTES = 16 * 2**20
+MAX_PLAN_NODES = 1_000_000
+MAX_DIM = 2**31 - 1  # one dimension of an input shape
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a value met twice in full (no &anchor / *alias): plan files never hold aliases."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +63,14 @@ class FineTuneSettings:
             raise ValueError(f"model_factory must be 'module:function', got {self.model_factory!r}")
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if len(self.input_shape) > 8 or any(not 1 <= s <= MAX_DIM for s in self.input_shape):
+            raise ValueError(f"input_shape must be at most 8 sizes, each in [1, {MAX_DIM}], "
+                             f"got {list(self.input_shape)}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be a whole number in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -221,7 +241,7 @@ class Plan:
         if path.suffix.lower() == ".json":
             text = json.dumps(d, indent=2) + "\n"
         else:
-            text = yaml.safe_dump(d, sort_keys=False, default_flow_style=None, width=100)
+            text = yaml.dump(d, Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=None, width=100)
         return atomic_write(path, lambda tmp: tmp.write_text(text))
 
     @classmethod
@@ -229,7 +249,7 @@ class Plan:
         """Read a plan file (YAML, or JSON by suffix) with yaml.safe_load / json.loads only. Any
         bad file - missing, a directory, binary, empty, malformed, not a plan - is a PlanError
         naming the file."""
-        d = read_mapping(path, what="plan file", error=PlanError,
+        d = read_mapping(path, what="plan file", error=PlanError, max_bytes=MAX_PLAN_BYTES, max_nodes=MAX_PLAN_NODES,
                          expected="a plan written by `python -m autorank` or Plan.save "
                                   "(a mapping with format_version, layers, bn, lean, meta)")
         try:
