@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from autorank.errors import ConfigError
 from autorank.redact import guard_console, guard_logging, redact_text, redact_url
 from autorank.units import MB
-from autorank.validate import check_config
+from autorank.validate import check_config, run_folder_error
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data: ships in the wheel
 
@@ -329,6 +329,10 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     guard_console()  # before Hydra and logging hold the streams: no password reaches the console
+    err = run_folder_error(sys.argv[1:], os.getcwd(), dict(os.environ))  # Hydra makes it before run()
+    if err:
+        print(f"autorank: error: {redact_text(err)}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

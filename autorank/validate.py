@@ -16,7 +16,7 @@ from typing import Any
 from autorank.errors import ConfigError
 from autorank.io import check_output, read_mapping
 
-__all__ = ["check_config", "check_writable", "SPACE_FORM"]
+__all__ = ["check_config", "check_folder", "check_writable", "run_folder_error", "SPACE_FORM"]
 
 SPACE_FORM = ("a YAML mapping of search-space keys such as `last: 4`, `choices: [frozen, full, asi]`, "
               "`levels: [0.8, 0.9]` (see autorank/conf/space/default.yaml)")
@@ -48,6 +48,27 @@ RULES: list[tuple[str, str, float, bool, str]] = [
     ("device.runtime_mb", "num", 0, False, "MB the Python/torch runtime holds when ready to train"),
     ("device.gflops_fp32", "pos", 0, False, "sustained GFLOP/s"),
     ("device.budget_mb", "pos", 0, True, "the training budget in MB; null: ram_mb - os_mb - runtime_mb - first-step overhead"),
+    ("trainer.resume_cache_mb", "num", 0, False, "MB of run end states kept for refits; 0: off"),
+    ("data.max_per_class", "int", 1, True, "training images per class; null: all"),
+    ("search.heartbeat_s", "pos", 0, True, "seconds between a running trial's heartbeats"),
+    ("sampler.n_startup_trials", "int", 0, False, "random trials before the sampler models the front"),
+    ("sampler.population_size", "int", 2, False, "NSGA-II's population"),
+    *[(f"model.build.{k}", "int", 1, False, why) for k, why in (
+        ("width", "channels of the first conv"), ("hidden_size", "the model width"),
+        ("num_layers", "transformer blocks"), ("num_heads", "attention heads"),
+        ("intermediate_size", "the MLP width"), ("max_seq_len", "the longest sequence the model takes"),
+        ("vocab_size", "tokens the model predicts"), ("image_size", "the ViT's input side in pixels"),
+        ("patch_size", "the ViT's patch side in pixels"), ("hidden_dim", "the ViT's width"),
+        ("mlp_dim", "the ViT's MLP width"))],
+    ("model.build.width_mult", "pos", 0, False, "channel multiplier of the model"),
+]
+# (key, allowed values, why): a value outside the list is refused
+CHOICES: list[tuple[str, tuple, str]] = [
+    ("trainer.feature_cache", ("memory", "disk", "off"), "where prefix features are kept"),
+    ("trainer.channels_last", ("auto", True, False), "the training layout; auto: channels-last on CPU"),
+    ("trainer.pretrain_optimizer", ("adam", "sgd"), "the pretraining optimizer"),
+    *[(k, (True, False), "a switch") for k in ("trainer.bn_eval", "trainer.progress", "search.n_trials_total",
+                                               "search.references", "search.warm_start", "export.device_check")],
 ]
 UPPER = {"trainer.momentum": 1.0, "data.val_fraction": 1.0}
 
@@ -92,10 +113,69 @@ def check_value(key: str, value: Any, kind: str, low: float, none_ok: bool, why:
         raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}{null} ({why})")
 
 
+def check_choice(key: str, value: Any, allowed: tuple, why: str) -> None:
+    """ConfigError unless `value` is one of `allowed` (booleans by identity: 1 is not true)."""
+    if not any(value is a if isinstance(a, bool) else (isinstance(value, str) and value == a) for a in allowed):
+        names = ", ".join(str(a).lower() if isinstance(a, bool) else a for a in allowed)
+        raise ConfigError(f"{key}={value!r} is not allowed: expected one of {names} ({why})")
+
+
+def check_model_fits_data(cfg: Any) -> None:
+    """The documented ranges that tie two values together: a language model's data.seq_len at
+    most its model.build.max_seq_len (rotary positions); a ViT's image side a multiple of its
+    patch side; the model width divisible by the heads."""
+    seq, max_seq = _value(cfg, "data.seq_len")[1], _value(cfg, "model.build.max_seq_len")[1]
+    if isinstance(seq, int) and isinstance(max_seq, int) and seq > max_seq:
+        raise ConfigError(f"data.seq_len={seq} is above the model's model.build.max_seq_len={max_seq} (the longest "
+                          "sequence it takes): lower data.seq_len or raise model.build.max_seq_len")
+    size, patch = _value(cfg, "model.build.image_size")[1], _value(cfg, "model.build.patch_size")[1]
+    if isinstance(size, int) and isinstance(patch, int) and size % patch:
+        raise ConfigError(f"model.build.image_size={size} (data.input_size) is not a multiple of "
+                          f"model.build.patch_size={patch}: choose an input size that the patches tile")
+    heads = _value(cfg, "model.build.num_heads")[1]
+    for key in ("model.build.hidden_size", "model.build.hidden_dim"):
+        width = _value(cfg, key)[1]
+        if isinstance(width, int) and isinstance(heads, int) and width % heads:
+            raise ConfigError(f"{key}={width} is not divisible by model.build.num_heads={heads}: each head "
+                              "takes an equal share of the width")
+
+
 def check_writable(path: str | Path, what: str, inputs: dict | None = None) -> None:
     """ConfigError unless a file can be written at `path` and it is none of `inputs`
     (autorank.io.check_output: the one guard every writer uses)."""
     check_output(path, what=what, inputs=inputs, error=ConfigError)
+
+
+def check_folder(key: str, value: Any) -> None:
+    """ConfigError unless `value` is a folder where files can be created (made if missing): the
+    run folder, the cache."""
+    folder = Path(str(value)).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{key}={folder} is a file, not a folder: give a folder path ({key}=...)")
+    probe = folder / ".autorank-folder"
+    try:
+        check_output(probe, what=key, error=ConfigError)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace(f"{key}={probe}", f"{key}={folder}")) from None
+
+
+def run_folder_error(argv: list[str], cwd: str, env: dict) -> str | None:
+    """Hydra creates the run folder before autorank's code runs, and a folder it cannot create
+    ends in its traceback: the line to print instead, or None. The folder is hydra.run.dir's
+    literal part (before any ${...}) or <paths.root>/outputs, paths.root from the command line,
+    $AUTORANK_ROOT or the working directory. Hydra's own flags (--help, -m, ...) are left to it."""
+    if any(a.startswith("-") for a in argv):
+        return None
+    over = dict(a.split("=", 1) for a in argv if "=" in a)
+    root = over.get("paths.root") or env.get("AUTORANK_ROOT") or cwd
+    run = over.get("hydra.run.dir", "${paths.root}/outputs/").replace("${paths.root}", root)
+    run = run.split("${", 1)[0].rstrip("/") or "."
+    try:
+        check_folder("hydra.run.dir", Path(cwd) / run)
+    except ConfigError as e:
+        hint = "" if "hydra.run.dir" in over else " (the run folder: <paths.root>/outputs; run elsewhere or set paths.root=...)"
+        return str(e) + hint
+    return None
 
 
 def check_space_file(cfg: Any) -> None:
@@ -120,12 +200,21 @@ def check_config(cfg: Any) -> None:
             if key.startswith("device.") and device:
                 why = f"{why}; device {device!r}"
             check_value(key, value, kind, low, none_ok, why)
+    for key, allowed, why in CHOICES:
+        present, value = _value(cfg, key)
+        if present:
+            check_choice(key, value, allowed, why)
+    check_model_fits_data(cfg)
     present, value = _value(cfg, "data.val_fraction")
     if present and value is not None:
         check_value("data.val_fraction", value, "pos", 0, False, "the held-out share, 0 < f < 1")
     for key in ("search.storage", "tracking.uri"):  # an unset ${oc.env:...} is named here
         _value(cfg, key)
     check_space_file(cfg)
+    for key in ("paths.output_dir", "paths.cache_dir"):
+        present, value = _value(cfg, key)
+        if present and value:
+            check_folder(key, value)
     present, value = _value(cfg, "model.checkpoint")
     if present and value:
         path = Path(str(value)).expanduser()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,20 +36,23 @@ from torch import Tensor, nn
 
 from autorank.cost.loss import training_loss
 from autorank.plan import Choice, Plan
-from autorank.plan.plan import atomic_write
 from autorank.search.cost import Choices, PeakRecord, PlanCost, peak_parts
 from autorank.search.gradients import hosvd_reconstruct, lowrank_grad, mode_svds, weight_grad
+from autorank.search.profilecache import dump_profile, read_profile
 from autorank.search.progress import progress_bar
 from autorank.search.protocols import Workload
 from autorank.search.space import SearchSpace, level_key, parse_choice_key, parse_lora_key
 from autorank.shortcut.tucker import eps_rank
+from autorank.workload.cachefile import CacheDamaged, damaged_line, write_cache
+
+log = logging.getLogger(__name__)
 
 # 2: ranks by autorank.shortcut.tucker.eps_rank (its boundary: the first k whose cumulative share
 # reaches eps exactly) instead of a local rule with a 1e-12 tolerance.
 # 3: keep_batch choices (asi@<level>:b), the head rule, hparams in the space.
 PROFILE_VERSION = 3
 __all__ = ["LayerProfile", "Profile", "fill_peak_bytes", "hosvd_reconstruct", "layer_profile",
-           "level_ranks", "lowrank_grad", "mode_svds", "profile_key", "profile_layers", "profile_workload",
+           "level_ranks", "load_cached", "lowrank_grad", "mode_svds", "profile_key", "profile_layers", "profile_workload",
            "weight_grad"]
 PeakFn = Callable[[Choices], "PeakRecord | int"]
 Batches = Sequence[tuple[Tensor, Tensor]]
@@ -113,18 +117,34 @@ class Profile:
                     meta=m)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        """JSON with the sha256 of its content beside the fields (autorank.search.profilecache)."""
+        return dump_profile(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> Profile:
-        d = json.loads(text)
+    def from_json(cls, text: str | bytes) -> Profile:
+        """CacheDamaged when `text` is not a whole profile (profilecache.read_profile)."""
+        d = read_profile(text)
         d["layers"] = [LayerProfile(**lp) for lp in d["layers"]]
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        """Written atomically (autorank.plan.plan.atomic_write: the temp file is removed on error)."""
+        """Written atomically (the temp file is removed on error); a folder that cannot take it is
+        one ConfigError line (autorank.workload.cachefile.write_cache)."""
         text = self.to_json()
-        atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+        write_cache(Path(path), lambda tmp: tmp.write_text(text), "profile")
+
+
+def load_cached(path: str | Path | None, key: str | None = None) -> Profile | None:
+    """The profile cached at `path` when it is there, whole and of `key` (None: any key); a
+    damaged one is reported in one warning line and None returned: the caller profiles again."""
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        prof = Profile.from_json(Path(path).read_bytes())
+    except (OSError, CacheDamaged) as e:
+        log.warning(damaged_line("profile", Path(path), e, "profiling again"))
+        return None
+    return prof if key is None or prof.key == key else None
 
 
 def tensor_sha256(t: Tensor) -> str:
@@ -217,10 +237,9 @@ def profile_layers(model: nn.Module, batches: Batches, space: SearchSpace, *,
     profile evaluates it on the plans the knapsack needs. With `cache_path`, a cached profile of the
     same `key` is returned as it is.
     """
-    if cache_path is not None and Path(cache_path).exists():
-        cached = Profile.from_json(Path(cache_path).read_text())
-        if key is None or cached.key == key:
-            return cached
+    cached = load_cached(cache_path, key)
+    if cached is not None:
+        return cached
     names = space.resolve(model)
     model = copy.deepcopy(model).eval()  # BN in eval mode, as in the paper's fine-tuning
     for p in model.parameters():
@@ -281,8 +300,9 @@ def profile_workload(workload: Workload, space: SearchSpace, *, n_batches: int =
     batches = workload.calibration_batches(n_batches)
     key = profile_key(workload.checkpoint_sha256, batches, space, workload.input_shape)
     cache_path = Path(cache_dir) / f"profile-{key[:16]}.json" if cache_dir else None
-    if cache_path is not None and cache_path.exists():
-        return Profile.from_json(cache_path.read_text())
+    cached = load_cached(cache_path, key)
+    if cached is not None:
+        return cached
     prof = profile_layers(model, batches, space, key=key, progress=progress, loss=workload.loss)
     prof.meta = {"checkpoint_sha256": workload.checkpoint_sha256,
                  "input_shape": list(workload.input_shape), "n_batches": n_batches}

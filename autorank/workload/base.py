@@ -8,6 +8,7 @@ the same configuration loads the file instead of training.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from torch import nn
 
 from autorank import interrupt
 from autorank.errors import ConfigError, ConfigFileNotFound
-from autorank.io import atomic_write
+from autorank.workload.cachefile import CacheDamaged, bytes_record, damaged_line, verify, write_cache
 from autorank.workload.data import ImageData
 from autorank.workload.textdata import TextData
 from autorank.workload.features import key_hash
@@ -204,7 +205,8 @@ def base_checkpoint(
     optimizer: str = "adam",
     channels_last: bool = False,
 ) -> Path:
-    """`spec.checkpoint` if set; else the cached upstream-pretrained checkpoint (trained on a miss)."""
+    """`spec.checkpoint` if set; else the cached upstream-pretrained checkpoint, trained on a miss
+    and again when the cached one is damaged (check_cached: one warning line says so)."""
     if spec.checkpoint:
         path = Path(spec.checkpoint).expanduser()
         if not path.exists():
@@ -213,15 +215,17 @@ def base_checkpoint(
     key = pretrain_key(spec, data, epochs, lr, momentum, seed, batch_size, optimizer)
     path = Path(cache_dir) / "checkpoints" / f"{spec.name}-{key_hash(key)}.pt"
     if path.exists():
-        log.info("base model: cached checkpoint %s", path)
-        return path
+        try:
+            check_cached(path, key)
+            log.info("base model: cached checkpoint %s", path)
+            return path
+        except CacheDamaged as e:
+            log.warning(damaged_line("base model", path, e, "pretraining it again"))
     log.info("base model: pretraining %s on the upstream task for %d epochs (cached at %s)", spec.name, epochs, path)
     model, stats = pretrain(spec, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed, batch_size=batch_size,
                             optimizer=optimizer, channels_last=channels_last,
                             accelerator=accelerator, output_dir=output_dir, progress=progress)
-    atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
-    text = json.dumps({"key": key, **stats}, indent=2, sort_keys=True, default=str)
-    atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(text))
+    save_cached(path, model, key, stats)
     if stats["bn_recompute_batches"]:
         log.info("base model: upstream val accuracy %.3f after %.1f s (%.3f before the BatchNorm statistics were "
                  "recomputed)", stats["upstream_val_accuracy"], stats["pretrain_wall_s"],
@@ -230,3 +234,43 @@ def base_checkpoint(
         log.info("base model: upstream val accuracy %.3f, loss %.3f after %.1f s", stats["upstream_val_accuracy"],
                  stats["upstream_val_loss"], stats["pretrain_wall_s"])
     return path
+
+
+def save_cached(path: Path, model: nn.Module, key: dict[str, Any], stats: dict[str, Any]) -> None:
+    """The checkpoint and its .json beside it (the key, the pretraining stats and the checkpoint's
+    size and sha256). The .json is written first: a .pt on disk always has its record."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)  # in memory: a full disk is then an OSError of ours
+    data = buf.getvalue()
+    text = json.dumps({"key": key, **stats, "checkpoint": bytes_record(data)}, indent=2, sort_keys=True,
+                      default=str)
+    write_cache(path.with_suffix(".json"), lambda tmp: tmp.write_text(text), "base model")
+    write_cache(path, lambda tmp: tmp.write_bytes(data), "base model")
+
+
+def check_cached(path: Path, key: dict[str, Any]) -> None:
+    """CacheDamaged unless the cached checkpoint at `path` is whole: its .json beside it reads,
+    was written for `key`, and records the checkpoint's size and sha256, which match. A .json from
+    before these records were kept is accepted when the checkpoint loads as a state dict (the
+    record is added)."""
+    side = path.with_suffix(".json")
+    try:
+        meta = json.loads(side.read_bytes().decode("utf-8"))
+    except FileNotFoundError as e:
+        raise CacheDamaged(f"{side.name} beside it is missing") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheDamaged(f"{side.name} beside it is unreadable: {e}") from e
+    if not isinstance(meta, dict) or json.loads(json.dumps(key, default=str)) != meta.get("key"):
+        raise CacheDamaged(f"{side.name} beside it does not describe these pretraining settings")
+    if "checkpoint" in meta:
+        verify(path, meta["checkpoint"])
+        return
+    try:  # written before the records were kept
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch says of a damaged file
+        raise CacheDamaged(f"not a loadable state dict: {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CacheDamaged("not a state dict of tensors")
+    meta["checkpoint"] = bytes_record(path.read_bytes())
+    text = json.dumps(meta, indent=2, sort_keys=True, default=str)
+    write_cache(side, lambda tmp: tmp.write_text(text), "base model")
