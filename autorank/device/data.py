@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from autorank.device.checks import count_nonfinite, nonfinite_words, tensor_form
 from autorank.plan import read_weights_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
@@ -153,6 +154,16 @@ class DeviceData:
 def _check_pair(path, nx: str, ny: str, a, b) -> None:
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         raise DataError(f"data file {path}: {nx!r} and {ny!r} must be tensors")
+    for name, t in ((nx, a), (ny, b)):
+        why = tensor_form(f"data file {path}", name, t)
+        if why:
+            raise DataError(why)
+    if a.is_complex() or a.dtype == torch.bool:
+        raise DataError(f"data file {path}: {nx!r} is {a.dtype}: it must hold float or uint8 images "
+                        "(N, C, H, W) or integer tokens (N, L)")
+    if (a.is_floating_point() or a.dtype == torch.uint8) and b.dim() != 1:
+        raise DataError(f"data file {path}: {ny!r} has shape {list(b.shape)}: class labels are one number "
+                        f"per sample, shape (N,); save {ny}.reshape(-1) if it holds one label per sample")
     if len(a) != len(b) or len(a) == 0:
         raise DataError(f"data file {path}: {nx!r} has {len(a)} samples and {ny!r} {len(b)}: "
                         "they must be the same non-zero number")
@@ -188,6 +199,11 @@ def open_tensor_file(path: str | Path, shape=None) -> DeviceData:
         raise DataError(f"data file {path}: integer x is read as tokens (N, L), whose labels y are the next "
                         f"tokens, of x's shape; got x {list(x.shape)}, y {list(d['y'].shape)}")
     mapped = _file_mapped(x)
+    for nx, _, a, _ in pairs:
+        nan, inf = count_nonfinite(a, (lambda a=a: _release(a)) if mapped else None)
+        if nan or inf:
+            raise DataError(f"data file {path}'s {nx} holds {nonfinite_words(nan, inf)} values: training on "
+                            "them gives a NaN loss; replace them (torch.nan_to_num) or drop those samples")
     train = TensorSplit(x, d["y"], shape, mapped)
     val = TensorSplit(xv, yv, shape, mapped) if xv is not None else None
     return DeviceData(train, val, f"{path} ({'memory-mapped' if mapped else 'read whole'})")

@@ -24,9 +24,13 @@ MB = 2**20
 
 
 def _in_process(argv: list[str]) -> int:
-    from autorank.device.runner import main as run_main
+    try:  # Ctrl-C while torch is imported, too, is one line (the runner handles it after)
+        from autorank.device.runner import main as run_main
 
-    return run_main(argv)
+        return run_main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C): nothing was saved", file=sys.stderr)
+        return 130
 
 
 def killed_line(phase: dict) -> str:

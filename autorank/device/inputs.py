@@ -9,11 +9,14 @@ from pathlib import Path
 
 import torch
 
+from autorank.device.checks import MB, check_weights_finite
+from autorank.device.memory import memory_allowed
 from autorank.models import classifier_name, replace_head
 from autorank.plan import Plan, PlanError, build_model_from_factory, check_fingerprint, load_base_weights
 from autorank.plan.plan import FineTuneSettings
 
 DEFAULT_LR = 0.01  # the workload's fine-tuning default (conf trainer.lr)
+MAX_LR = 1000.0  # SGD with a larger step leaves any model's weights at inf after one step
 
 
 class BadInput(Exception):
@@ -24,7 +27,7 @@ def settings(plan: Plan) -> FineTuneSettings | None:
     """The plan's fine-tuning settings (meta.finetune; older files: meta.model/lr/seed)."""
     try:
         return FineTuneSettings.from_plan(plan)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise BadInput(f"the plan's fine-tuning settings are malformed: {e}") from e
 
 
@@ -38,11 +41,42 @@ def build_model(plan: Plan, factory: str | None, kwargs: dict | None) -> torch.n
         raise BadInput("the plan records no model factory: pass --model module:function "
                        "(and --model-kwargs JSON)")
     kwargs = kwargs if kwargs is not None else dict(ft.model_kwargs if ft else {})
+    _check_shadow(plan, factory, kwargs, trusted_only)
     try:
         return build_model_from_factory(factory, kwargs, trusted_only=trusted_only)
     except Exception as e:  # import error, no such function, bad kwargs, untrusted module
-        raise BadInput(f"cannot build the model {factory}(**{kwargs}): {type(e).__name__}: {e}; "
-                       "pass --model module:function and --model-kwargs JSON") from e
+        raise BadInput(f"cannot build the model {factory}(**{_short(kwargs)}): {type(e).__name__}: "
+                       f"{_short(e)}; pass --model module:function and --model-kwargs JSON") from e
+
+
+def _short(value, limit: int = 300) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_shadow(plan: Plan, factory: str, kwargs: dict, trusted_only: bool) -> None:
+    """Build the model on the meta device first (shapes, no memory) and refuse, before a byte of
+    weights is allocated, a model that is not the plan's (its fingerprint) or whose weights alone
+    are above the memory this process may use. A factory that cannot build on the meta device is
+    checked after the real build instead."""
+    try:
+        with torch.device("meta"):
+            shadow = build_model_from_factory(factory, kwargs, trusted_only=trusted_only)
+    except Exception:  # the real build below reports it (or the factory needs real tensors)
+        return
+    if plan.fingerprint is not None:
+        try:
+            check_fingerprint(plan.fingerprint, shadow)
+        except ValueError as e:
+            raise BadInput(f"{e}; build the model the plan was made for (--model/--model-kwargs) "
+                           "or export the plan again for this model") from e
+    tensors = {id(t): t for t in [*shadow.parameters(), *shadow.buffers()]}.values()
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    allowed = memory_allowed()
+    if allowed is not None and weights > allowed[0]:
+        raise BadInput(f"the model {factory}(**{_short(kwargs)}) has {weights / MB:,.0f} MB of weights, more "
+                       f"than the {allowed[0] / MB:,.0f} MB this process may use ({allowed[1]}): "
+                       "check the model kwargs (--model-kwargs, or the plan's)")
 
 
 def load_plan(path: str) -> Plan:
@@ -62,18 +96,26 @@ def load_weights(model: torch.nn.Module, checkpoint: str) -> list[str]:
         raise BadInput(f"checkpoint {checkpoint} does not exist: pass the base model's state dict "
                        "(torch.save(model.state_dict(), path))")
     try:
-        return load_base_weights(model, checkpoint, skip_mismatched_head=True)
+        skipped = load_base_weights(model, checkpoint, skip_mismatched_head=True)
     except ValueError as e:  # unreadable (random bytes, truncated, other pickles), or keys that do not fit
         hint = "" if str(e).startswith("cannot read") else "; pass the checkpoint of the model the plan was made for"
         raise BadInput(f"{e}{hint}") from e
+    loaded = ((k, t) for k, t in model.state_dict().items() if k not in skipped)
+    bad = check_weights_finite(loaded, f"checkpoint {checkpoint}")
+    if bad:
+        raise BadInput(bad)
+    return skipped
 
 
 def finetune_lr(plan: Plan, lr: float | None) -> float:
     """--lr, else the lr the plan's fine-tuning settings record, else DEFAULT_LR."""
-    if lr is not None:
-        return lr
     ft = settings(plan)
-    return float(ft.lr) if ft is not None and ft.lr is not None else DEFAULT_LR
+    if lr is None:
+        lr = float(ft.lr) if ft is not None and ft.lr is not None else DEFAULT_LR
+    if lr > MAX_LR:
+        raise BadInput(f"learning rate {lr:g} is above {MAX_LR:g}: SGD would leave the weights infinite "
+                       "after one step; pass --lr with a usual value (e.g. 0.01)")
+    return lr
 
 
 def check_labels(model: torch.nn.Module, xb: torch.Tensor, labels: dict[str, torch.Tensor | None]) -> None:

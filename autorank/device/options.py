@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
-from autorank.device.inputs import DEFAULT_LR, BadInput
+from autorank.device.inputs import DEFAULT_LR, MAX_LR, BadInput
+from autorank.io import check_output
+from autorank.plan.plan import SEED_RANGE
+
+INT64_MAX = 2**63 - 1
 
 
 def check_args(a: argparse.Namespace) -> None:
@@ -20,24 +23,25 @@ def check_args(a: argparse.Namespace) -> None:
         raise BadInput(f"--steps must be >= 1, got {a.steps} (leave it out to train every epoch)")
     if a.epochs < 0:
         raise BadInput(f"--epochs must be >= 0 (0: load, check and evaluate without training), got {a.epochs}")
+    for name, value in (("--batch-size", a.batch_size), ("--steps", a.steps), ("--epochs", a.epochs)):
+        if value is not None and value > INT64_MAX:
+            raise BadInput(f"{name} must be at most {INT64_MAX} (a 64-bit count), got {value}")
     if a.lr is not None and not (math.isfinite(a.lr) and a.lr > 0):
         raise BadInput(f"--lr must be a finite number > 0, got {a.lr} (leave it out for the plan's lr)")
+    if a.lr is not None and a.lr > MAX_LR:
+        raise BadInput(f"--lr must be at most {MAX_LR:g}, got {a.lr:g}: SGD would leave the weights "
+                       "infinite after one step; pass a usual value (e.g. 0.01)")
+    if a.seed is not None and not SEED_RANGE[0] <= a.seed <= SEED_RANGE[1]:
+        raise BadInput(f"--seed must be a whole number in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {a.seed}")
     if not (math.isfinite(a.momentum) and 0 <= a.momentum < 1):
         raise BadInput(f"--momentum must lie in [0, 1), got {a.momentum}")
     for name in ("plan", "checkpoint"):
         path = getattr(a, name)
         if Path(path).is_dir():
             raise BadInput(f"{name} {path} is a directory: pass the {name} file itself")
-    if a.out:
-        out = Path(a.out)
-        if out.is_dir():
-            raise BadInput(f"--out {a.out} is a directory: pass the file to write, e.g. {out / 'weights.pt'}")
-        parent = out.resolve().parent
-        while not parent.exists() and parent != parent.parent:  # missing folders are made when saving
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise BadInput(f"--out {a.out}: cannot write under {parent} (not a writable folder); "
-                           "pass a path in a writable folder")
+    if a.out:  # before any work: never one of the inputs, and a folder that takes a new file
+        check_output(a.out, what="--out", error=BadInput,
+                     inputs={"the plan file": a.plan, "the checkpoint": a.checkpoint, "the data file": a.data})
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -16,13 +16,14 @@ import torch
 from autorank.cost import measure_saved_bytes, predict_peak_training_bytes
 from autorank.cost.loss import logits_of, training_loss
 from autorank.cost.process import ProcessPrediction
+from autorank.device.checks import batch_refusal
 from autorank.device.data import DataError, DeviceData, Split, open_data
 from autorank.device.inputs import BadInput, check_labels, finetune_lr, load_model, load_plan, settings
 from autorank.device.options import check_args, parse_args
 from autorank.device.sgd import SGD
 from autorank.device.memory import MB, PeakSampler, memory_allowed, read_status, set_allocator_policy
 from autorank.device.status import report_phase
-from autorank.plan import PlanError, apply_plan, finetune_mode, save_base_weights
+from autorank.plan import PlanError, apply_plan, check_choices, finetune_mode, save_base_weights
 
 EXIT_NO_FIT = 3  # the predicted process peak is above the memory the process may use: refused
 EXIT_OUT_OF_MEMORY = 4  # ran out of memory (an allocation failed, or killed by the kernel: guard.py)
@@ -117,6 +118,14 @@ def _prepare(a: argparse.Namespace):
     bs = a.batch_size if a.batch_size is not None else (int(shape[0]) if shape else 32)
     if bs < 1:
         raise BadInput(f"the plan's input_shape {list(shape)} has batch {bs}: pass --batch-size N (N >= 1)")
+    too_big = batch_refusal(bs, data.train, memory_allowed())  # before a batch is allocated
+    if too_big:
+        raise BadInput(too_big)
+    try:
+        check_choices(base, plan)  # every rank against its layer, before anything is built for it
+    except ValueError as e:
+        raise BadInput(f"{e}; build the model the plan was made for (--model/--model-kwargs) "
+                       "or export the plan again for this model") from e
     try:
         xb, _ = data.train.batch(torch.arange(bs) % len(data.train))
         data.train.release()

@@ -96,6 +96,12 @@ def _read_state(path_or_state_dict) -> tuple[dict, str]:
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{where} is not a state dict: {bad[0]!r} is not a tensor")
+    odd = [k for k, v in state.items() if v.layout != torch.strided or v.is_meta]
+    if odd:
+        t = state[odd[0]]
+        kind = "a meta tensor (a shape without values)" if t.is_meta else f"a {t.layout} tensor"
+        raise ValueError(f"{where}: {odd[0]!r} is {kind}: a state dict holds dense tensors with their "
+                         "values (save the model's own state_dict())")
     return dict(state), where
 
 
