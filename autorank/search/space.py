@@ -41,7 +41,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
@@ -57,6 +57,44 @@ KEEP_BATCH = ":b"  # choice-key suffix of the keep_batch variant
 HEAD_RULES = ("full", "search")
 HPARAM_KEYS = ("lr", "momentum", "weight_decay")
 FILLS = ("frozen", "full")  # what the non-candidate layers after the first trained one do  # trainer settings Workload.finetune overrides
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _list_of(check) -> Any:
+    return lambda v: isinstance(v, Sequence) and not isinstance(v, str) and all(check(x) for x in v)
+
+
+_STR = lambda v: isinstance(v, str)  # noqa: E731
+_NUM = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+# key -> (check, the form a space file must give): a value of another type is one ConfigError
+FORMS: dict[str, tuple[Any, str]] = {
+    "name": (_STR, "a name"), "bn": (_STR, "a string"), "head": (_STR, f"one of {HEAD_RULES}"),
+    "fill": (_STR, f"one of {FILLS}"), "lean": (lambda v: isinstance(v, bool), "true or false"),
+    "last": (lambda v: v is None or _whole(v), "a whole number >= 1, or null"),
+    "first": (_whole, "a whole number >= 0"), "spread": (_whole, "a whole number >= 0"),
+    "layers": (lambda v: v is None or _list_of(_STR)(v), "a list of module names, or null"),
+    "choices": (_list_of(_STR), f"a list of choices from {BASE_CHOICES}"),
+    "variants": (_list_of(_STR), f"a list from {VARIANTS}"),
+    "levels": (_list_of(_NUM), "a list of numbers in (0, 1]"),
+    "lora_ranks": (_list_of(_whole), "a list of whole numbers >= 1"),
+    "overrides": (lambda v: isinstance(v, Mapping) and all(_list_of(_STR)(c) for c in v.values()),
+                  "a mapping of module name -> list of choices"),
+    "hparams": (lambda v: isinstance(v, Mapping) and all(isinstance(r, Mapping) and all(
+        _NUM(x) or isinstance(x, bool) or x is None for x in r.values()) for r in v.values()),
+                "a mapping such as {lr: {low: 0.003, high: 0.1, log: true}}"),
+}
+
+
+def check_forms(d: Mapping[str, Any], where: str = "search space") -> None:
+    """ConfigError naming the first key whose value has the wrong type (`last: "abc"`, a list
+    where a number belongs), before anything converts or compares it."""
+    for k, v in d.items():
+        check, form = FORMS.get(k, (lambda _: True, ""))
+        if v is not None and not check(v) or (v is None and k not in ("last", "layers", "overrides", "hparams")):
+            raise ConfigError(f"{where}: `{k}: {v!r}` is not allowed: expected {form}")
 
 
 def level_key(level: float, keep_batch: bool = False) -> str:
@@ -153,6 +191,7 @@ class SearchSpace:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"search space: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        check_forms(d)
         if d.get("layers") is not None:
             d["layers"] = tuple(d["layers"])
         d["hparams"] = {k: dict(v) for k, v in (d.get("hparams") or {}).items()}
@@ -179,6 +218,7 @@ class SearchSpace:
             raise ConfigError(f"search space file {p}: `path` belongs on the command line "
                               "(space.path=...), not inside a space file")
         d.setdefault("name", p.stem)
+        check_forms(d, f"search space file {p}")
         return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ unless asked for.
 from __future__ import annotations
 
 import gzip
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 
 from autorank.io import atomic_write
+
+log = logging.getLogger(__name__)
 from autorank.workload.imagedata import (
     DOWNSTREAM_SHIFTS,
     PARTS,
@@ -194,5 +197,28 @@ class ImageFolderData(ImageData):
             raise DatasetMissing(f"image folder {root} needs at least 2 class subfolders, found {classes}")
         if not folder.samples:
             raise DatasetMissing(f"no images ({', '.join(folder.extensions)}) under {root}")
-        images = torch.stack([folder[i][0] for i in range(len(folder))])
-        return images, torch.tensor(folder.targets), None, classes
+        images, targets = decode_all(folder, root)
+        return torch.stack(images), torch.tensor(targets), None, classes
+
+
+def decode_all(folder: Any, root: Path) -> tuple[list[torch.Tensor], list[int]]:
+    """Every image of a torchvision ImageFolder decoded, with its class. A file that cannot be
+    decoded (random bytes, a truncated download, an image type PIL does not read) is skipped with
+    one warning line naming the first few and the count: one broken file among thousands should
+    not stop a run. When none decodes, a DatasetMissing saying so."""
+    images, targets, bad = [], [], []
+    for i, (path, target) in enumerate(folder.samples):
+        try:
+            images.append(folder[i][0])
+        except Exception as e:  # noqa: BLE001 - PIL's errors for undecodable files vary (OSError, SyntaxError, ...)
+            bad.append((path, e))
+            continue
+        targets.append(target)
+    if bad:
+        names = ", ".join(str(Path(p).relative_to(root)) for p, _ in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        if not images:
+            raise DatasetMissing(f"image folder {root}: none of its {len(bad)} image files can be decoded ({names}; "
+                                 f"e.g. {' '.join(str(bad[0][1]).split())[:120]}): put readable images there")
+        log.warning("image folder %s: skipped %d of %d files that cannot be decoded as images (%s): remove or "
+                    "replace them", root, len(bad), len(folder.samples), names)
+    return images, targets
