@@ -24,7 +24,8 @@ import optuna
 from autorank.errors import ConfigError
 from autorank.redact import guard_console, redact_text, redact_url
 from autorank.search.planfile import export_plan
-from autorank.search.records import TrialRecord, best_of, best_refit, front_of, records_from_storage
+from autorank.search.records import (DIRECTIONS, RECORD_ATTR, TrialRecord, best_of, best_refit, front_of,
+                                     records_from_study)
 from autorank.units import MB
 
 
@@ -78,31 +79,42 @@ class StorageError(ValueError):
 
 def _sqlite_path(storage: str) -> Path | None:
     """The database file of a sqlite URL (None for another backend or an in-memory db)."""
-    if not storage.startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url  # optuna's own dependency
+    from autorank.search.storage import sqlite_path
 
-    try:
-        db = make_url(storage).database
-    except Exception as e:
-        raise StorageError(f"cannot parse storage URL {storage!r}: {e}; expected e.g. "
-                           "sqlite:///outputs/optuna.db") from e
-    return Path(db) if db and db != ":memory:" else None
+    path = sqlite_path(storage)
+    return None if path is None else path.expanduser()
 
 
-def read_records(storage: str, study_name: str) -> list[TrialRecord]:
-    """All trials of the study, read once from its storage. StorageError with what to do when
-    the storage cannot be read; a sqlite file that does not exist is refused (sqlite would create
-    an empty database there and the study would merely be 'not found')."""
+def _check_sqlite(storage: str) -> None:
+    """A SQLite storage is looked at read-only first: a missing file is refused (sqlite would
+    create an empty database there), and so is a file that is not an Optuna database (Optuna
+    would create its tables in it before saying that the study is not there)."""
+    from autorank.search.storage import check_optuna_sqlite
+
     path = _sqlite_path(storage)
     if storage.startswith("sqlite:") and path is None:
         raise StorageError(f"storage {storage!r} names no database file: use sqlite:///path/to/optuna.db")
-    if path is not None and not path.is_file():
+    if path is None:
+        return
+    if not path.is_file():
         raise StorageError(f"no sqlite database at {path} (from {storage!r}): check the path; the run "
                            "folder's optuna.db is the default (sqlite:/// + a relative path, sqlite:////"
                            " + an absolute one)")
     try:
-        return records_from_storage(storage, study_name)
+        if not check_optuna_sqlite(path, "--storage"):
+            raise ConfigError(f"--storage: {path} holds no Optuna study (an empty database): pass the "
+                              "database the study was run with")
+    except ConfigError as e:
+        raise StorageError(str(e)) from e
+
+
+def read_records(storage: str, study_name: str) -> list[TrialRecord]:
+    """All trials of the study, read once from its storage. StorageError with what to do when
+    the storage cannot be read, is not an Optuna database (see _check_sqlite), the study is not
+    autorank's, or a stored record is damaged (check_records)."""
+    _check_sqlite(storage)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError as e:
         try:
             names = ", ".join(repr(n) for n in optuna.get_all_study_names(storage)) or "none"
@@ -114,6 +126,47 @@ def read_records(storage: str, study_name: str) -> list[TrialRecord]:
         raise StorageError(f"cannot read the study from storage {storage!r}: {type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}; check the URL (e.g. "
                            "sqlite:///outputs/optuna.db) and that the database is reachable") from e
+    trials = study.get_trials(deepcopy=False)
+    if len(study.directions) != len(DIRECTIONS) or (
+            any(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+            and not any(isinstance(t.user_attrs.get(RECORD_ATTR), dict) for t in trials)):
+        raise StorageError(f"study {study_name!r} in {storage} is not an autorank study ({len(study.directions)} "
+                           "objective(s), no trial holds an autorank record): export studies run by "
+                           "python -m autorank")
+    try:
+        records = records_from_study(study)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise StorageError(f"study {study_name!r} in {storage} holds a damaged record ({type(e).__name__}: "
+                           f"{e}): it was changed outside autorank; run the study again") from e
+    check_records(records, study_name)
+    return records
+
+
+# The fields export reads from a feasible record, and the types they must have.
+_NUMBER = (int, float)
+_RECORD_TYPES = {"val_accuracy": _NUMBER, "predicted_peak_bytes": _NUMBER, "flops": _NUMBER,
+                 "plan": dict, "choices": dict, "refit_accuracy": (*_NUMBER, type(None))}
+
+
+def check_records(records: list[TrialRecord], study_name: str) -> None:
+    """StorageError naming the first feasible trial whose stored record has a field of the wrong
+    type (a study edited by hand or by another tool): such a record would end in a traceback, or
+    in a plan built from it."""
+    for r in records:
+        if not r.feasible:
+            continue
+        for name, types in _RECORD_TYPES.items():
+            value = getattr(r, name)
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise StorageError(f"study {study_name!r}: trial {r.number}'s stored record is damaged ({name} "
+                                   f"is {value!r:.60}, not {_type_names(types)}): it was changed outside "
+                                   "autorank; export another trial with --trial N, or run the study again")
+
+
+def _type_names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join({"int": "a number", "float": "a number", "dict": "a mapping",
+                        "NoneType": "null"}[t.__name__] for t in types if t is not float)
 
 
 def export(storage: str, study_name: str, out: str | Path, *, max_mb: float | None = None,
@@ -124,9 +177,14 @@ def export(storage: str, study_name: str, out: str | Path, *, max_mb: float | No
     if records is None:
         records = read_records(storage, study_name)
     rec = select(records, max_mb=max_mb, max_flops=max_flops, trial=trial)
-    return rec, export_plan(rec.plan, out, meta={
-        "exported_from": {"storage": redact_url(storage), "study": study_name, "trial": rec.number},
-        "val_accuracy": rec.val_accuracy})
+    try:
+        return rec, export_plan(rec.plan, out, meta={
+            "exported_from": {"storage": redact_url(storage), "study": study_name, "trial": rec.number},
+            "val_accuracy": rec.val_accuracy})
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:  # OSError: the caller's
+        raise StorageError(f"study {study_name!r}: trial {rec.number}'s stored plan is damaged "
+                           f"({type(e).__name__}: {e}): it was changed outside autorank; export another "
+                           "trial with --trial N, or run the study again") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         from autorank.validate import check_writable
 
         try:  # before the study is read: a path we cannot write is known at once
-            check_writable(a.out, "--out")
+            check_writable(a.out, "--out", {"the study's storage (--storage)": _sqlite_path(a.storage)})
         except ConfigError as e:
             print(f"error: {str(e).replace('--out=', '--out ')}", file=sys.stderr)
             return 2
@@ -164,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     except NoPlanFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"error: cannot write {a.out}: {e}", file=sys.stderr)
         return 2

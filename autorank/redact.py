@@ -2,7 +2,7 @@
 
     redact_url("postgresql://autorank:pw@host/db")  -> "postgresql://autorank:***@host/db"
     redact_text(text)       the same for every URL in free text (an error line, a traceback, a
-                            YAML file), and password=/token=... options (?password=..., libpq's
+                            YAML file), and password=/token=... options (?sslpassword=..., libpq's
                             "host=... password=...")
     redact_config(obj)      the same in every string of a nested dict/list (the app's config, the
                             MLflow params and the logged config.yaml)
@@ -12,9 +12,18 @@
     guard_logging()         the same for every record the root logger's handlers write (Hydra's
                             <job>.log file in the run folder)
 
-Our own few regexes rather than SQLAlchemy's URL masking (`URL.render_as_string`): they must
-also work on free text and on URLs SQLAlchemy cannot parse (http://, file options), and stay at
-the bottom layer (no imports of autorank or of the search stack).
+One masking (`_mask_url`) serves redact_url (a whole string that is one URL) and redact_text
+(every URL found in free text); every caller in autorank goes through these. A URL is parsed, not pattern-matched: SQLAlchemy's `make_url` splits it into its parts and
+names the query's keys, and every part that is a secret (the password, the value of a key that
+looks secret) is masked where it stands. What is ours, and why:
+- finding URLs in free text (SQLAlchemy parses one URL, it does not find them);
+- the password runs to the *last* '@' of the URL: SQLAlchemy's parser stops at the first one, so
+  an unencoded '@' in a password would leave its tail in the host;
+- the URL is masked in place rather than re-rendered with `render_as_string(hide_password=True)`,
+  which re-encodes the path (sqlite:///file:/x.db becomes file%3A/x.db, '#' becomes %23): the
+  printed URL stays the one the user typed, and still works in `mlflow ui --backend-store-uri`.
+Anything SQLAlchemy cannot parse (or a machine without it) falls back to the same masking by
+pattern. Bottom layer: no imports of autorank or of the search stack.
 """
 
 from __future__ import annotations
@@ -29,27 +38,77 @@ __all__ = ["MASK", "guard_console", "guard_logging", "redact_config", "redact_te
 
 MASK = "***"
 
-# scheme://user:password@ : the password runs to the last '@' before a '/', whitespace or the end
-# (an unencoded '@' in a password is still hidden whole).
-_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@'\"]*:)(?P<pw>[^\s/]*)@")
-# password=..., token=..., in a URL's query or a libpq/ODBC connection string
-_OPTION = re.compile(r"(?i)(?P<head>\b(?:password|passwd|pwd|secret|token|access_token|api_?key)=)"
-                     r"(?P<pw>[^&;\s'\"#]+)")
+_SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
+# A URL in free text: scheme://, an optional user:password@ whose password may hold '@', '/' or
+# spaces (it runs to the last '@' on the line that is followed by a host, never across the next
+# URL, and across a quote only when there is no '@' before it), then the rest up to whitespace or
+# a quote.
+_HOST = r"@(?=[\w\[%.\-])"
+_URL = re.compile(rf"""\b{_SCHEME}(?:[^\s'"<>:/@]*:(?:(?:(?!\b{_SCHEME})[^\n'"])*{_HOST}"""
+                  rf"""|(?:(?!\b{_SCHEME})[^\n])*{_HOST}))?[^\s'"<>]*""")
+# key=value whose key looks secret: password, sslpassword, passwd, pwd, secret, client_secret,
+# token, access_token, api_key, access_key, private_key, credentials, key (in a URL's query, a
+# libpq/ODBC connection string, a command line). Keys are matched whole, so tokenizer= is kept.
+_SECRET_KEY = r"(?:[\w.\-]*?(?:password|passwd|pwd|secret|token|api_?key|access_?key|private_?key|credentials?)|key)"
+_OPTION = re.compile(rf"""(?i)(?P<head>(?<![\w.\-]){_SECRET_KEY}=)(?P<value>'[^']*'|"[^"]*"|[^&;\s'"#,]+)""")
 
 
-def redact_text(text: str) -> str:
-    """`text` with every URL password and password-like option replaced by ***."""
-    if "=" not in text and "@" not in text:  # the common case: nothing to look at
-        return text
-    text = _USERINFO.sub(lambda m: m["head"] + (MASK if m["pw"] else "") + "@", text)
+def _is_secret_key(key: str) -> bool:
+    return re.fullmatch(_SECRET_KEY, key, flags=re.IGNORECASE) is not None
+
+
+def _mask_options(text: str) -> str:
     return _OPTION.sub(lambda m: m["head"] + MASK, text)
 
 
+def _mask_userinfo(url: str) -> str:
+    """scheme://user:password@rest -> scheme://user:***@rest, the password running to the last '@'."""
+    start = url.index("://") + 3
+    at = url.rfind("@", start)
+    colon = url.find(":", start, at) if at != -1 else -1
+    if colon == -1 or "/" in url[start:colon] or colon + 1 == at:
+        return url
+    return url[:colon + 1] + MASK + url[at:]
+
+
+def _mask_query(url: str) -> str:
+    """The values of the query's secret-looking keys masked, the keys named by SQLAlchemy's
+    parser; by pattern when it cannot parse the URL."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        keys = [k for k in make_url(url).query if _is_secret_key(k)]
+    except Exception:  # not installed, or not a URL SQLAlchemy parses
+        return _mask_options(url)
+    head, sep, query = url.partition("?")
+    for key in keys:
+        query = re.sub(rf"(?:(?<=^)|(?<=[&;])){re.escape(key)}=[^&;]*", f"{key}={MASK}", query)
+    return _mask_options(head + sep + query)  # and anything the parser did not see as a key
+
+
+def _mask_url(url: str) -> str:
+    return _mask_query(_mask_userinfo(url))
+
+
 def redact_url(url: str | None) -> str | None:
-    """A storage/tracking URL fit to print or log: its password (and password options) masked."""
-    return None if url is None else redact_text(str(url))
+    """A storage/tracking URL fit to print or log: its password and secret query values masked
+    (see the module doc). A string that is not a URL goes through redact_text."""
+    if url is None:
+        return None
+    s = str(url)
+    if re.match(_SCHEME, s.strip()) is None or "\n" in s.strip():
+        return redact_text(s)
+    lead = s[:len(s) - len(s.lstrip())]
+    return lead + _mask_url(s.lstrip())
 
 
+def redact_text(text: str) -> str:
+    """`text` with every URL's password and every password-like option replaced by ***."""
+    if "://" not in text and "=" not in text:  # the common case: nothing to look at
+        return text
+    if "://" in text:
+        text = _URL.sub(lambda m: _mask_url(m.group(0)), text)
+    return _mask_options(text)
 def redact_config(obj: Any) -> Any:
     """A copy of a nested dict/list/tuple with redact_text applied to every string value (keys
     are kept); other values as they are."""

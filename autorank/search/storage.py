@@ -14,11 +14,21 @@
 - SQLite: every transaction begins IMMEDIATE (see open_storage), so that two workers never pop
   the same enqueued trial.
 - A PostgreSQL URL without its driver is a one-line ConfigError naming the extra to install.
+- Before any work (check_storage): a SQLite file is looked at read-only (a file that is not SQLite,
+  or a database of another program, e.g. MLflow's, is refused before Optuna creates its tables in
+  it), its folder must take a write, and a PostgreSQL server must answer. A database error later
+  in the run (a full disk, a file made read-only, the server gone) is one line (storage_error).
+  SQLite and PostgreSQL write each change in a transaction: a failed write leaves the study as
+  it was.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
+import secrets
+import sqlite3
 import time
 import warnings
 import zlib
@@ -32,6 +42,8 @@ import sqlalchemy
 from filelock import FileLock
 
 from autorank.errors import ConfigError
+from autorank.io import check_output
+from autorank.redact import redact_text, redact_url
 
 HEARTBEAT_S = 10  # conf/search/optuna.yaml: search.heartbeat_s
 MAX_RETRY = 2  # times a trial whose worker died is queued again
@@ -52,6 +64,46 @@ def check_driver(url: str) -> None:
         raise ConfigError(
             f"a {scheme}:// storage needs the PostgreSQL driver {module}, which is not installed: "
             "pip install 'autorank[postgres]'") from None
+
+
+OPTUNA_TABLES = frozenset({"studies", "trials", "version_info"})  # in every Optuna schema since 1.0
+SQLITE_MAGIC = b"SQLite format 3\x00"
+PROBE_BYTES = 64 * 1024  # written (and removed) beside a SQLite storage: a full disk shows at once
+
+
+def sqlite_tables(path: Path, what: str = "search.storage") -> set[str] | None:
+    """The table names of an existing SQLite file, read without changing a byte (sqlite3 opened
+    with mode=ro); None for an empty file (a new database). ConfigError when the file is not a
+    SQLite database or cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+        if not head:
+            return None
+        if head != SQLITE_MAGIC:
+            raise ConfigError(f"{what}: {path} is not a SQLite database (it does not start with SQLite's "
+                              "header): point it at an Optuna study's database, or at a new file")
+        con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except (OSError, sqlite3.Error) as e:
+        raise ConfigError(f"{what}: cannot read the SQLite database {path} ({e}): check the file, "
+                          "or point it at another database") from e
+
+
+def check_optuna_sqlite(path: Path, what: str = "search.storage") -> bool:
+    """Whether the SQLite file holds Optuna's tables (False: an empty or new database);
+    ConfigError when it holds another program's tables (Optuna would add its own to them)."""
+    tables = sqlite_tables(path, what) if path.is_file() else None
+    if not tables:
+        return False
+    if not OPTUNA_TABLES <= tables:
+        shown = ", ".join(sorted(tables)[:6]) + (", ..." if len(tables) > 6 else "")
+        raise ConfigError(f"{what}: {path} is a database of another program (tables: {shown}), not an "
+                          "Optuna study's: point it at an Optuna database, or at a new file")
+    return True
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -152,3 +204,96 @@ def open_storage(url: str, *, heartbeat_s: int | None = HEARTBEAT_S) -> optuna.s
 
 def _begin_immediate(conn) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _probe_write(folder: Path, what: str) -> None:
+    """Write PROBE_BYTES to a new file in `folder` and remove it: a full disk (or a file size
+    limit) is found before the work, not at the first trial."""
+    probe = folder / f".autorank-space-test-{secrets.token_hex(4)}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write in {folder} ({e.strerror or e}): free space there, or "
+                          f"point {what} at another disk") from e
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def check_storage(url: str, *, what: str = "search.storage", connect_timeout_s: int = 5) -> None:
+    """Before any work, for a run that will write the study: a SQLite file must be SQLite and
+    Optuna's (or new), its folder writable with room to grow, the file itself writable; a
+    PostgreSQL server must answer. One-line ConfigError saying what to do; nothing is written
+    to the database (see the module doc)."""
+    check_driver(url)
+    path = sqlite_path(url)
+    if path is not None:
+        path = path.expanduser()
+        if path.is_dir():
+            raise ConfigError(f"{what}: {path} is a directory: name a database file, e.g. "
+                              f"sqlite:///{path / 'optuna.db'}")
+        check_optuna_sqlite(path, what)
+        check_output(path, what=what, error=ConfigError)  # the folder takes a new file (read-only?)
+        if path.is_file() and not os.access(path, os.W_OK):
+            raise ConfigError(f"{what}: {path} is read-only: make it writable, or point {what} at a "
+                              "copy on a writable disk")
+        folder = path.parent
+        while not folder.exists():
+            folder = folder.parent
+        _probe_write(folder, what)
+        return
+    if url.split("://", 1)[0].lower().startswith("postgres"):
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                          connect_args={"connect_timeout": connect_timeout_s})
+        try:
+            with engine.connect():
+                pass
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            raise ConfigError(f"{what}: cannot connect to {redact_url(url)} ({_first_line(e)}): start "
+                              "the database server, or fix the host, port and credentials in the URL") from e
+        finally:
+            engine.dispose()
+
+
+def _first_line(e: BaseException) -> str:
+    """The driver's own message, without SQLAlchemy's '(Background on this error ...)' lines."""
+    cause = getattr(e, "orig", None) or e
+    text = " ".join(str(cause).split("\n")[0].split()) or type(cause).__name__
+    return redact_text(text)
+
+
+# (what the driver says, lower case) -> what it means and what to do; first match wins
+_DB_ERRORS = (
+    (("database or disk is full", "disk i/o error", "no space left", "file too large"),
+     "the disk is full (or a file size limit was reached): free space there, or point search.storage at "
+     "another disk, and run the same command again to resume"),
+    (("readonly database", "read-only", "unable to open database file"),
+     "it cannot be written (a read-only file or folder): make it writable, or point search.storage at "
+     "a writable disk"),
+    (("file is not a database", "database disk image is malformed"),
+     "it is not a readable SQLite database: point search.storage at an Optuna study's database or at "
+     "a new file"),
+    (("connection refused", "could not connect", "connection to server", "server closed the connection",
+      "timeout expired", "could not translate host name"),
+     "the database server does not answer: start it (or fix the host and port in search.storage), and "
+     "run the same command again to resume"),
+)
+
+
+def storage_error(exc: BaseException) -> ConfigError | None:
+    """The one-line ConfigError for a database error of the study's storage found in `exc` or
+    its causes (see _DB_ERRORS), or None: then it is not one, and keeps its traceback. The
+    failed statement was rolled back: the study holds what it held before it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.DatabaseError, sqlite3.Error)) or (
+                isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EROFS)):
+            text = str(getattr(exc, "orig", None) or exc).lower()
+            for needles, advice in _DB_ERRORS:
+                if any(n in text for n in needles):
+                    return ConfigError(f"the study's storage failed ({_first_line(exc)}): {advice}")
+        exc = exc.__cause__ or exc.__context__
+    return None
