@@ -61,6 +61,7 @@ def run(cfg: DictConfig) -> Any:
     """Build everything from the composed config and run the configured search."""
     _require_device(cfg)
     check_config(cfg)  # before torch, data and pretraining: a bad value costs a second
+    check_storage_and_outputs(cfg)
 
     from hydra.utils import instantiate
 
@@ -87,6 +88,31 @@ def run(cfg: DictConfig) -> Any:
     _summary(result, device, tracker)
     _device_next_step(cfg, workload, result)
     return result
+
+
+def check_storage_and_outputs(cfg: DictConfig) -> None:
+    """Before any work: the study's storage can be used (autorank.search.storage.check_storage),
+    and no file the run writes outside its run folder (export.path, export.data_path, a SQLite
+    tracking store) is one of its inputs or the study's storage: writing there would destroy it."""
+    from autorank.search.storage import check_storage, sqlite_path
+    from autorank.validate import check_writable
+
+    storage = OmegaConf.select(cfg, "search.storage", default=None)
+    tracking = OmegaConf.select(cfg, "tracking.uri", default=None)
+    inputs = {"the study's storage (search.storage)": storage and sqlite_path(str(storage)),
+              "the model checkpoint (model.checkpoint)": OmegaConf.select(cfg, "model.checkpoint", default=None),
+              "the search space file (space.path)": OmegaConf.select(cfg, "space.path", default=None)}
+    tracking_db = tracking and sqlite_path(str(tracking))
+    if tracking_db:
+        check_writable(tracking_db, "tracking.uri", inputs)
+    inputs["the tracking store (tracking.uri)"] = tracking_db
+    for key in ("export.path", "export.data_path"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            check_writable(value, key, inputs)
+            inputs[f"{key} (written too)"] = value
+    if storage:
+        check_storage(str(storage))
 
 
 def _device_next_step(cfg: DictConfig, workload: Any, result: Any) -> None:
@@ -158,6 +184,14 @@ def config_error(exc: BaseException) -> ConfigError | None:
             return None
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _storage_error(exc: BaseException) -> ConfigError | None:
+    """A database error of the study's storage (a full disk, a read-only file, the server gone)
+    as one line (autorank.search.storage.storage_error), or None."""
+    from autorank.search.storage import storage_error
+
+    return storage_error(exc)
 
 
 def _summary(result: Any, device: Any, tracker: Any) -> None:
@@ -293,9 +327,27 @@ def redact_hydra_files(cfg: DictConfig) -> None:
         return
     for path in (Path(hc.runtime.output_dir) / hc.output_subdir).glob("*.yaml"):
         text = path.read_text()
-        clean = redact_text(text)
+        clean = _redact_yaml(text)
         if clean != text:
             atomic_write(path, lambda tmp: tmp.write_text(clean))
+
+
+def _redact_yaml(text: str) -> str:
+    """A YAML file's text with every password masked: parsed, each string redacted whole, dumped
+    again (a long value may be folded over two lines, where a line-by-line pass would miss it);
+    the text itself when it does not parse."""
+    import yaml
+
+    from autorank.redact import redact_config
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return redact_text(text)
+    clean = redact_config(data)
+    if clean == data:
+        return redact_text(text)  # nothing in a value; a comment may still hold one
+    return yaml.safe_dump(clean, sort_keys=False, allow_unicode=True, width=1 << 16)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -319,7 +371,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"\n{redact_text(e.message())}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except Exception as e:
-        err = config_error(e)
+        err = config_error(e) or _storage_error(e)
         if err is None:
             traceback.print_exc()
             sys.exit(1)

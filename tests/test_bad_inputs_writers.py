@@ -94,7 +94,7 @@ def _template(folder: Path) -> Path:
     (folder / "empty.db").write_bytes(b"")
     for name, trial, key, value in (
             ("acc", 0, "autorank", {**_record(db, 0), "val_accuracy": "abc"}),
-            ("plan", 1, "autorank", {**_record(db, 1), "plan": "layers: everything"}),
+            ("plan", 3, "autorank", {**_record(db, 3), "plan": "layers: everything"}),
             ("list", 2, "autorank", ["not", "a", "record"]),
             ("refit", None, "refit", {"0": {"accuracy": "high"}})):
         shutil.copy(db, folder / f"tampered_{name}.db")
@@ -228,3 +228,180 @@ def writer_runs(request, tmp_path_factory):
 @pytest.mark.parametrize("case", list(WRITER_CASES))
 def test_no_writer_writes_over_an_input_or_the_storage(writer_runs, case):
     _check_one_line_exit_2_nothing_changed(writer_runs, case, WRITER_CASES[case])
+
+
+# --- class 2: no password printed or saved ----------------------------------------------------
+
+# (URL, its secret, what must still show): each secret also in its percent-encoded form
+URL_FORMS = [
+    ("postgresql://autorank:s3cr/et@db.example:5432/optuna", "s3cr/et", ("db.example:5432", "/optuna")),
+    ("postgresql://autorank:s3cr et@db.example/optuna", "s3cr et", ("db.example", "/optuna")),
+    ("postgresql://autorank:s3cr@et@db.example/optuna", "s3cr@et", ("db.example", "/optuna")),
+    ("postgresql+psycopg://autorank:p@ss/w rd@db.example:5432/optuna?sslmode=require", "p@ss/w rd",
+     ("db.example:5432", "/optuna", "sslmode=require")),
+    ("postgresql://autorank:p%40ss%2Fw0rd@db.example/optuna", "p%40ss%2Fw0rd", ("db.example", "/optuna")),
+    ("postgresql://autorank:it's@db.example/optuna", "it's", ("db.example", "/optuna")),
+    ("postgresql://autorank@db.example/optuna?sslpassword=Ss1Secret&sslmode=verify-full", "Ss1Secret",
+     ("db.example", "/optuna", "sslmode=verify-full")),
+    ("postgresql://autorank@db.example/optuna?password=Q1secret", "Q1secret", ("db.example", "/optuna")),
+    ("mysql+pymysql://autorank:My5ecret@db.example/optuna?charset=utf8mb4", "My5ecret",
+     ("db.example", "/optuna", "charset=utf8mb4")),
+    ("postgresql+psycopg://autorank:V6secret@[::1]:5432/optuna", "V6secret", ("[::1]:5432", "/optuna")),
+    ("sqlite:///file:/data/optuna.db?password=Sq1secret&uri=true", "Sq1secret", ("/data/optuna.db", "uri=true")),
+    ("http://autorank:Ht7secret@mlflow.example:5000", "Ht7secret", ("mlflow.example:5000",)),
+    ("https://mlflow.example/api?access_token=Tk8secret&x=1", "Tk8secret", ("mlflow.example/api", "x=1")),
+    ("https://mlflow.example/?api_key=Ak9secret", "Ak9secret", ("mlflow.example",)),
+    ("host=db.example dbname=optuna password=Lq2secret", "Lq2secret", ("host=db.example", "dbname=optuna")),
+    ("host=db.example dbname=optuna password='Lq 3secret'", "Lq 3secret", ("host=db.example", "dbname=optuna")),
+]
+
+
+def _leaks(text: str, secret: str) -> list[str]:
+    forms = {secret, quote(secret, safe=""), secret.replace(" ", "%20"), secret.replace(" ", "+")}
+    forms |= {f for f in secret.replace("'", " ").split() if len(f) >= 4}  # no piece of it either
+    return [f for f in forms if f in text]
+
+
+def _redacted_everywhere(url: str) -> dict[str, str]:
+    """url through every way autorank prints or saves one."""
+    import yaml
+
+    from autorank.app import _redact_yaml
+    from autorank.redact import redact_config, redact_text, redact_url
+
+    folded = yaml.safe_dump({"search": {"storage": url, "n_trials": 3}}, width=20)  # long values fold
+    return {"redact_url": redact_url(url),
+            "an error line": redact_text(f"error: cannot read the study from storage {url!r}: refused"),
+            "a log line": redact_text(f"connecting to {url} as user x@y.z"),
+            "overrides.yaml": redact_text(f"- search.storage={url}\n- tracking.uri={url}\n"),
+            "config.yaml": _redact_yaml(folded),
+            "MLflow params": repr(redact_config({"search": {"storage": url}, "list": [url, 1]}))}
+
+
+@pytest.mark.parametrize("url, secret, kept", URL_FORMS, ids=[u for u, _, _ in URL_FORMS])
+def test_a_password_is_never_printed_or_saved(url, secret, kept):
+    assert secret in url  # the table's own sanity
+    for where, text in _redacted_everywhere(url).items():
+        assert _leaks(text, secret) == [], (where, text)
+        if where not in ("config.yaml", "a log line"):
+            for part in kept:
+                assert part in text, (where, part, text)
+        assert "***" in text, (where, text)
+
+
+APP_URLS = [URL_FORMS[3], URL_FORMS[6], URL_FORMS[1]]  # '@', '/' and ' ' together; ?sslpassword=; a space
+
+
+@pytest.mark.parametrize("url, secret, kept", APP_URLS, ids=["at-slash-space", "sslpassword", "space"])
+def test_the_app_saves_and_prints_no_password(tmp_path, url, secret, kept):
+    """A run refused early (search.n_trials=0): Hydra's .hydra/*.yaml, its log, the console and
+    every other file under the root hold no piece of the password."""
+    tracking = url.replace("db.example", "mlflow.example")
+    p = subprocess.run([sys.executable, "-m", "autorank", "+device=rpi4", f"search.storage='{url}'",
+                        f"tracking.uri='{tracking}'", "search.n_trials=0"], cwd=tmp_path,
+                       env={**os.environ, "AUTORANK_ROOT": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=300, stdin=subprocess.DEVNULL)
+    assert p.returncode == 2 and "search.n_trials=0" in p.stderr, p.stderr[-2000:]
+    assert _leaks(p.stdout + p.stderr, secret) == []
+    saved = {q: q.read_text(errors="replace") for q in tmp_path.rglob("*") if q.is_file()}
+    assert any(q.name == "overrides.yaml" for q in saved)
+    for q, text in saved.items():
+        assert _leaks(text, secret) == [], q
+    overrides = next(t for q, t in saved.items() if q.name == "overrides.yaml")
+    assert all(part in overrides for part in kept) and "***" in overrides
+
+
+def test_the_mlflow_params_hold_no_password(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from autorank.tracking import MlflowTracker
+
+    url, secret, _ = URL_FORMS[3]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MlflowTracker(uri=uri, artifact_location=str(tmp_path / "artifacts"))
+    config = {"search": {"storage": url}, "tracking": {"uri": URL_FORMS[6][0]}}
+    rid = tracker.start_study({"study_name": "s", "storage": url, "budget_bytes": 2**20, "config": config,
+                               "space": {"name": "small"}, "device": {"name": "d"}})
+    run = MlflowClient(uri).get_run(rid)
+    text = repr(run.data.params) + repr(run.data.tags)
+    assert _leaks(text, secret) == [] and _leaks(text, URL_FORMS[6][1]) == []
+    assert "db.example:5432/optuna" in run.data.params["storage"]
+    for q in tmp_path.rglob("*"):
+        if q.is_file():
+            assert _leaks(q.read_bytes().decode("latin-1"), secret) == [], q
+
+
+# --- class 5: storage trouble is one line, and the study is kept ------------------------------
+
+DAMAGED = ("stored record is damaged", "changed outside autorank")
+STORAGE_CASES: dict[str, Case] = {
+    "export a study that is not autorank's": Case("export", ("--study", "kept"),
+                                                  ("study 'kept'", "is not an autorank study", "python -m autorank")),
+    "export, a record's accuracy is text": Case("export", (), ("trial 0's", *DAMAGED, "val_accuracy is 'abc'"),
+                                                storage="sqlite:///{d}/tampered_acc.db"),
+    "export, a record's plan is text": Case("export", ("--list",), ("trial 3's", *DAMAGED, "plan is"),
+                                            storage="sqlite:///{d}/tampered_plan.db"),
+    "export, a record is a list": Case("export", (), ("holds a damaged record", "changed outside autorank"),
+                                       storage="sqlite:///{d}/tampered_list.db"),
+    "export, a refit figure is text": Case("export", (), ("holds a damaged record", "changed outside autorank"),
+                                           storage="sqlite:///{d}/tampered_refit.db"),
+    "app storage of random bytes": Case("app", ("search.storage=sqlite:///{d}/rand.db",),
+                                        ("search.storage", "rand.db is not a SQLite database")),
+    "app storage a directory": Case("app", ("search.storage=sqlite:///{d}/outputs",),
+                                    ("search.storage", "is a directory")),
+    "app storage on a read-only folder": Case("app", (), ("search.storage=", "cannot be written", "Read-only"),
+                                              wrap="read-only"),
+    "app storage on a full disk": Case("app", (), ("search.storage", "cannot write in", "free space"),
+                                       wrap="full disk"),
+    "app PostgreSQL refuses": Case("app", ("search.storage=postgresql://autorank:Pg4secret@127.0.0.1:1/autorank",),
+                                   ("cannot connect to postgresql://autorank:***@127.0.0.1:1/autorank",
+                                    "start the database server"), absent=("Pg4secret",)),
+}
+
+
+@pytest.fixture(scope="module")
+def storage_runs(request, tmp_path_factory):
+    return _run_cases(STORAGE_CASES, _selected(request, STORAGE_CASES), tmp_path_factory.mktemp("storage"))
+
+
+@pytest.mark.parametrize("case", list(STORAGE_CASES))
+def test_storage_trouble_is_one_line_and_keeps_the_study(storage_runs, case):
+    _check_one_line_exit_2_nothing_changed(storage_runs, case, STORAGE_CASES[case])
+
+
+FILL_DISK = """
+import os, resource, signal, sys
+import optuna
+from autorank.search.storage import open_storage, storage_error
+db = sys.argv[1]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death, as a full disk gives ENOSPC
+size = os.path.getsize(db)
+resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+try:
+    study = optuna.load_study(study_name="s", storage=open_storage("sqlite:///" + db, heartbeat_s=None))
+    for i in range(50):
+        study.add_trial(optuna.trial.create_trial(values=[0.5, 1.0, 1.0], user_attrs={"big": "x" * 100000}))
+except Exception as e:
+    err = storage_error(e)
+    print(err if err is not None else repr(e), file=sys.stderr)
+    sys.exit(2 if err is not None else 1)
+"""
+
+
+def test_a_disk_that_fills_during_the_study_is_one_line_and_keeps_the_study(tmp_path):
+    """The database cannot grow (a file size limit, as a full disk): the write fails, the
+    failure is one line saying what to do, and the study reads back byte for byte as it was."""
+    import optuna
+
+    db = tmp_path / "optuna.db"
+    study = optuna.create_study(storage=f"sqlite:///{db}", study_name="s", directions=["maximize"] * 3)
+    study.add_trial(optuna.trial.create_trial(values=[0.9, 2.0, 3.0], user_attrs={"kept": True}))
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    p = subprocess.run([sys.executable, "-c", FILL_DISK, str(db)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.startswith("the study's storage failed") and "free space" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{db}").trials
+    assert [(t.values, t.user_attrs) for t in trials] == [([0.9, 2.0, 3.0], {"kept": True})]

@@ -267,8 +267,8 @@ def _first_line(e: BaseException) -> str:
 # (what the driver says, lower case) -> what it means and what to do; first match wins
 _DB_ERRORS = (
     (("database or disk is full", "disk i/o error", "no space left", "file too large"),
-     "the disk is full (or a file size limit was reached): free space there, or point search.storage at "
-     "another disk, and run the same command again to resume"),
+     "the disk is full, a file size limit was reached or the disk failed: free space there (or point "
+     "search.storage at another disk), and run the same command again to resume"),
     (("readonly database", "read-only", "unable to open database file"),
      "it cannot be written (a read-only file or folder): make it writable, or point search.storage at "
      "a writable disk"),
