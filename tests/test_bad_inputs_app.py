@@ -69,6 +69,9 @@ BASE_DAMAGE = {  # name -> (what is done to the cache, a word of the reason give
     "record wrong types": (lambda pt: pt.with_suffix(".json").write_text(json.dumps(
         {**_side(pt), "checkpoint": {"bytes": "abc", "sha256": 3}})), "malformed"),
     "record missing": (lambda pt: pt.with_suffix(".json").unlink(), "missing"),
+    "checkpoint random bytes, record from before records were kept": (lambda pt: (
+        pt.with_suffix(".json").write_text(json.dumps({k: v for k, v in _side(pt).items() if k != "checkpoint"})),
+        pt.write_bytes(os.urandom(pt.stat().st_size))), "cannot be read"),
     "record of other settings": (lambda pt: pt.with_suffix(".json").write_text(json.dumps(
         {**_side(pt), "key": {"epochs": 99}})), "settings"),
 }
@@ -158,6 +161,34 @@ def test_damaged_profile_is_named_and_profiled_again(tmp_path, case, caplog):
     assert lines[0].startswith(f"cached profile {path} is damaged (") and words in lines[0]
     assert lines[0].endswith(": profiling again")
     assert sha(path.read_bytes()) != sha(bad) and Profile.from_json(path.read_bytes()) == again == first
+
+
+FEATURE_DAMAGE = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:100]), "cannot be read"),
+    "random bytes": (lambda p: p.write_bytes(os.urandom(3000)), "cannot be read"),
+    "wrong content": (lambda p: torch.save({"features": torch.ones(2)}, p), "not the features"),
+    "another key": (lambda p: torch.save({**torch.load(p), "key": "{}"}, p), "another prefix"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FEATURE_DAMAGE))
+def test_damaged_feature_cache_is_named_and_computed_again(tmp_path, case, caplog):
+    from autorank.workload.features import FeatureCache
+
+    batches = lambda: [(torch.arange(12.0).reshape(4, 3), torch.arange(4))]  # noqa: E731
+    first = FeatureCache(tmp_path).get({"k": 1}, nn.Identity(), batches)
+    path = FeatureCache(tmp_path).path({"k": 1})
+    damage, words = FEATURE_DAMAGE[case]
+    damage(path)
+    bad = path.read_bytes()
+    cache = FeatureCache(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="autorank.workload.features"):
+        again = cache.get({"k": 1}, nn.Identity(), batches)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith(f"cached features {path} is damaged (") and words in lines[0]
+    assert lines[0].endswith(": computing them again") and cache.misses == 1
+    assert path.read_bytes() != bad and torch.equal(again[0], first[0])
+    assert torch.equal(FeatureCache(tmp_path).get({"k": 1}, None, None)[0], first[0])  # whole again: read
 
 
 FULL_DISK = textwrap.dedent("""

@@ -23,7 +23,8 @@ from torch import nn
 
 from autorank import interrupt
 from autorank.errors import ConfigError, ConfigFileNotFound
-from autorank.workload.cachefile import CacheDamaged, bytes_record, damaged_line, verify, write_cache
+from autorank.workload.cachefile import (CacheDamaged, bytes_record, damaged_line, unreadable, verify,
+                                        write_cache)
 from autorank.workload.data import ImageData
 from autorank.workload.textdata import TextData
 from autorank.workload.features import key_hash
@@ -268,7 +269,7 @@ def check_cached(path: Path, key: dict[str, Any]) -> None:
     try:  # written before the records were kept
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever torch says of a damaged file
-        raise CacheDamaged(f"not a loadable state dict: {e}") from e
+        raise unreadable(e) from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CacheDamaged("not a state dict of tensors")
     meta["checkpoint"] = bytes_record(path.read_bytes())

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from autorank.errors import ConfigError
 from autorank.io import atomic_write
 
-__all__ = ["CacheDamaged", "bytes_record", "damaged_line", "verify", "write_cache"]
+__all__ = ["CacheDamaged", "bytes_record", "damaged_line", "unreadable", "verify", "write_cache"]
 
 # errors that mean "this folder cannot take the file": no space, over a file-size or quota limit,
 # a read-only mount, no permission
@@ -48,6 +48,13 @@ def verify(path: Path, record: Any) -> bytes:
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise CacheDamaged("its sha256 differs from the one recorded when it was written")
     return data
+
+
+def unreadable(e: BaseException) -> CacheDamaged:
+    """CacheDamaged for what torch.load (or another reader) raised: its first sentence only (torch's
+    own advice, such as loading with weights_only=False, is not for a file of ours)."""
+    first = " ".join(str(e).split()).split(". ")[0][:100] or type(e).__name__
+    return CacheDamaged(f"it cannot be read: {first}")
 
 
 def damaged_line(what: str, path: Path, reason: Any, action: str) -> str:

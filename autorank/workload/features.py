@@ -7,14 +7,18 @@ a trial need only run (and pay for) the trained suffix.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from autorank.io import atomic_write
+from autorank.workload.cachefile import CacheDamaged, damaged_line, unreadable, write_cache
+
+log = logging.getLogger(__name__)
 
 
 def key_hash(key: dict[str, Any]) -> str:
@@ -61,17 +65,39 @@ class FeatureCache:
             return self._memory[h]
         path = self.path(key)
         if path is not None and path.exists():
-            d = torch.load(path, weights_only=True)
-            self.hits += 1
-            self._memory[h] = (d["features"], d["labels"])
-            return self._memory[h]
+            cached = self._read(path, key)
+            if cached is not None:
+                self.hits += 1
+                self._memory[h] = cached
+                return cached
         self.misses += 1
         value = compute_features(prefix, batches())
         self._memory[h] = value
         if path is not None:
             entry = {"features": value[0], "labels": value[1], "key": json.dumps(key, sort_keys=True, default=str)}
-            atomic_write(path, lambda tmp: torch.save(entry, tmp))
+            buf = io.BytesIO()
+            torch.save(entry, buf)  # in memory: a full disk is then one line (write_cache)
+            write_cache(path, lambda tmp: tmp.write_bytes(buf.getvalue()), "features")
         return value
+
+    @staticmethod
+    def _read(path: Path, key: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cached (features, labels), or None after one warning line when the file is damaged
+        (unreadable, not the entry written for `key`): the caller computes them again."""
+        try:
+            try:
+                d = torch.load(path, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - whatever torch says of a damaged file
+                raise unreadable(e) from e
+            if not (isinstance(d, dict) and isinstance(d.get("features"), torch.Tensor)
+                    and isinstance(d.get("labels"), torch.Tensor) and len(d["features"]) == len(d["labels"])):
+                raise CacheDamaged("not the features and labels written there")
+            if d.get("key") != json.dumps(key, sort_keys=True, default=str):
+                raise CacheDamaged("written for another prefix or data")
+        except CacheDamaged as e:
+            log.warning(damaged_line("features", path, e, "computing them again"))
+            return None
+        return d["features"], d["labels"]
 
     def clear(self) -> None:
         self._memory.clear()
