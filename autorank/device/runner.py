@@ -108,6 +108,7 @@ def _prepare(a: argparse.Namespace):
     """Plan, data, model with the plan applied, batch size and the process prediction."""
     plan = load_plan(a.plan)
     ft = settings(plan)
+    finetune_lr(plan, a.lr)  # refuses a learning rate SGD cannot use before any work
     shape = (ft.input_shape if ft is not None else None) or None
     try:
         data = open_data(a.data, shape)
@@ -123,9 +124,8 @@ def _prepare(a: argparse.Namespace):
         raise BadInput(too_big)
     try:
         check_choices(base, plan)  # every rank against its layer, before anything is built for it
-    except ValueError as e:
-        raise BadInput(f"{e}; build the model the plan was made for (--model/--model-kwargs) "
-                       "or export the plan again for this model") from e
+    except ValueError as e:  # each message says what to do
+        raise BadInput(str(e)) from e
     try:
         xb, _ = data.train.batch(torch.arange(bs) % len(data.train))
         data.train.release()

@@ -53,7 +53,8 @@ def _check_names(model: nn.Module, plan: Plan) -> None:
     for name in plan.layers:
         if name not in candidates:
             raise PlanError(f"plan names layer {name!r}, which is not a conv/linear layer of this model "
-                            f"(its conv/linear layers: {', '.join(candidate_layers(model)[-4:])}, ...)")
+                            f"(its conv/linear layers: {', '.join(candidate_layers(model)[-4:])}, ...): "
+                            "use the model the plan was made for, or make the plan again for this model")
 
 
 def check_choices(model: nn.Module, plan: Plan) -> None:

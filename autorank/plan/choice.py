@@ -110,8 +110,10 @@ class Choice:
         lora = _LORA_RE.match(str(text).replace(" ", ""))
         if lora is not None:
             rank, asi = lora.groups()
-            if not rank.isdigit() or len(rank) > len(str(MAX_RANK)):
+            if not rank.isdigit():
                 raise PlanError(f"cannot parse choice {text!r}: lora needs one rank, e.g. lora[8]")
+            if len(rank) > len(str(MAX_RANK)):
+                raise PlanError(f"cannot parse choice {str(text)[:40]!r}: a lora rank must be at most {MAX_RANK}")
             if asi is not None and not asi:
                 raise PlanError(f"cannot parse choice {text!r}: +asi needs ranks, e.g. lora[8]+asi[8,64,32]")
             try:
