@@ -77,7 +77,11 @@ def test_plan_cost_is_autorank_cost_keyed_by_the_trained_choices():
     cost = PlanCost(model, x, prof)
     ch = {"2": "asi@0.5", "6": "full"}
     plan = prof.to_plan(ch)
-    assert cost.peak(ch) == predict_peak_training_bytes(model, x, plan)
+    # the search's peak is the process's training peak: the tensors and the kernels' scratch
+    direct = predict_peak_training_bytes(model, x, plan)
+    assert cost.peak(ch).total_bytes == direct.training_bytes and cost.peak(ch).kernel_bytes == 0
+    assert cost.peak(ch).transient_bytes == direct.transient_bytes + direct.kernel_bytes
+    assert cost.peak(ch).activation_bytes == direct.activation_bytes
     assert cost.flops(ch) == train_step_flops(model, x, plan)
     # frozen layers named or left out: the same plan, one cache entry
     assert plan_key({"2": "frozen", "6": "full"}) == plan_key({"6": "full"})

@@ -61,9 +61,9 @@ class PlanCost:
         self.flop_counts: dict[tuple, int] = {}
 
     def peak(self, choices: Choices) -> PeakRecord:
-        """The step's peak as the device process meets it: the tensors' peak plus the largest
-        plainly trained convolution's kernel copy (PeakMemory.kernel_bytes, no tensor), so that
-        every budget comparison of the search counts it."""
+        """The step's peak as the device process meets it: the tensors' peak raised by the CPU
+        convolutions' scratch where it occurs (PeakMemory.kernel_bytes, no tensor), so that every
+        budget comparison of the search counts it."""
         k = plan_key(choices)
         if k not in self.peaks:
             pm = predict_peak_training_bytes(
