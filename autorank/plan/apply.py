@@ -62,14 +62,12 @@ def check_choices(model: nn.Module, plan: Plan) -> None:
     (a LoRA rank makes two matrices of rank x in and out x rank): PlanError naming the layer.
     - lora: a linear layer, rank at most the larger of its in and out features;
     - asi (and lora's +asi): 4 ranks for a conv (batch, channels, height, width), at least 2 for a
-      linear layer; the feature mode's rank (a conv's channels, a linear layer's last mode) at
-      most the layer's input features. Other modes are clipped to the input's sizes when it runs."""
+      linear layer. An ASI rank above its mode's size costs nothing: it is clipped to the
+      input's size when the layer runs (and by the cost model)."""
     _check_names(model, plan)
     modules = dict(original_modules(model))
     for name, choice in plan.layers.items():
         module = modules[name]
-        conv = isinstance(module, nn.Conv2d)
-        features = module.in_channels if conv else module.in_features
         if choice.kind == "lora":
             if not isinstance(module, nn.Linear):
                 raise PlanError(f"plan layer {name!r}: a lora choice needs a linear layer, it is {type(module).__name__}")
@@ -80,14 +78,10 @@ def check_choices(model: nn.Module, plan: Plan) -> None:
                                 f"use a rank of at most {most}")
         if choice.ranks is None:
             continue
-        ranks, want = choice.ranks, (4 if conv and choice.kind == "asi" else None)
-        if (want is not None and len(ranks) != want) or len(ranks) < 2:
-            need = "4 (batch, channels, height, width)" if want else "at least 2 (batch, ..., features)"
-            raise PlanError(f"plan layer {name!r}: {choice} gives {len(ranks)} ASI ranks, the layer needs {need}")
-        mode = 1 if conv and choice.kind == "asi" else -1
-        if ranks[mode] > features:
-            raise PlanError(f"plan layer {name!r}: {choice} keeps {ranks[mode]} feature ranks but the layer "
-                            f"has {features} input features: use at most {features}")
+        conv_asi = isinstance(module, nn.Conv2d) and choice.kind == "asi"
+        if (conv_asi and len(choice.ranks) != 4) or len(choice.ranks) < 2:
+            need = "4 (batch, channels, height, width)" if conv_asi else "at least 2 (batch, ..., features)"
+            raise PlanError(f"plan layer {name!r}: {choice} gives {len(choice.ranks)} ASI ranks, the layer needs {need}")
 
 
 def _wrap(module: nn.Module, choice: Choice, name: str) -> nn.Module:
