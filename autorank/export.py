@@ -11,6 +11,11 @@ FLOPs. `--trial N` takes trial N if it is feasible (on the front or not). Plans 
 records written by autorank.search.trial, exported by autorank.search.planfile.export_plan (the
 study's own export path), stamped with the fingerprint of the model their fine-tuning settings
 name.
+
+Nothing is written before the storage is known: `--out` is refused when it names the study's
+storage file (by any path, link or hard link), a SQLite storage is opened read-only first and
+refused when it is not an Optuna database (another program's, random bytes, empty), and a study
+that is not autorank's or holds a damaged record is one error line, exit status 2.
 """
 
 from __future__ import annotations

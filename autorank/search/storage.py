@@ -66,7 +66,11 @@ def check_driver(url: str) -> None:
             "pip install 'autorank[postgres]'") from None
 
 
-OPTUNA_TABLES = frozenset({"studies", "trials", "version_info"})  # in every Optuna schema since 1.0
+# Optuna's own tables (alembic_version left out: MLflow has one too). A database holding none of
+# them is another program's; one holding some is Optuna's, perhaps being created by another worker.
+OPTUNA_TABLES = frozenset({"studies", "study_directions", "study_user_attributes", "study_system_attributes",
+                           "trials", "trial_user_attributes", "trial_system_attributes", "trial_params",
+                           "trial_values", "trial_intermediate_values", "trial_heartbeats", "version_info"})
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PROBE_BYTES = 64 * 1024  # written (and removed) beside a SQLite storage: a full disk shows at once
 
@@ -83,7 +87,8 @@ def sqlite_tables(path: Path, what: str = "search.storage") -> set[str] | None:
         if head != SQLITE_MAGIC:
             raise ConfigError(f"{what}: {path} is not a SQLite database (it does not start with SQLite's "
                               "header): point it at an Optuna study's database, or at a new file")
-        con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        # read-only: nothing is created or changed; a writer's commit is waited for, as Optuna does
+        con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=60)
         try:
             return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         finally:
@@ -96,10 +101,10 @@ def sqlite_tables(path: Path, what: str = "search.storage") -> set[str] | None:
 def check_optuna_sqlite(path: Path, what: str = "search.storage") -> bool:
     """Whether the SQLite file holds Optuna's tables (False: an empty or new database);
     ConfigError when it holds another program's tables (Optuna would add its own to them)."""
-    tables = sqlite_tables(path, what) if path.is_file() else None
+    tables = {t for t in sqlite_tables(path, what) or () if not t.startswith("sqlite_")} if path.is_file() else None
     if not tables:
         return False
-    if not OPTUNA_TABLES <= tables:
+    if not OPTUNA_TABLES & tables:
         shown = ", ".join(sorted(tables)[:6]) + (", ..." if len(tables) > 6 else "")
         raise ConfigError(f"{what}: {path} is a database of another program (tables: {shown}), not an "
                           "Optuna study's: point it at an Optuna database, or at a new file")
