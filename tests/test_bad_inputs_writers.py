@@ -405,3 +405,25 @@ def test_a_disk_that_fills_during_the_study_is_one_line_and_keeps_the_study(tmp_
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
     trials = optuna.load_study(study_name="s", storage=f"sqlite:///{db}").trials
     assert [(t.values, t.user_attrs) for t in trials] == [([0.9, 2.0, 3.0], {"kept": True})]
+
+
+WORKER = """
+import sys, optuna
+from autorank.search.storage import check_storage, open_storage
+url = sys.argv[1]
+check_storage(url)
+optuna.create_study(study_name="s", storage=open_storage(url, heartbeat_s=None), load_if_exists=True,
+                    directions=["maximize"] * 3)
+print("ok")
+"""
+
+
+def test_workers_starting_at_once_on_a_fresh_storage_are_not_refused(tmp_path):
+    """The read-only look of one worker may see the tables another is creating: a database with
+    some of Optuna's tables is Optuna's, and a writer's commit is waited for."""
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e[-1500:] for _, e in outs]
+    assert all(o.strip() == "ok" for o, _ in outs)
