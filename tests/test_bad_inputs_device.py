@@ -104,10 +104,11 @@ def test_out_never_overwrites_an_input_and_is_checked_before_work(tmp_path, caps
 
 # -- class 3: a small file that would eat the machine --------------------------------------------
 def _bomb_text(levels: int = 9) -> str:
-    """A plan of about 500 bytes whose classifier choice names 9**9 (387 million) strings."""
-    lines = ["format_version: 1", "bn: frozen", "lean: true", "meta: {}",
-             "a0: &a0 [" + ",".join(["lol"] * 9) + "]"]
-    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    """A plan of about 500 bytes whose classifier choice names 9**9 (387 million) strings (the
+    anchors sit in meta, which takes any keys)."""
+    lines = ["format_version: 1", "bn: frozen", "lean: true", "meta:",
+             "  a0: &a0 [" + ",".join(["lol"] * 9) + "]"]
+    lines += [f"  a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
     return "\n".join(lines + [f"layers: {{{HEAD}: *a{levels - 1}}}"]) + "\n"
 
 

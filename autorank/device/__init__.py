@@ -33,7 +33,19 @@ forward of the model with the plan applied (the first training step's) against p
 (the workload's convention: model activations only, the loss's few bytes not included).
 --out writes the fine-tuned base-model weights (plan removed: the plain model's keys) atomically.
 Bad input (a missing or invalid file, a plan that does not fit the model) prints `error: ...` on
-stderr and exits with status 2.
+stderr and exits with status 2, before any work:
+- --out naming the plan, the checkpoint or the data file (by any path or link), a folder, or a
+  place where no file can be created;
+- a plan file treated as untrusted (autorank.plan.Plan.load): above 16 MB, or YAML aliases that
+  expand past a million values, refused before a value is built; every rank checked against its
+  layer (autorank.plan.check_choices) and the input shape's sizes bounded;
+- the model built on the meta device first: a fingerprint that does not match, or weights above
+  the memory this process may use, refused before a byte of weights is allocated; a batch whose
+  inputs alone exceed that memory, before it is read;
+- NaN or inf in the data's x / x_val or in the checkpoint's tensors (named, with the count);
+  0-d, sparse, meta or complex tensors; class labels of another shape than (N,);
+- --lr above 1000 (or not a finite number > 0), a seed outside what torch takes, counts beyond
+  64 bits. Ctrl-C is one line and exit status 130; --out is then not written.
 """
 
 import importlib

@@ -7,7 +7,8 @@ Two sources:
   back to the kernel after each batch (madvise), so resident memory stays at one batch. x is float
   images (used as they are), uint8 images (N, C, h, w) (scaled, resized to the plan's input and
   normalised as the search's data were: `normalise_images`) or integer tokens (N, L) with
-  next-token labels y (N, L).
+  next-token labels y (N, L). Each float tensor is scanned once when the file is opened, a
+  chunk at a time (its pages handed back), and NaN or inf refused, naming the tensor.
 - an image folder: ROOT/<class>/<image> (classes: the sorted subfolder names), or ROOT/train/<class>
   and ROOT/val/<class> for a validation split; each batch's files are decoded, converted to RGB
   (or grayscale for a 1-channel model) and resized when the batch is built.

@@ -247,8 +247,9 @@ class Plan:
     @classmethod
     def load(cls, path) -> Plan:
         """Read a plan file (YAML, or JSON by suffix) with yaml.safe_load / json.loads only. Any
-        bad file - missing, a directory, binary, empty, malformed, not a plan - is a PlanError
-        naming the file."""
+        bad file - missing, a directory, binary, empty, malformed, not a plan, larger than
+        MAX_PLAN_BYTES, or YAML aliases expanding past MAX_PLAN_NODES values - is a PlanError
+        naming the file, raised before anything is built from it."""
         d = read_mapping(path, what="plan file", error=PlanError, max_bytes=MAX_PLAN_BYTES, max_nodes=MAX_PLAN_NODES,
                          expected="a plan written by `python -m autorank` or Plan.save "
                                   "(a mapping with format_version, layers, bn, lean, meta)")
