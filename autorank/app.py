@@ -110,7 +110,7 @@ def check_storage_and_outputs(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None:
             check_writable(value, key, inputs)
-            inputs[f"{key} (written too)"] = value
+            inputs[f"the file {key} names"] = value
     if storage:
         check_storage(str(storage))
 

@@ -212,7 +212,7 @@ WRITER_CASES: dict[str, Case] = {
     "app export.path = checkpoint": Case("app", ("model.checkpoint={d}/ckpt.pt", "export.path={d}/ckpt.pt"),
                                          ("export.path=", "is the model checkpoint")),
     "app export.data_path = export.path": Case("app", ("export.path={d}/p.yaml", "export.data_path={d}/p.yaml"),
-                                               ("export.data_path=", "is export.path")),
+                                               ("export.data_path=", "is the file export.path names")),
     "app tracking store = storage": Case("app", ("tracking.uri=sqlite:///{d}/outputs/optuna.db",),
                                          ("tracking.uri=", "is the study's storage")),
     "app storage = an MLflow database": Case("app", ("search.storage=sqlite:///{d}/mlflow.db",),
