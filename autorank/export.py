@@ -7,10 +7,12 @@
 
 The front is the study's own (`study.best_trials`, read by autorank.search.records). Among the
 front points under the cap, the best is taken: highest accuracy; ties: less memory, then fewer
-FLOPs. `--trial N` takes trial N if it is feasible (on the front or not). Plans are the trials'
-records written by autorank.search.trial, exported by autorank.search.planfile.export_plan (the
-study's own export path), stamped with the fingerprint of the model their fine-tuning settings
-name.
+FLOPs; where the study refit plans, the best refit accuracy within the cap (on the front or not).
+`--trial N` takes trial N if it is feasible (on the front or not). Plans are the trials' records
+written by autorank.search.trial, written by autorank.search.planfile.export_record (the study's
+own writer: the same plan file as the study's for the same trial, a refit trial's with the refit's
+step count and accuracy), stamped with the fingerprint of the model their fine-tuning settings
+name. `--list` prints each trial's accuracy and, where it was refit, the refit accuracy beside it.
 
 Nothing is written before the storage is known: `--out` is refused when it names the study's
 storage file (by any path, link or hard link), a SQLite storage is opened read-only first and
@@ -28,7 +30,7 @@ import optuna
 
 from autorank.errors import ConfigError
 from autorank.redact import guard_console, redact_text, redact_url
-from autorank.search.planfile import export_plan
+from autorank.search.planfile import export_record
 from autorank.search.records import (DIRECTIONS, RECORD_ATTR, TrialRecord, best_of, best_refit, front_of,
                                      records_from_study)
 from autorank.units import MB
@@ -177,19 +179,37 @@ def _type_names(types) -> str:
 def export(storage: str, study_name: str, out: str | Path, *, max_mb: float | None = None,
            max_flops: float | None = None, trial: int | None = None,
            records: list[TrialRecord] | None = None) -> tuple[TrialRecord, Path]:
-    """Select (see `select`) and write the plan with export_plan. `records`: the study's trials
+    """Select (see `select`) and write the trial's plan file with export_record, the study's own
+    writer (the same file as the study's for the same trial: a refit trial's file carries the
+    refit's step count and accuracy). `records`: the study's trials
     already read from storage (read_records); None reads them here."""
     if records is None:
         records = read_records(storage, study_name)
     rec = select(records, max_mb=max_mb, max_flops=max_flops, trial=trial)
     try:
-        return rec, export_plan(rec.plan, out, meta={
-            "exported_from": {"storage": redact_url(storage), "study": study_name, "trial": rec.number},
-            "val_accuracy": rec.val_accuracy})
+        return rec, export_record(rec, out, meta={
+            "exported_from": {"storage": redact_url(storage), "study": study_name, "trial": rec.number}})
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:  # OSError: the caller's
         raise StorageError(f"study {study_name!r}: trial {rec.number}'s stored plan is damaged "
                            f"({type(e).__name__}: {e}): it was changed outside autorank; export another "
                            "trial with --trial N, or run the study again") from e
+
+
+def _accuracy(r: TrialRecord) -> str:
+    """The trial's accuracy, and the refit's beside it where the trial was refit."""
+    refit = "" if r.refit_accuracy is None else f", refit {r.refit_accuracy:.4f} ({r.refit_steps} steps)"
+    return f"accuracy {r.val_accuracy:.4f} (trial{'' if r.steps is None else f', {r.steps} steps'}){refit}"
+
+
+def print_front(records: list[TrialRecord]) -> None:
+    """`--list`: the front by peak, then the refit trials off the front (the export may pick one),
+    each with its trial accuracy and, where refit, the refit accuracy."""
+    front = sorted(front_of(records), key=lambda r: r.predicted_peak_bytes)
+    off = sorted((r for r in records if r.feasible and not r.on_front and r.refit_accuracy is not None),
+                 key=lambda r: r.predicted_peak_bytes)
+    for r in front + off:
+        print(f"trial {r.number:4d}  {_accuracy(r)}  peak {r.peak_mb:9.2f} MB  "
+              f"{r.flops / 1e9:8.3f} GFLOPs/step{'' if r.on_front else '  (off the front, refit)'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.list:
-        for r in sorted(front_of(records), key=lambda r: r.predicted_peak_bytes):
-            print(f"trial {r.number:4d}  acc {r.val_accuracy:.4f}  peak {r.peak_mb:9.2f} MB  "
-                  f"{r.flops / 1e9:8.3f} GFLOPs/step")
+        print_front(records)
         return 0
     try:
         rec, path = export(a.storage, a.study, a.out, max_mb=a.max_mb, max_flops=a.max_flops,
@@ -233,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: cannot write {a.out}: {e}", file=sys.stderr)
         return 2
-    print(f"trial {rec.number}: accuracy {rec.val_accuracy:.4f}, predicted peak {rec.peak_mb:.2f} MB, "
+    print(f"trial {rec.number}: {_accuracy(rec)}, predicted peak {rec.peak_mb:.2f} MB, "
           f"{rec.flops / 1e9:.3f} GFLOPs/step -> {path}")
     return 0
 

@@ -159,3 +159,47 @@ def test_select_prefers_refit_accuracy():
     for r in rs:
         r.refit_accuracy = None
     assert select(rs).number == 0
+
+
+def test_cli_writes_the_studys_plan_file(tmp_path, capsys):
+    """A study whose trials train 50 steps and whose best plans are refit at 100: the CLI's plan
+    file for the exported trial is the study's own (same layers, fine-tuning settings with the
+    refit's 100 steps, same accuracy fields), and --list prints the refit accuracy beside the
+    trial's."""
+    wl = FakeWorkload(refit_bonus={"full": 0.05, "asi@0.9": 0.04}, refit_steps=100)
+    space, st, kw = study_args(tmp_path, n_trials=10, trial_steps=50, refit_steps=100, refit_top=2,
+                               references=False, export_path=tmp_path / "study.yaml")
+    res = run_study(wl, DEVICE, space, st, **kw)
+    best = res.best
+    assert best is not None and best.refit_accuracy is not None and best.refit_steps == 100
+    ours = Plan.load(tmp_path / "study.yaml")
+    # the refit's accuracy is the fake's formula at 100 steps: the trial's plus the bonus of l0's choice
+    assert best.refit_accuracy == pytest.approx(best.val_accuracy + wl.refit_bonus.get(best.choices["l0"], 0.0))
+    assert ours.meta["finetune"]["max_steps"] == 100 and ours.meta["finetune"]["epochs"] is None
+    assert ours.meta["accuracy"] == best.refit_accuracy and ours.meta["accuracy_from"] == "refit"
+    assert ours.meta["val_accuracy"] == best.val_accuracy and ours.meta["refit_accuracy"] == best.refit_accuracy
+    assert ours.meta["process_peak_bytes"] == DEVICE.process_peak(best.predicted_peak_bytes).total_bytes
+
+    out = tmp_path / "cli.yaml"
+    assert main(["--storage", st.storage, "--study", "s", "--max-mb", "1000", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    cli = Plan.load(out)
+    assert cli.meta.pop("exported_from")["trial"] == best.number
+    assert cli.layers == ours.layers
+    assert cli.meta == ours.meta  # settings (max_steps 100), accuracies, peaks: all the same
+    assert f"refit {best.refit_accuracy:.4f} (100 steps)" in printed
+
+    # a front trial that was not refit: the trial's own 50 steps and accuracy, saying so
+    plain = next(r for r in res.front if r.refit_accuracy is None)
+    assert main(["--storage", st.storage, "--study", "s", "--trial", str(plain.number), "--out", str(out)]) == 0
+    cli = Plan.load(out)
+    assert cli.meta["finetune"]["max_steps"] == 50 and cli.meta["accuracy_from"] == "trial"
+    assert cli.meta["accuracy"] == plain.val_accuracy and "refit_accuracy" not in cli.meta
+    cli.meta.pop("exported_from")
+    assert cli.meta == Plan.load(res.plan_files[plain.number]).meta
+
+    capsys.readouterr()
+    assert main(["--storage", st.storage, "--study", "s", "--list"]) == 0
+    listed = {int(line.split()[1]): line for line in capsys.readouterr().out.splitlines()}
+    assert f"accuracy {best.val_accuracy:.4f} (trial, 50 steps), refit {best.refit_accuracy:.4f}" in listed[best.number]
+    assert "refit" not in listed[plain.number]

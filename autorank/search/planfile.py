@@ -1,17 +1,22 @@
 """The one way a plan leaves the search as a file: the study's front and best plan, the knapsack
-planner's plan and `python -m autorank.export` all write through `export_plan`."""
+planner's plan and `python -m autorank.export` all write a trial's plan through `export_record`
+(record_meta: which accuracy and which step count the file carries), which writes with
+`export_plan`."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from autorank.plan import Plan, build_model_from_factory, model_fingerprint
 from autorank.plan.plan import FineTuneSettings
+
+if TYPE_CHECKING:  # records imports Optuna; the knapsack planner runs without it
+    from autorank.search.records import TrialRecord
 
 
 def settings_model(plan: Plan) -> nn.Module | None:
@@ -44,3 +49,35 @@ def export_plan(plan: Plan | Mapping[str, Any], path: str | Path, model: nn.Modu
                   "settings build; the exported plan takes the settings' model", file=sys.stderr)
     plan.meta.update(meta or {})
     return plan.save(path, model=model)
+
+
+def record_meta(rec: TrialRecord) -> dict[str, Any]:
+    """The plan-file meta of a stored trial (autorank.search.records.TrialRecord) beyond what
+    its plan already holds: the trial's accuracy (`val_accuracy`, `val_loss`) and, where the trial
+    was refit at full fidelity, the refit's (`refit_accuracy`, `refit_val_loss`) with fine-tuning
+    settings whose `max_steps` is the refit's step count, the run a device should repeat.
+    `accuracy` is the accuracy of the run `finetune` describes and `accuracy_from` says which
+    run that is: "refit" or "trial"."""
+    meta: dict[str, Any] = {"val_accuracy": rec.val_accuracy}
+    if rec.val_loss is not None:  # held-out cross-entropy (per token for a language model)
+        meta["val_loss"] = rec.val_loss
+    refit = rec.refit_accuracy is not None
+    if refit:
+        meta["refit_accuracy"] = rec.refit_accuracy
+        if rec.refit_val_loss is not None:
+            meta["refit_val_loss"] = rec.refit_val_loss
+        ft = dict((rec.plan or {}).get("meta", {}).get("finetune") or {})
+        if ft and rec.refit_steps:  # steps override epochs, as in Workload.finetune_settings
+            meta["finetune"] = {**ft, "max_steps": int(rec.refit_steps), "epochs": None}
+    meta["accuracy"] = rec.refit_accuracy if refit else rec.val_accuracy
+    meta["accuracy_from"] = "refit" if refit else "trial"
+    return meta
+
+
+def export_record(rec: TrialRecord, path: str | Path, model: nn.Module | None = None, *,
+                  meta: Mapping[str, Any] | None = None) -> Path:
+    """Write the plan file of a stored trial: its plan with record_meta(rec), then `meta` (what
+    the writer adds: where it was exported from, the device's process peak), through export_plan.
+    The study's front and exported plan, the knapsack planner's plan and `python -m
+    autorank.export` all write a trial's plan here, so the same trial gives the same file."""
+    return export_plan(rec.plan, path, model, meta={**record_meta(rec), **(meta or {})})

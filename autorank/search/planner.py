@@ -13,9 +13,10 @@ from typing import Any
 from autorank.plan import Plan
 from autorank.search.cost import PlanCost
 from autorank.search.knapsack import KnapsackResult, knapsack
-from autorank.search.planfile import export_plan
+from autorank.search.planfile import export_record
 from autorank.search.profile import Profile, profile_workload
 from autorank.search.protocols import Device, Tracker, Workload, device_summary
+from autorank.search.records import TrialRecord
 from autorank.search.space import SearchSpace, load_space
 from autorank.units import MB
 
@@ -60,8 +61,11 @@ def run_knapsack(workload: Workload, device: Device, space: SearchSpace | str, *
     res.plan = plan
     ft = workload.finetune(plan, max_epochs=max_epochs, progress=progress)
     acc = float(ft.val_accuracy)
-    out = None if export_path is None else export_plan(plan, export_path, workload.model,
-                                                       meta={"val_accuracy": acc, "val_loss": float(ft.val_loss)})
+    # the planner's one plan as a record (no study, so no trial number), written as a trial's is
+    rec = TrialRecord(number=0, state="complete", choices=dict(res.choices), plan=plan.to_dict(),
+                      val_accuracy=acc, val_loss=float(ft.val_loss),
+                      predicted_peak_bytes=res.predicted_peak_bytes, flops=flops)
+    out = None if export_path is None else export_record(rec, export_path, workload.model)
     run = KnapsackRun(knapsack=res, plan=plan, profile=prof, val_accuracy=acc,
                       predicted_peak_bytes=res.predicted_peak_bytes,
                       predicted_activation_bytes=int(peak.activation_bytes),

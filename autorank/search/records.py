@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import optuna
-from optuna.trial import FrozenTrial, TrialState
+from typing import TYPE_CHECKING, Any
 
 from autorank.units import MB
+
+if TYPE_CHECKING:  # imported where used: a record and its plan file need no Optuna (the knapsack planner)
+    import optuna
+    from optuna.trial import FrozenTrial
 
 RECORD_ATTR = "autorank"  # the user attr holding a trial's record
 # Study user attrs (refit.py): refit results {trial number (str): {accuracy, steps, seed, hparams}}
@@ -89,6 +90,8 @@ class TrialRecord:
 
 
 def _state(t: FrozenTrial, stored: str | None) -> str:
+    from optuna.trial import TrialState
+
     if t.state == TrialState.FAIL:
         return "failed"
     if t.state == TrialState.RUNNING:
@@ -119,6 +122,8 @@ def records_from_study(study: optuna.Study) -> list[TrialRecord]:
 
 
 def records_from_storage(storage: str, study_name: str) -> list[TrialRecord]:
+    import optuna
+
     return records_from_study(optuna.load_study(study_name=study_name, storage=storage))
 
 

@@ -40,7 +40,7 @@ from rich.progress import Progress, TaskID
 from autorank.interrupt import Interrupted
 from autorank.search.cost import CostModel, PlanCost
 from autorank.search.knapsack import check_budget
-from autorank.search.planfile import export_plan
+from autorank.search.planfile import export_plan, export_record
 from autorank.search.profile import Profile, profile_workload
 from autorank.search.progress import progress_bar
 from autorank.search.protocols import Device, Tracker, Workload, device_summary
@@ -271,7 +271,8 @@ def write_plans(study: optuna.Study, workload: Workload, settings: StudySettings
                 budget: int, device: Device) -> StudyResult:
     """Read the trials and the front back from storage; write every front plan under
     <run_dir>/front/ and the best one to settings.export_path: the best refit plan when plans
-    were refit (its plan file then records the refit's steps), else the best proxy one."""
+    were refit (its plan file then records the refit's steps), else the best proxy one. Each
+    file is planfile.export_record's, as `python -m autorank.export` writes it."""
     trials = records_from_study(study)
     front = front_of(trials)
     refit = settings.refit_steps and best_refit(trials)
@@ -279,25 +280,16 @@ def write_plans(study: optuna.Study, workload: Workload, settings: StudySettings
     plain = [r for r in trials if r.feasible and is_plain(r.choices)]
     best_plain = (best_refit(plain) if refit else None) or best_of(plain)
 
-    def meta(r: TrialRecord) -> dict:
-        m: dict = {"val_accuracy": r.val_accuracy,
-                   # the whole training process on the device: runtime + tensors (autorank.cost.process)
-                   "process_peak_bytes": int(device.process_peak(r.predicted_peak_bytes).total_bytes)}
-        if r.val_loss is not None:  # held-out cross-entropy (per token for a language model)
-            m["val_loss"] = r.val_loss
-        if r.refit_accuracy is not None:
-            m.update(refit_accuracy=r.refit_accuracy, finetune=workload.finetune_settings(
-                max_steps=r.refit_steps, **r.hparams).to_dict())
-            if r.refit_val_loss is not None:
-                m["refit_val_loss"] = r.refit_val_loss
-        return m
+    def write(r: TrialRecord, path: str | Path) -> Path:
+        # the whole training process on the device: runtime + tensors (autorank.cost.process)
+        process = int(device.process_peak(r.predicted_peak_bytes).total_bytes)
+        return export_record(r, path, workload.model, meta={"process_peak_bytes": process})
 
-    plan_files = {r.number: export_plan(r.plan, Path(settings.run_dir) / "front" / f"trial_{r.number:04d}.yaml",
-                                        workload.model, meta=meta(r))
+    plan_files = {r.number: write(r, Path(settings.run_dir) / "front" / f"trial_{r.number:04d}.yaml")
                   for r in front}
     out = None
     if best is not None and settings.export_path is not None:
-        out = export_plan(best.plan, settings.export_path, workload.model, meta=meta(best))
+        out = write(best, settings.export_path)
     return StudyResult(study_name=study.study_name, storage=storage, budget_bytes=budget,
                        trials=trials, front=front, best=best, export_path=out, plan_files=plan_files,
                        study=study, best_plain=best_plain, refit_steps=settings.refit_steps)

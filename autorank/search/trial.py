@@ -162,7 +162,10 @@ class PlanTrial:
             rec.flops = int(self.cost.flops(rec.choices))
             rec.step_time_s = float(self.device.step_time_s(rec.flops))
             plan.meta.update(predicted_peak_bytes=rec.predicted_peak_bytes, train_flops=rec.flops,
-                             predicted_activation_bytes=rec.predicted_activation_bytes)
+                             predicted_activation_bytes=rec.predicted_activation_bytes,
+                             # the whole process on the device (runtime + tensors): a plan file
+                             # written from the stored record alone carries it too
+                             process_peak_bytes=int(self.device.process_peak(rec.predicted_peak_bytes).total_bytes))
             rec.plan = plan.to_dict()
         if not plan.trained_layers():
             rec.state, rec.val_accuracy, rec.fail_reason = "infeasible", 0.0, "plan trains no layer"
