@@ -7,12 +7,9 @@ from blocking import import_blocker
 
 BLOCKER = import_blocker({"hydra", "optuna", "lightning", "pytorch_lightning", "mlflow", "torchvision",
                           "optuna_integration", "transformers", "peft"}) + r"""
-import importlib, importlib.util
 import autorank.shortcut, autorank.plan, autorank.cost, autorank.io, autorank.errors, autorank.units
-# the rest of the torch-only core, where this tree has it yet (issue 7: models, the device runner)
-for name in ("autorank.models", "autorank.device"):
-    if importlib.util.find_spec(name) is not None:
-        importlib.import_module(name)
+# the rest of the torch-only core: the model factories a plan file names, and the device runner
+import autorank.models, autorank.device, autorank.device.runner
 from autorank.plan import Plan, Choice, apply_plan
 from autorank.cost import predict_saved_bytes, measure_saved_bytes, train_step_flops, predict_peak_training_bytes
 

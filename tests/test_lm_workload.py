@@ -72,7 +72,11 @@ def test_lm_workload_base_trial_settings_and_device_runner(tmp_path, capsys):
     ft = wl.finetune_settings()
     assert "num_classes" not in ft.model_kwargs and ft.input_shape == (BATCH, SEQ)
     rebuilt = build_model_from_factory(ft.model_factory, ft.model_kwargs)
-    assert rebuilt.load_state_dict(state) is not None
+    rebuilt.load_state_dict(state)  # strict: the same parameter names and shapes
+    was_training = model.training
+    with torch.no_grad():  # and the same function: the base's logits, to the bit
+        assert torch.equal(rebuilt.eval()(x).logits, model.eval()(x).logits)
+    model.train(was_training)
 
     plan = last_block_plan(model)
     res = wl.finetune(plan, max_steps=3)
