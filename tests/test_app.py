@@ -313,7 +313,16 @@ def test_cli_optuna_end_to_end_and_resume(tmp_path):
     assert "refit acc" in out and "unconstrained plain reference" in out and "budget curve" in out
     from autorank.plan import Plan
     plan = Plan.load(tmp_path / "plan.yaml")
-    assert plan.meta["finetune"]["max_steps"] == 6 and plan.meta["refit_accuracy"] >= 0
+    # the best refit plan, with the refit's steps (trainer.steps, not search.trial_steps) and accuracy
+    assert plan.meta["finetune"]["max_steps"] == 6 and plan.meta["accuracy_from"] == "refit"
+    assert plan.meta["refit_accuracy"] == plan.meta["accuracy"] == refit[str(plan.meta["trial"])]["accuracy"] \
+        == max(v["accuracy"] for v in refit.values())
+    # the export CLI writes the same file for the same trial
+    from autorank.export import main as export_main
+    assert export_main(["--storage", storage, "--study", summary.study_name, "--out", str(tmp_path / "cli.yaml")]) == 0
+    cli = Plan.load(tmp_path / "cli.yaml")
+    assert cli.meta.pop("exported_from")["trial"] == plan.meta["trial"]
+    assert (cli.layers, cli.meta, cli.fingerprint) == (plan.layers, plan.meta, plan.fingerprint)
     assert plan.meta["choices"][list(plan.meta["choices"])[-1]] == "full"  # the head rule
     # The same command with more trials continues the same study: nothing lost, nothing repeated.
     p = _cli(tmp_path, *args[:-2], "search.n_trials=10", f"export.path={tmp_path}/plan.yaml")
