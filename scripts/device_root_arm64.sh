@@ -52,9 +52,20 @@ log() { echo "[device-root-arm64] $*" >&2; }
 write_pth() {  # cheap, so every run: follows the working tree if the repository moves
     echo "$REPO" >"$SITE/autorank-worktree.pth"
 }
+# torchvision for its models (mobilenet_v2, resnet18): the release built against torch 2.9.1,
+# a CPU build on aarch64; added to an existing root without rebuilding it
+TORCHVISION_VERSION=0.24.1
+ensure_torchvision() {
+    [[ -f "$SITE/torchvision/version.py" ]] && return 0
+    log "pip: torchvision==$TORCHVISION_VERSION"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check --no-deps --target "$SITE" \
+        --platform manylinux_2_28_aarch64 --implementation cp --python-version 3.11 --abi cp311 --only-binary=:all: \
+        "torchvision==$TORCHVISION_VERSION" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+}
 
 if [[ -f "$STAMP" && "$(head -n1 "$STAMP")" == "$STAMP_TEXT" ]]; then
     write_pth
+    ensure_torchvision
     log "root complete ($STAMP)"
     # the version without starting torch (an emulated `import torch` takes ~10 s)
     echo "torch $(sed -n "s/^__version__ = '\(.*\)'.*/\1/p" "$SITE/torch/version.py")"
@@ -97,6 +108,7 @@ PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-chec
     --implementation cp --python-version 3.11 --abi cp311 --only-binary=:all: $PYPKGS 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
 rm -rf "$SITE/bin"  # console scripts written for the host's interpreter
 write_pth
+ensure_torchvision
 
 # --- check (on the chosen CPU model: an instruction it lacks is a SIGILL here), then stamp ---
 QEMU_CPU="$CPU" "${PY[@]}" - <<'EOF'
