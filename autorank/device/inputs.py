@@ -64,12 +64,7 @@ def _check_shadow(plan: Plan, factory: str, kwargs: dict, trusted_only: bool) ->
             shadow = build_model_from_factory(factory, kwargs, trusted_only=trusted_only)
     except Exception:  # the real build below reports it (or the factory needs real tensors)
         return
-    if plan.fingerprint is not None:
-        try:
-            check_fingerprint(plan.fingerprint, shadow)
-        except ValueError as e:
-            raise BadInput(f"{e}; build the model the plan was made for (--model/--model-kwargs) "
-                           "or export the plan again for this model") from e
+    _check_fingerprint(plan, shadow)
     tensors = {id(t): t for t in [*shadow.parameters(), *shadow.buffers()]}.values()
     weights = sum(t.numel() * t.element_size() for t in tensors)
     allowed = memory_allowed()
@@ -146,17 +141,23 @@ def _model_kwargs(text: str | None) -> dict | None:
     return kwargs
 
 
+def _check_fingerprint(plan: Plan, model: torch.nn.Module) -> None:
+    """BadInput unless `model` (real or on the meta device) is the one the plan was made for."""
+    if plan.fingerprint is None:
+        return
+    try:
+        check_fingerprint(plan.fingerprint, model)
+    except ValueError as e:
+        raise BadInput(f"{e}; build the model the plan was made for (--model/--model-kwargs) "
+                       "or export the plan again for this model") from e
+
+
 def load_model(a: argparse.Namespace, plan: Plan, keep_head: bool = False) -> torch.nn.Module:
     """The plan's model with the checkpoint's weights and, unless --keep-head (or `keep_head`: a
     language model's output layer is its vocabulary, which fine-tuning keeps) or the checkpoint's
     head did not fit, a fresh head seeded as the search's (autorank.models.replace_head)."""
     model = build_model(plan, a.model, _model_kwargs(a.model_kwargs))
-    if plan.fingerprint is not None:
-        try:
-            check_fingerprint(plan.fingerprint, model)
-        except ValueError as e:
-            raise BadInput(f"{e}; build the model the plan was made for (--model/--model-kwargs) "
-                           "or export the plan again for this model") from e
+    _check_fingerprint(plan, model)
     skipped = load_weights(model, a.checkpoint)
     if skipped:
         print(f"classifier head of another shape in the checkpoint, kept fresh on purpose: {', '.join(skipped)}")
