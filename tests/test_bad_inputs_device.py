@@ -348,3 +348,27 @@ def test_ctrl_c_while_training_is_one_line_exit_130_and_writes_nothing(tmp_path)
     assert proc.returncode == 130, err
     assert [line for line in err.splitlines() if line.strip()] == ["error: interrupted (Ctrl-C): nothing was saved"]
     assert not out.exists() and not any(p.name.startswith(".w.pt") for p in tmp_path.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one, on purpose
+def test_a_ctrl_c_swallowed_by_a_finalizer_is_raised_at_the_next_step():
+    """Python swallows an exception raised inside __del__ or a weakref callback ("Exception
+    ignored"); the runner's latch raises the interrupt again at the next training step."""
+    from autorank.device.sigint import SigintLatch
+
+    class SignalsWhenFreed:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # bytecodes for the handler to run in, still inside __del__
+                pass
+
+    previous = signal.getsignal(signal.SIGINT)
+    with SigintLatch() as latch:
+        try:
+            SignalsWhenFreed()
+        except KeyboardInterrupt:  # landed outside the finalizer: raised at once, also fine
+            pass
+        assert latch.hit
+        with pytest.raises(KeyboardInterrupt):
+            latch.check()
+    assert signal.getsignal(signal.SIGINT) is previous

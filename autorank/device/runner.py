@@ -21,6 +21,7 @@ from autorank.device.data import DataError, DeviceData, Split, open_data
 from autorank.device.inputs import BadInput, check_labels, finetune_lr, load_model, load_plan, settings
 from autorank.device.options import check_args, parse_args
 from autorank.device.sgd import SGD
+from autorank.device.sigint import SigintLatch
 from autorank.device.memory import MB, PeakSampler, memory_allowed, read_status, set_allocator_policy
 from autorank.device.status import report_phase
 from autorank.plan import PlanError, apply_plan, check_choices, finetune_mode, save_base_weights
@@ -51,7 +52,13 @@ def train(model: torch.nn.Module, data: Split, opt, bs: int, epochs: int,
     A short last batch is dropped when there are at least `bs` samples: every step has the batch
     shape the plan's memory was predicted for, as in the search's trials. The first step's
     forward runs under saved-tensor hooks (no second forward): on_first_step(saved_bytes, x).
-    max_steps: stop after that many steps in all (a quick check of the plan's memory)."""
+    max_steps: stop after that many steps in all (a quick check of the plan's memory). Ctrl-C
+    raises KeyboardInterrupt, at the latest at the next step (SigintLatch)."""
+    with SigintLatch() as latch:
+        return _train(model, data, opt, bs, epochs, on_first_step, max_steps, latch)
+
+
+def _train(model, data: Split, opt, bs: int, epochs: int, on_first_step, max_steps, latch: SigintLatch) -> bool:
     n = len(data)
     end = n - n % bs if n >= bs else n
     first, steps = True, 0
@@ -59,6 +66,7 @@ def train(model: torch.nn.Module, data: Split, opt, bs: int, epochs: int,
         perm = torch.randperm(n)
         total, seen = 0.0, 0
         for i in range(0, end, bs):
+            latch.check()
             x, y = data.batch(perm[i:i + bs])
             data.release()
             if first:
