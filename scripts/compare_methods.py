@@ -1,4 +1,4 @@
-"""Fine-tuning methods at equal budget on a transformer: plain vs ASI vs LoRA vs LoRA + ASI (issue 10).
+"""Fine-tuning methods at equal budget on a transformer: plain vs ASI vs LoRA vs LoRA + ASI.
 
 For a model (`--model vit`: vit_tiny on digits_vit; `--model llm`: tiny_llama on stdlib_licenses),
 composed from conf/ like the app (scripts/measure_fidelity.compose), and for each k in --blocks

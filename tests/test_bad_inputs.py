@@ -1,4 +1,4 @@
-"""Every bad input answered before work is done (issue 9, part 4; docs/RELIABILITY.md, `## Bad input`).
+"""Every bad input answered before work is done (docs/RELIABILITY.md, `## Bad input`).
 
 Each CLI case runs as a user would (`python -m autorank|autorank.device|autorank.export` in a
 subprocess, in a folder of its own holding a stored study, a plan, a checkpoint and data) and

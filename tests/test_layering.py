@@ -1,4 +1,4 @@
-"""The layers import only downwards (docs/ARCHITECTURE.md; issue 7), read from the source with ast.
+"""The layers import only downwards (docs/ARCHITECTURE.md), read from the source with ast.
 
     bottom (errors, units, io, redact, interrupt, conf: nothing of autorank) < shortcut < models < plan, cost and
     the device runner < workload < search < tracking < app (app, __main__, export, validate)

@@ -1,5 +1,5 @@
-"""No password of a storage or tracking URL in anything autorank prints or writes (issue 9, part 3;
-docs/RELIABILITY.md, `## Secrets`), and files written with ordinary permissions.
+"""No password of a storage or tracking URL in anything autorank prints or writes
+(docs/RELIABILITY.md, `## Secrets`), and files written with ordinary permissions.
 
 A known password is put where a user would put it - the storage and tracking URLs, on the command
 line or in $AUTORANK_STORAGE - and looked for, byte for byte, in stdout, stderr, every file under
