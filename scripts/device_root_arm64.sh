@@ -53,15 +53,15 @@ write_pth() {  # cheap, so every run: follows the working tree if the repository
     echo "$REPO" >"$SITE/autorank-worktree.pth"
 }
 # torchvision for its models (mobilenet_v2, resnet18): the release built against torch 2.9.1,
-# a CPU build on aarch64, and numpy, which it imports; added to an existing root without
+# a CPU build on aarch64, and numpy and Pillow, which it imports; added to an existing root without
 # rebuilding it
 TORCHVISION_VERSION=0.24.1
 ensure_torchvision() {
-    [[ -f "$SITE/torchvision/version.py" && -d "$SITE/numpy" ]] && return 0
+    [[ -f "$SITE/torchvision/version.py" && -d "$SITE/numpy" && -d "$SITE/PIL" ]] && return 0
     log "pip: torchvision==$TORCHVISION_VERSION"
     PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check --no-deps --target "$SITE" \
         --platform manylinux_2_28_aarch64 --implementation cp --python-version 3.11 --abi cp311 --only-binary=:all: \
-        "torchvision==$TORCHVISION_VERSION" "numpy<2.4" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+        "torchvision==$TORCHVISION_VERSION" "numpy<2.4" pillow 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
 }
 
 if [[ -f "$STAMP" && "$(head -n1 "$STAMP")" == "$STAMP_TEXT" ]]; then
