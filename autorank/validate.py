@@ -61,6 +61,7 @@ RULES: list[tuple[str, str, float, bool, str]] = [
         ("patch_size", "the ViT's patch side in pixels"), ("hidden_dim", "the ViT's width"),
         ("mlp_dim", "the ViT's MLP width"))],
     ("model.build.width_mult", "pos", 0, False, "channel multiplier of the model"),
+    ("model.runtime_mb", "num", 0, False, "MB the model's library adds to the device runtime"),
 ]
 # (key, allowed values, why): a value outside the list is refused
 CHOICES: list[tuple[str, tuple, str]] = [

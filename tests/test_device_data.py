@@ -224,3 +224,30 @@ def test_the_supervisor_imports_no_torch():
             "autorank.device.cap; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'yaml')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr + r.stdout
+
+
+def test_model_runtime_joins_the_device_runtime():
+    """A model config's runtime_mb (torchvision models: numpy and Pillow come with it) adds to the
+    device's runtime: the training budget shrinks and the predicted process peak grows by it."""
+    import functools
+
+    from autorank.errors import ConfigError
+    from autorank.models import ModelSpec, small_cnn
+    from autorank.workload import DeviceProfile
+    from autorank.workload.data import DigitsData
+
+    dev = DeviceProfile(name="d", ram_mb=1024, os_mb=300, runtime_mb=240, gflops_fp32=2.0,
+                        sources={"runtime_mb": "measured"})
+    spec = ModelSpec(functools.partial(small_cnn, width=8), runtime_mb=60, runtime_source="arm64 root")
+    other = dev.with_model_runtime(spec.name, spec.runtime_mb, spec.runtime_source)
+    assert other.runtime_mb == 300 and dev.runtime_mb == 240  # the profile itself is unchanged
+    assert dev.budget_bytes - other.budget_bytes == 60 * 2**20
+    assert other.process_peak(10 * 2**20).total_bytes - dev.process_peak(10 * 2**20).total_bytes == 60 * 2**20
+    assert "240 MB (measured) + 60 MB for small_cnn (arm64 root)" == other.sources["runtime_mb"]
+    assert dev.with_model_runtime("m", 0) is dev
+    for bad in (-1, float("nan"), True, "60"):
+        with pytest.raises(ConfigError, match="runtime_mb"):
+            dev.with_model_runtime("m", bad)
+    from autorank.workload import Workload
+    wl = Workload(dev, spec, DigitsData(input_size=16, batch_size=32))
+    assert wl.device.runtime_mb == 300

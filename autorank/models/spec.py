@@ -30,10 +30,17 @@ class ModelSpec:
 
     `build(num_classes=..., in_channels=...)` makes a fresh network. `checkpoint`: a state-dict
     file loaded with `torch.load(weights_only=True)` instead of pretraining upstream.
+    `runtime_mb`: what building this model adds to the device process's runtime beyond a device
+    profile's `runtime_mb` (measured with a model that needs torch alone): torchvision's models
+    import torchvision, numpy and Pillow. The workload adds it to the device's runtime, so the
+    training budget, the predicted process peak and the plan file count it.
+    `runtime_source`: where that figure comes from.
     """
 
     build: Callable[..., nn.Module]
     checkpoint: str | None = None
+    runtime_mb: float = 0.0
+    runtime_source: str = ""
 
     @property
     def name(self) -> str:

@@ -6,6 +6,7 @@ Each option of the `device` config group (conf/device/*.yaml) builds one `Device
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -51,6 +52,21 @@ class DeviceProfile:
                 f"(ram_mb={self.ram_mb} - os_mb={self.os_mb} - runtime_mb={self.runtime_mb} - first-step "
                 f"overhead {FIRST_STEP_OVERHEAD_BYTES / MB:.0f} MB; budget_mb={self.budget_mb})"
             )
+
+    def with_model_runtime(self, model: str, extra_mb: float, source: str = "") -> DeviceProfile:
+        """This device running `model`, whose library adds `extra_mb` to the runtime (the model
+        config's `runtime_mb`): the runtime grows by that much and the training budget shrinks by
+        it (unless `budget_mb` sets the training budget). The source of the sum names both parts."""
+        if isinstance(extra_mb, bool) or not isinstance(extra_mb, (int, float)) or not math.isfinite(extra_mb) \
+                or extra_mb < 0:
+            raise ConfigError(f"model {model!r}: runtime_mb={extra_mb!r} must be a finite number >= 0 "
+                              "(MB its library adds to the device runtime)")
+        if extra_mb == 0:
+            return self
+        base = self.sources.get("runtime_mb", "measured")
+        sources = {**self.sources, "runtime_mb": f"{self.runtime_mb:g} MB ({base}) + {extra_mb:g} MB for "
+                                                 f"{model} ({source or 'model config'})"}
+        return dataclasses.replace(self, runtime_mb=float(self.runtime_mb) + float(extra_mb), sources=sources)
 
     @property
     def process_budget_mb(self) -> float:

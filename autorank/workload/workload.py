@@ -47,6 +47,9 @@ class Workload:
         trainer: TrainerConfig | Mapping[str, Any] | None = None,
         paths: Paths | Mapping[str, Any] | None = None,
     ) -> None:
+        # the model's library (torchvision, numpy, Pillow) is part of the device's runtime
+        if isinstance(device, DeviceProfile) and isinstance(model, ModelSpec):
+            device = device.with_model_runtime(model.name, model.runtime_mb, model.runtime_source)
         self.device, self.spec, self.data = device, model, data
         self.trainer, self.paths = as_settings(TrainerConfig, trainer), as_settings(Paths, paths)
         cache = self.trainer.feature_cache
