@@ -72,4 +72,4 @@ def main(argv=None, prog=None) -> int:
             for cl in (False, True):
                 t[cl].append(steppers[cl].time(args.steps))
         a, b = statistics.median(t[False]), statistics.median(t[True])
-        print(f"{name:>12}  contiguous {a:6.3f} s  channels_last {b:6.3f} s  ratio {a / b:5.2f}x", flush=True)
+        print(f"{name:>16}  contiguous {a:6.3f} s  channels_last {b:6.3f} s  ratio {a / b:5.2f}x", flush=True)
