@@ -35,7 +35,7 @@ CORE = 3  # layers <= CORE: torch (+ yaml) only
 SEARCH_STACK = {"hydra", "omegaconf", "optuna", "optuna_integration", "lightning", "pytorch_lightning",
                 "torchmetrics", "mlflow", "torchvision", "sklearn", "pandas", "plotly", "matplotlib", "rich"}
 
-# Known violations, one (module, imported module) pair each, with the issue that removes it. The
+# Known violations, one (module, imported module) pair each, with the change that removes it. The
 # test fails on any pair not listed, and on a listed pair that no longer occurs (the list only
 # shrinks). Empty: every import points downwards.
 ALLOWED: set[tuple[str, str]] = set()
