@@ -28,8 +28,9 @@ test-slow: venv
 data-fashion-mnist:
 	test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
 
+# The layer benchmark; `autorank-bench` lists the others (docs/BENCHMARKS.md).
 bench: venv
-	$(BIN)/python scripts/bench_layers.py
+	$(BIN)/autorank-bench layers
 
 # The wheel a user installs (configs inside); tests/test_wheel.py builds and installs it too.
 wheel: venv

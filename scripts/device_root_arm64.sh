@@ -8,7 +8,7 @@
 #   qemu-aarch64-static -L ROOT ROOT/usr/bin/python3.11 -m autorank.device PLAN CHECKPOINT DATA
 #   QEMU_CPU=cortex-a72 qemu-aarch64-static ...   # a Pi 4's instruction set (cortex-a76: Pi 5);
 #                                                  # qemu's default "max" has every extension
-#   python3 scripts/device_peak.py --json peak.json -- qemu-aarch64-static -L ROOT ROOT/usr/bin/python3.11 ...
+#   autorank-bench proc-peak --json peak.json -- qemu-aarch64-static -L ROOT ROOT/usr/bin/python3.11 ...
 #
 # Idempotent and cached: a complete root (stamp file ROOT/.autorank-root-stamp matching this
 # script's settings) returns in about a second. Downloads come from Debian's archive (debootstrap,

@@ -62,19 +62,3 @@ def pretrained_cache(tmp_path_factory):
     assert p.returncode == 0, p.stderr[-3000:]
     return root / ".cache" / "autorank", list(SMALL_APP_ARGS)
 
-
-@pytest.fixture(scope="session")
-def load_script():
-    """A script under scripts/ imported as a module (scripts/ is no package): load_script("x") runs
-    scripts/x.py's top level once per call and returns the module."""
-    import importlib.util
-
-    def load(name: str):
-        path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-    return load
-

@@ -185,18 +185,13 @@ def test_peak_parts():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_peak_prediction_bounds_cuda_measurement():
-    import importlib.util
-    from pathlib import Path
+    from autorank.bench.peak import check_cuda
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "check_peak_cuda.py"
-    spec = importlib.util.spec_from_file_location("check_peak_cuda", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    for row in mod.check(batch=8, size=64):
+    for row in check_cuda(batch=8, size=64):
         # The model part, as on the CPU (tests/test_peak.py): never below the step's live tensor
         # bytes, at most 25% above. cuDNN's workspace is NOT modelled (it depends on the algorithm
         # cuDNN picks): torch.cuda.max_memory_allocated (row["measured_bytes"]) may exceed the
-        # prediction by it; scripts/check_peak_cuda.py prints it beside the no-cuDNN figure.
+        # prediction by it; `autorank-bench peak --device cuda` prints it beside the no-cuDNN figure.
         assert row["tensor_bytes"] <= row["predicted_bytes"] <= 1.25 * row["tensor_bytes"], row
         assert row["predicted_saved"] == row["measured_saved"], row
 

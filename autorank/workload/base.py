@@ -122,7 +122,7 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable[tuple[torch.Tensor, A
     (one pass, no grad; BN in train mode with momentum=None, every other module in eval mode).
 
     Why: a short Adam run leaves EMA statistics (momentum 0.1) that lag the weights; in eval mode
-    they cost the base model up to 15 points upstream (DESIGN.md section 6). PyTorch's cumulative
+    they cost the base model up to 9 points upstream (docs/FIDELITY.md). PyTorch's cumulative
     average weights each batch equally, so the result is the mean of the per-batch means (the
     plain mean of the data when the batches are equal in size). The momenta and the model's
     train/eval modes are restored. Returns the number of batches seen (0: no BatchNorm, or no data).

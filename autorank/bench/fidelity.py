@@ -6,19 +6,22 @@ val accuracy read at every --steps checkpoint of that run, the predicted peak tr
 (autorank.cost.predict_peak_training_bytes at the device batch), the measured saved activation
 bytes, and the wall seconds per step. Prints one table per workload and writes every row as JSON.
 
-Plans (names for --plans): head (last linear), last4, last8, f8l4 (first 8 + last 4), all (every
-conv/linear layer); asi<eps> (ASI on the first 8 at HOSVD_eps ranks of their inputs on one
-calibration batch, last 4 full) and asi<eps>b (the same with the batch mode kept whole), e.g.
-asi0.9 asi0.9b asi0.5; contiguous regions (a space with `fill: full`): from<k> (every layer from
-the k-th on, plainly) and asi<eps>[b]:<k> (ASI on the first k layers, every later one plainly);
-the paper's setting: conv<k> (the last k convolutions and the head, plainly) and asi<eps>[b]@conv<k>
-(ASI on the last k convolutions, the head plainly). ASI plans report the plain and the ASI saved
-bytes of their compressed layers' inputs (asi_input_bytes, asi_saved_bytes).
+Plans (names for --plans): the regions head (last linear), last4, last8, f8l4 (first 8 + last 4,
+the middle frozen), all (every conv/linear layer), from<k> (every layer from the k-th on: a space
+with `fill: full`) and conv<k> (the last k convolutions and the head: the paper's setting), each
+trained plainly; and REGION=KEY, KEY a search key of the default space (full, asi@<eps>,
+asi@<eps>:b: ASI at HOSVD_eps ranks of each layer's input on one calibration batch, `:b` with the
+batch mode kept whole) on the region's leading part, the rest of it plainly:
+  f8l4=KEY     KEY on the first 8, the last 4 plainly
+  first<k>=KEY KEY on the first k layers, every later layer plainly
+  conv<k>=KEY  KEY on the last k convolutions, the head plainly
+ASI plans report the plain and the ASI saved bytes of their compressed layers' inputs
+(asi_input_bytes, asi_saved_bytes).
 
-    python scripts/measure_fidelity.py --sizes 64 --batches 128 --lrs 0.01 0.03 --steps 25 50 100
-    python scripts/measure_fidelity.py --sizes 96 --shifts none invert --plans head f8l4 asi0.9b \\
+    autorank-bench fidelity --sizes 64 --batches 128 --lrs 0.01 0.03 --steps 25 50 100
+    autorank-bench fidelity --sizes 96 --shifts none invert --plans head f8l4 f8l4=asi@0.9:b \\
         --seeds 0 1 --out fidelity.json -o model.build.width_mult=0.5
-    python scripts/measure_fidelity.py -o data=fashion_mnist --sizes 96 --plans conv2 asi0.9b@conv2 \\
+    autorank-bench fidelity -o data=fashion_mnist --sizes 96 --plans conv2 conv2=asi@0.9:b \\
         --lrs 0.01 --steps 100 300 --seeds 0 1 2
 """
 
@@ -30,23 +33,23 @@ import itertools
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from autorank.cost import predict_peak_training_bytes, train_step_flops
+from autorank.plan import Choice, Plan, candidate_layers
+from autorank.shortcut import ASIConv2d, ASILinear, hosvd_ranks
 
-from autorank.cost import predict_peak_training_bytes, train_step_flops  # noqa: E402
-from autorank.plan import Choice, Plan, candidate_layers  # noqa: E402
-from autorank.shortcut import ASIConv2d, ASILinear, hosvd_ranks  # noqa: E402
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 MB = 2**20
 FIXED_PLANS = ("head", "last4", "last8", "f8l4", "all")
-ASI_RE = re.compile(r"^asi(\d*\.?\d+)(b?)(?::(\d+)|@conv(\d+))?$")
+# REGION=KEY: KEY is a search key (full, asi@0.9, asi@0.9:b) on the region's leading part
+KEYED_RE = re.compile(r"^(f8l4|first(\d+)|conv(\d+))=(full|asi@(\d*\.?\d+)(:b)?)$")
+PLAN_NAMES = "head, last4, last8, f8l4, all, from<k>, conv<k>, or REGION=KEY (f8l4, first<k>, conv<k> = full, asi@<eps>, asi@<eps>:b)"
 FROM_RE = re.compile(r"^from(\d+)$")
 CONV_RE = re.compile(r"^conv(\d+)$")
 
@@ -67,7 +70,7 @@ def compose(size: int | None, batch: int | None, shift: str, seed: int, cache_di
     if checkpoint is not None:  # seeds > first: the same base model, another head init and order
         ov.append(f"model.checkpoint={checkpoint}")
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "autorank" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=[*ov, *overrides])
 
 
@@ -118,7 +121,7 @@ def build_plans(model: nn.Module, names: list[str], calib_x: torch.Tensor) -> di
                 if name in ("f8l4", "all") else {}
             plans[name] = (Plan(layers={n: full for n in fixed[name]}), info)
             continue
-        f, c, m = FROM_RE.match(name), CONV_RE.match(name), ASI_RE.match(name)
+        f, c, m = FROM_RE.match(name), CONV_RE.match(name), KEYED_RE.match(name)
         if f:  # a contiguous region: every layer from the k-th on, plainly
             plans[name] = (Plan(layers={n: full for n in layers[int(f.group(1)):]}), {})
             continue
@@ -129,17 +132,19 @@ def build_plans(model: nn.Module, names: list[str], calib_x: torch.Tensor) -> di
             plans[name] = (Plan(layers={n: full for n in convs[-k:] + head}), info)
             continue
         if not m:
-            raise SystemExit(f"unknown plan {name!r}: use {', '.join(FIXED_PLANS)}, from<k>, conv<k>, "
-                             "asi<eps>[b], asi<eps>[b]:<k> or asi<eps>[b]@conv<k>")
-        eps, keep_batch = float(m.group(1)), bool(m.group(2))
-        if m.group(4):  # asi<eps>[b]@conv<k>: ASI on the last k convolutions, the head full
-            asi_layers, rest = convs[-int(m.group(4)):], head
-        elif m.group(3):  # asi<eps>[b]:<k>: ASI on the first k, every later layer full
-            asi_layers, rest = layers[:int(m.group(3))], layers[int(m.group(3)):]
-        else:
-            asi_layers, rest = first8, last4
-        inputs.update(layer_inputs(model, [n for n in asi_layers if n not in inputs], calib_x))
-        choices, ranks, plain, saved = asi_choices(model, asi_layers, inputs, eps, keep_batch)
+            raise SystemExit(f"unknown plan {name!r}: use {PLAN_NAMES}")
+        if m.group(3):  # conv<k>=KEY: the last k convolutions, the head plainly
+            keyed, rest = convs[-int(m.group(3)):], head
+        elif m.group(2):  # first<k>=KEY: the first k, every later layer plainly
+            keyed, rest = layers[:int(m.group(2))], layers[int(m.group(2)):]
+        else:  # f8l4=KEY
+            keyed, rest = first8, last4
+        inputs.update(layer_inputs(model, [n for n in keyed if n not in inputs], calib_x))
+        if m.group(4) == "full":
+            plain_bytes = sum(inputs[n].numel() * inputs[n].element_size() for n in keyed)
+            plans[name] = (Plan(layers={n: full for n in keyed + rest}), {"asi_input_bytes": plain_bytes})
+            continue
+        choices, ranks, plain, saved = asi_choices(model, keyed, inputs, float(m.group(5)), bool(m.group(6)))
         choices.update({n: full for n in rest})
         plans[name] = (Plan(layers=choices), {"ranks": ranks, "asi_input_bytes": plain, "asi_saved_bytes": saved})
     return plans
@@ -225,18 +230,18 @@ def ranks_table(args) -> list[dict]:
         wl = Workload.from_config(compose(size, batch, shift, args.seeds[0], args.cache_dir, args.override))
         wl.prepare(progress=False)
         calib_x, _ = wl.calibration_batches(1)[0]
-        names = [f"asi{eps:g}{b}" for eps in args.levels for b in ("", "b")]
+        names = [f"f8l4=asi@{eps:g}{b}" for eps in args.levels for b in ("", ":b")]
         for name, (_, info) in build_plans(wl.model, names, calib_x).items():
             ranks = info["ranks"]
             rows.append({"size": size, "batch": batch, "shift": shift, "plan": name, **info})
-            print(f"{size:>4} {batch:>4} {shift:>7} {name:>8}  first-8 inputs {info['asi_input_bytes'] / MB:6.2f} MB"
+            print(f"{size:>4} {batch:>4} {shift:>7} {name:>16}  first-8 inputs {info['asi_input_bytes'] / MB:6.2f} MB"
                   f" -> {info['asi_saved_bytes'] / MB:6.3f} MB  ranks "
                   + " ".join("[" + ",".join(map(str, r)) + "]" for r in ranks.values()), flush=True)
     return rows
 
 
 def format_row(r: dict, steps: list[int]) -> str:
-    head = f"{r['size']:>4} {r['batch']:>4} {r['shift']:>7} {r['seed']:>2} {r['plan']:>9} {r['lr']:>6g}"
+    head = f"{r['size']:>4} {r['batch']:>4} {r['shift']:>7} {r['seed']:>2} {r['plan']:>16} {r['lr']:>6g}"
     if "failed" in r:
         return f"{head}  FAILED {r['failed'][:60]}  peak {r['peak_mb']:.0f} MB"
     accs = " ".join(f"{r['acc'].get(str(s), float('nan')):.3f}" for s in steps)
@@ -249,8 +254,8 @@ def format_row(r: dict, steps: list[int]) -> str:
             f"load {r['load1']:.1f}")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[64])
     p.add_argument("--batches", type=int, nargs="+", default=[128])
     p.add_argument("--shifts", nargs="+", default=["none"], help="none or a data.downstream_shift value")
@@ -258,8 +263,9 @@ def main(argv=None) -> int:
     p.add_argument("--lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1])
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (head init, order)")
     p.add_argument("--base-seed", type=int, default=0, help="the seed the base model is pretrained with")
-    p.add_argument("--plans", nargs="+", default=["head", "last4", "last8", "f8l4", "all", "asi0.9", "asi0.9b"])
-    p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "fidelity"))
+    p.add_argument("--plans", nargs="+", default=["head", "last4", "last8", "f8l4", "all", "f8l4=asi@0.9", "f8l4=asi@0.9:b"],
+                   help=PLAN_NAMES)
+    p.add_argument("--cache-dir", default=str(Path(".cache") / "fidelity"), help="base models, outputs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("-o", "--override", action="append", default=[], help="extra Hydra override (repeatable)")
     p.add_argument("--out", default="fidelity.json", help="JSON rows (appended to if it exists)")
@@ -284,7 +290,3 @@ def main(argv=None) -> int:
         rows.extend(new)
         out.write_text(json.dumps(rows, indent=1))  # after each workload: a long run keeps what it did
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

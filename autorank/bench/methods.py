@@ -1,7 +1,7 @@
 """Fine-tuning methods at equal budget on a transformer: plain vs ASI vs LoRA vs LoRA + ASI.
 
 For a model (`--model vit`: vit_tiny on digits_vit; `--model llm`: tiny_llama on stdlib_licenses),
-composed from conf/ like the app (scripts/measure_fidelity.compose), and for each k in --blocks
+composed from conf/ like the app (autorank.bench.fidelity.compose), and for each k in --blocks
 (the last k transformer blocks; the head / lm_head always trained plainly), one plan per method:
   full      every linear layer of the last k blocks plainly trained
   asi       ASI on them at HOSVD_eps(--level) ranks of each input (one calibration batch)
@@ -17,8 +17,8 @@ input and B's rank-wide input for LoRA), training GFLOP per step (train_step_flo
 loss) is then run on every --seeds seed. The budget line: the largest predicted peak of the asi /
 lora_asi plans (or --budget-mb); each row says whether its plan fits it.
 
-    python scripts/compare_methods.py --model vit --steps 200 --sweep-lrs 0.01 0.03 0.1 --seeds 0 1 2
-    python scripts/compare_methods.py --model llm --steps 150 --sweep-lrs 0.03 0.1 0.3 --seeds 0 1 2
+    autorank-bench methods --model vit --steps 200 --sweep-lrs 0.01 0.03 0.1 --seeds 0 1 2
+    autorank-bench methods --model llm --steps 150 --sweep-lrs 0.03 0.1 0.3 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -29,22 +29,17 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from autorank.cost import predict_peak_training_bytes, train_step_flops  # noqa: E402
-from autorank.models import transformer_blocks  # noqa: E402
-from autorank.plan import Choice, Plan, apply_plan, candidate_layers  # noqa: E402
-from autorank.shortcut import ShortcutLayer  # noqa: E402
-from measure_fidelity import asi_choices, compose, layer_inputs  # noqa: E402
+from autorank.bench.fidelity import asi_choices, compose, layer_inputs
+from autorank.cost import predict_peak_training_bytes, train_step_flops
+from autorank.models import transformer_blocks
+from autorank.plan import Choice, Plan, apply_plan, candidate_layers
+from autorank.shortcut import ShortcutLayer
 
 MB = 2**20
 METHODS = ("full", "asi", "asib", "lora", "lora_asi")
@@ -219,8 +214,8 @@ def print_table(summ: list[dict]) -> None:
               f"{s['gflop_per_step']:.2f} | {s['s_per_step']:.3f} |")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="vit")
     p.add_argument("--blocks", type=int, nargs="+", default=[1, 2], help="k: the last k blocks trained")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["full", "asi", "lora", "lora_asi"])
@@ -231,7 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-lrs", type=float, nargs="*", default=[], help="lrs tried on the first seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--budget-mb", type=float, default=None)
-    p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "cmp"))
+    p.add_argument("--cache-dir", default=str(Path(".cache") / "cmp"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("-o", "--override", action="append", default=[], help="extra Hydra override (repeatable)")
     p.add_argument("--out", default="compare.json", help="JSON rows (rewritten)")
@@ -248,7 +243,3 @@ def main(argv=None) -> int:
     print_table(summ)
     Path(args.out).with_suffix(".summary.json").write_text(json.dumps(summ, indent=1))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

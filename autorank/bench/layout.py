@@ -6,52 +6,24 @@ step and the ratio. The numbers and gradients are the same in both layouts
 (tests/test_channels_last.py); the default workload trains channels-last on CPU
 (trainer.channels_last: auto).
 
-    python scripts/bench_layout.py                       # 112 px, batch 128, mcunet_like x0.5
-    python scripts/bench_layout.py --size 64 --threads 1 --plans all asi0.9b:2
+    autorank-bench layout                       # 112 px, batch 128, mcunet_like x0.5
+    autorank-bench layout --size 64 --threads 1 --plans all first2=asi@0.9:b
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import re
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from autorank.bench.fidelity import PLAN_NAMES, build_plans
 from autorank.models import mcunet_like
-from autorank.plan import Choice, Plan, apply_plan, candidate_layers, finetune_mode
-from autorank.shortcut import hosvd_ranks
+from autorank.plan import apply_plan, finetune_mode
 from autorank.workload.module import to_layout
-
-
-def make_plan(model, name: str, x: torch.Tensor) -> Plan:
-    """all: every conv/linear layer plainly; last4: the last 4; asi<eps>b:<k>: ASI (HOSVD_eps
-    ranks of the layer inputs on x, batch mode whole) on the first k layers, the rest plainly."""
-    names = candidate_layers(model)
-    if name == "all":
-        return Plan({n: Choice.full() for n in names})
-    if name == "last4":
-        return Plan({n: Choice.full() for n in names[-4:]})
-    m = re.fullmatch(r"asi(\d*\.?\d+)b:(\d+)", name)
-    if m is None:
-        raise SystemExit(f"unknown plan {name!r}: all, last4 or asi<eps>b:<k>")
-    eps, k = float(m.group(1)), int(m.group(2))
-    seen = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0]))
-             for n in names[:k]]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    layers = {}
-    for n in names[:k]:
-        r = hosvd_ranks(seen[n], eps)
-        r[0] = x.shape[0]
-        layers[n] = Choice.asi(r)
-    return Plan({**layers, **{n: Choice.full() for n in names[k:]}})
 
 
 class Stepper:
@@ -73,16 +45,16 @@ class Stepper:
         return (time.perf_counter() - t0) / steps
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None, prog=None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--width", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per round (after one warm-up)")
-    ap.add_argument("--plans", nargs="+", default=["all", "asi0.9b:2", "last4"])
-    args = ap.parse_args()
+    ap.add_argument("--plans", nargs="+", default=["all", "first2=asi@0.9:b", "last4"], help=PLAN_NAMES)
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -90,8 +62,8 @@ def main() -> None:
     x, y = torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 5, (args.batch,))
     print(f"# mcunet_like x{args.width}, {args.size} px, batch {args.batch}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; median s/step over {args.rounds} alternating rounds of {args.steps} steps")
-    for name in args.plans:
-        model = apply_plan(copy.deepcopy(base), make_plan(base, name, x))
+    for name, (plan, _) in build_plans(base, args.plans, x).items():
+        model = apply_plan(copy.deepcopy(base), plan)
         steppers = {cl: Stepper(model, x, y, cl) for cl in (False, True)}
         t = {False: [], True: []}
         for st in steppers.values():
@@ -100,8 +72,4 @@ def main() -> None:
             for cl in (False, True):
                 t[cl].append(steppers[cl].time(args.steps))
         a, b = statistics.median(t[False]), statistics.median(t[True])
-        print(f"{name:>12}  contiguous {a:6.3f} s  channels_last {b:6.3f} s  ratio {a / b:5.2f}x", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+        print(f"{name:>16}  contiguous {a:6.3f} s  channels_last {b:6.3f} s  ratio {a / b:5.2f}x", flush=True)

@@ -7,8 +7,8 @@ at the ranks HOSVD_eps(0.8) picks on the same input (warm-started: one step befo
 Inputs are synthetic activations (ReLU of a low-Tucker-rank tensor plus noise): no pretrained
 weights exist offline, so the ranks are indicative, the timings of the kernels are not.
 
-    python scripts/bench_layers.py                       # CPU, 224 and 96 px, batch 32
-    python scripts/bench_layers.py --device cuda --batch 128 --out docs/BENCHMARKS.md
+    autorank-bench layers                       # CPU, 224 and 96 px, batch 32
+    autorank-bench layers --device cuda --batch 128 --out docs/BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -179,8 +179,8 @@ def markdown(rows, methods, header) -> str:
     return "\n".join(out)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 96])
@@ -205,7 +205,3 @@ def main(argv=None):
     print(text)
     if args.out:
         atomic_write(args.out, lambda tmp: tmp.write_text(text))  # never a half-written table
-
-
-if __name__ == "__main__":
-    main()

@@ -1,13 +1,13 @@
 """Predicted peak training memory of plain plans by where the trained region starts, and of a few
 ASI plans, for the app's workload and space (the profile's PlanCost: what the search uses).
 
-    python scripts/peaks_by_start.py /tmp/root                 # the default job's workload and space
-    python scripts/peaks_by_start.py /tmp/root data.input_size=96 space.fill=frozen
+    autorank-bench starts /tmp/root                 # the default job's workload and space
+    autorank-bench starts /tmp/root data.input_size=96 space.fill=frozen
 
 The first argument is paths.root (its .cache holds the pretrained base and the profile); the rest
 are Hydra overrides as for `python -m autorank` (+device=rpi4 is added).
 """
-import sys
+import argparse
 
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -21,10 +21,12 @@ from autorank.units import MB
 from autorank.workload.workload import Workload
 
 
-def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
-        raise SystemExit(__doc__)
-    root, extra = sys.argv[1], sys.argv[2:]
+def main(argv=None, prog=None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", help="paths.root: its .cache holds the pretrained base and the profile")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides as for `python -m autorank`")
+    args = ap.parse_args(argv)
+    root, extra = args.root, args.overrides
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.root={root}", f"paths.output_dir={root}/out", "+device=rpi4", *extra])
     wl = Workload(instantiate(cfg.device), instantiate(cfg.model), instantiate(cfg.data),
@@ -50,7 +52,3 @@ def main() -> None:
             if all(lv in prof.layer(n).choices for n in names[:k]):
                 show(f"{lv} on candidates 0-{k - 1}, rest plain", {**{n: lv for n in names[:k]},
                                                                     **{n: "full" for n in names[k:]}})
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Peak memory of a command, read from /proc/<pid>/status (stdlib only, Linux).
 
-    python3 scripts/device_peak.py [--json OUT] [--interval S] [--qemu] [--subtract BASE.json] -- CMD ARG...
+    autorank-bench proc-peak [--json OUT] [--interval S] [--qemu] [--subtract BASE.json] -- CMD ARG...
 
 Samples /proc/<pid>/status of the command and of its descendants every 20 ms and reports, in MB
 (2**20 bytes): the peaks of VmRSS, RssAnon, RssFile and RssShmem summed over the process tree
@@ -206,22 +206,19 @@ def subtract(result: dict, base: dict) -> dict:
     return {k: round(v - base[k], 1) for k, v in result.items() if k.endswith("_MB") and k in base}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
-        print(__doc__, file=sys.stderr)
-        return 2
-    i = argv.index("--")
-    ap = argparse.ArgumentParser(description="Peak memory of a command from /proc/<pid>/status.")
+def main(argv=None, prog=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", metavar="OUT", help="also write the JSON here")
     ap.add_argument("--interval", type=float, default=0.02, help="seconds between samples (0.02)")
     ap.add_argument("--subtract", metavar="BASE.json", help="a baseline run's JSON (e.g. an empty guest interpreter)")
     ap.add_argument("--qemu", action="store_true",
                     help="also peak_guest_*: the tree's figures less each qemu-user process's own mappings (from smaps)")
+    i = argv.index("--") if "--" in argv else len(argv)
     args = ap.parse_args(argv[:i])
     cmd = argv[i + 1 :]
     if not cmd:
-        ap.error("no command after --")
+        ap.error("no command to measure: give it after --, e.g. -- python3 -c pass")
     result = measure(cmd, args.interval, args.qemu)
     if args.subtract:
         with open(args.subtract) as f:
@@ -234,7 +231,3 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             f.write(text + "\n")
     return result["exit_status"]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

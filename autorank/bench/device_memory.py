@@ -1,6 +1,6 @@
 """Predicted against measured process peaks of the device runner, plan by plan, as a device runs it.
 
-    python scripts/device_memory.py RUN_DIR [--python CMD] [--cap-mb MB] [--epochs 1] [--json OUT]
+    autorank-bench device-memory RUN_DIR [--python CMD] [--cap-mb MB] [--epochs 1] [--json OUT]
 
 RUN_DIR is a run folder of `python -m autorank` (plan.yaml, references/*.yaml, device_data.pt);
 the checkpoint is the one the plan's run used (--checkpoint, else read from the run's log line
@@ -8,7 +8,7 @@ the checkpoint is the one the plan's run used (--checkpoint, else read from the 
 process (--python: the interpreter command, e.g. ".venv/bin/python" or "qemu-aarch64-static -L
 ROOT ROOT/usr/bin/python3.11"; the supervisor is skipped with AUTORANK_DEVICE_CHILD=1 so that the
 measured process is the runner itself), and its resident memory is sampled from outside every 20 ms
-(scripts/device_peak.py's sampler). With --cap-mb each plan also runs under a memory cgroup of
+(/proc/PID/status, autorank.device.memory.read_status). With --cap-mb each plan also runs under a memory cgroup of
 that size (autorank.device.cap) and the table says how it ended.
 
 Prints a markdown table: plan, predicted tensor peak, predicted process peak, measured peak RSS
@@ -30,11 +30,10 @@ from pathlib import Path
 import yaml
 
 MB = 2**20
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the folder holding the autorank package: the runner's PYTHONPATH
 
-from autorank.device.cap import CgroupUnavailable, run_capped  # noqa: E402
-from autorank.device.memory import read_status  # noqa: E402
+from autorank.device.cap import CgroupUnavailable, run_capped
+from autorank.device.memory import read_status
 
 
 def plans_of(run_dir: Path) -> dict[str, Path]:
@@ -84,8 +83,8 @@ def run_capped_plan(python: list[str], plan: Path, ckpt: Path, data: Path, epoch
     return {"cap_rc": res.returncode, "cap_peak_mb": res.peak_bytes / MB, "cap_oom_kills": res.oom_kills}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None, prog=None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--python", default=sys.executable, help="interpreter command (default: this one)")
     ap.add_argument("--checkpoint", type=Path, default=None)
@@ -128,7 +127,3 @@ def main(argv=None) -> int:
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

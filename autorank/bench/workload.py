@@ -2,8 +2,8 @@
 layer plainly fits the device budget, one trial's fine-tuning, and the feature cache's speed-up
 (the same trial with and without cached prefix features, median of --repeats).
 
-    python scripts/bench_workload.py                          # the defaults of autorank/conf/config.yaml
-    python scripts/bench_workload.py model=mobilenet_v2 data.input_size=96 --repeats 3
+    autorank-bench workload                          # the defaults of autorank/conf/config.yaml
+    autorank-bench workload model=mobilenet_v2 data.input_size=96 --repeats 3
 
 Overrides are Hydra's, as for `python -m autorank`; `+device=rpi4` is added when no device is given.
 """
@@ -21,13 +21,13 @@ import torch
 from autorank.units import MB
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None, prog=None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.input_size=96")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--last", type=int, default=4, help="the trial trains the last N conv/linear layers")
     ap.add_argument("--root", default=None, help="paths.root (cache of checkpoints); default: a temp dir")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
@@ -76,7 +76,3 @@ def main() -> None:
     c, u = statistics.median(cached), statistics.median(uncached)
     print(f"trial median of {args.repeats}: with cached features {c:.2f} s, without {u:.2f} s, "
           f"speed-up {u / c:.1f}x")
-
-
-if __name__ == "__main__":
-    main()

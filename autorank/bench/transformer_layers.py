@@ -15,8 +15,8 @@ of them, and the FLOPs of one step (the corrected FlopCounterMode). Methods:
 Inputs are synthetic activations (a low-Tucker-rank tensor plus noise): nothing pretrained exists
 offline, so the ranks are indicative; the kernels' timings are not.
 
-    python scripts/bench_transformer_layers.py                   # B=8, L in {128, 512}, D in {128, 256}
-    python scripts/bench_transformer_layers.py --repeats 3 --out /tmp/t.md
+    autorank-bench transformer-layers                   # B=8, L in {128, 512}, D in {128, 256}
+    autorank-bench transformer-layers --repeats 3 --out /tmp/t.md
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ def table(rows, names) -> str:
     return "\n".join(out)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--widths", type=int, nargs="+", default=[128, 256])
@@ -137,7 +137,3 @@ def main(argv=None):
     print(text)
     if args.out:
         atomic_write(args.out, lambda tmp: tmp.write_text(text))  # never a half-written table
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""scripts/compare_methods.py's plans: per method and k, the kinds it names per layer (the last k
+"""`autorank-bench methods`' plans: per method and k, the kinds it names per layer (the last k
 blocks' linear layers, the head plainly), the paper's count by formula, and the whole region's
 predicted saved bytes equal to the measured ones, on a tiny ViT and a tiny Llama (no training)."""
 
@@ -20,8 +20,10 @@ B, RANK = 4, 4
 
 
 @pytest.fixture(scope="module")
-def cm(load_script):
-    return load_script("compare_methods")
+def cm():
+    from autorank.bench import methods
+
+    return methods
 
 
 @functools.cache

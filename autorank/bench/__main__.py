@@ -1,0 +1,5 @@
+import sys
+
+from autorank.bench.cli import main
+
+sys.exit(main())
