@@ -231,3 +231,7 @@ def main(argv=None, prog=None) -> int:
         with open(args.json, "w") as f:
             f.write(text + "\n")
     return result["exit_status"]
+
+
+if __name__ == "__main__":  # stdlib only: runs with any python3, e.g. outside the venv
+    sys.exit(main())
