@@ -86,7 +86,7 @@ class StorageError(ValueError):
 
 def _sqlite_path(storage: str) -> Path | None:
     """The database file of a sqlite URL (None for another backend or an in-memory db)."""
-    from autorank.search.storage import sqlite_path
+    from autorank.io import sqlite_path
 
     path = sqlite_path(storage)
     return None if path is None else path.expanduser()

@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial
 
-from autorank.plan.plan import atomic_write  # torch + yaml only: one atomic-write helper
+from autorank.io import atomic_write
 from autorank.units import MB
 
 COLUMNS = ("trial", "state", "on_front", "val_accuracy", "refit_accuracy", "steps", "refit_steps",

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from autorank.io import creation_lock
 from autorank.redact import redact_config, redact_url
-from autorank.search.storage import creation_lock
 from autorank.units import MB
 
 # MLflow 3 opens an experiment on its GenAI overview (traces, judges) unless the experiment is
@@ -221,7 +221,8 @@ class MlflowTracker:
 
         import optuna
 
-        from autorank.tracking.budget_plot import plot_curve_png, study_budget_curve, write_curve_csv
+        from autorank.search.result import study_budget_curve
+        from autorank.tracking.budget_plot import plot_curve_png, write_curve_csv
         from autorank.tracking.front import plot_html, plot_png, write_table
 
         c = self.client
