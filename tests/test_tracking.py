@@ -203,3 +203,51 @@ def test_refit_references_and_budget_curve_logged(tmp_path):
     assert refit[res.best.number] and float(refit[res.best.number]) == res.best.refit_accuracy
     trial_run = c.search_runs([parent.info.experiment_id], filter_string="tags.trial_number = '5'")[0]
     assert float(trial_run.data.params["hparam.lr"]) == pytest.approx(res.trials[5].hparams["lr"], rel=1e-5)
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_place_labels_gives_disjoint_boxes_for_one_point():
+    from autorank.tracking.front import place_labels
+
+    anchors, sizes = [(100.0, 50.0)] * 4, [(60.0, 8.0), (30.0, 8.0), (45.0, 8.0), (60.0, 8.0)]
+    offsets = place_labels(anchors, sizes, gap=4.0)
+    assert offsets[0] == (4.0, 4.0)  # the first takes right-above
+    assert offsets[1] == (4.0, -12.0)  # right-below: the gap and its own height under the point
+    assert offsets[2] == (-49.0, 4.0)  # left-above: its width and the gap left of the point
+    boxes = [(x + dx, y + dy, x + dx + w, y + dy + h) for (x, y), (dx, dy), (w, h) in zip(anchors, offsets, sizes)]
+    assert not any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_front_png_marks_untrained_plans_on_the_memory_axis_and_labels_do_not_overlap(tmp_path):
+    """The warm-start plans of the default job: the knapsack plan and uniform ASI 0.8 land on the
+    same point; 'full every candidate' is over the budget, never trained (accuracy 0.0 stored)."""
+    import optuna
+
+    from autorank.search.records import records_from_study
+    from autorank.tracking import front
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    plans = [("knapsack", 0.61, 1.0, -1.0), ("uniform asi@0.8:b", 0.61, 1.0, -1.0), ("full last 2", 0.55, 1.6, -1.0),
+             ("head alone", 0.55, 1.55, -1.0), ("full every candidate", 0.0, 3.0, 1.0), (None, 0.7, 2.0, -1.0)]
+    for source, acc, mb, over in plans:
+        t = study.ask()
+        t.set_user_attr("source", source)
+        t.set_user_attr("autorank", {"state": "complete", "choices": {"l0": "full"}, "val_accuracy": acc,
+                                     "predicted_peak_bytes": int(mb * 2**20), "flops": int(mb * 1e9)})
+        t.set_constraint("peak_minus_budget_bytes", over)
+        study.tell(t, (acc, mb, mb * 1e9))
+    recs = records_from_study(study)
+    assert front.untrained_points(recs) == [("full every candidate", 3.0)]
+    plotted = front.trained_study(study).trials
+    assert len(plotted) == 5 and min(t.values[0] for t in plotted) == 0.55  # no point at accuracy 0
+    boxes = front.plot_png(study, recs, int(2.5 * 2**20), tmp_path / "front.png")
+    assert sorted(label for label, _ in boxes) == sorted(s for s, *_ in plans if s)
+    for i, (la, a) in enumerate(boxes):
+        for lb, b in boxes[i + 1:]:
+            assert not _overlap(a, b), (la, a, lb, b)
+    html = tmp_path / "front.html"
+    front.plot_html(study, recs, int(2.5 * 2**20), html)
+    assert "full every candidate (over budget: not trained)" in html.read_text()
