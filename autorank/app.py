@@ -110,6 +110,10 @@ def check_storage_and_outputs(cfg: DictConfig) -> None:
             inputs[f"the file {key} names"] = value
     if storage:
         check_storage(str(storage))
+    if tracking:
+        from autorank.tracking.mlflow_tracker import check_tracking
+
+        check_tracking(str(tracking))
 
 
 def _device_next_step(cfg: DictConfig, workload: Any, result: Any) -> None:
@@ -189,6 +193,14 @@ def _storage_error(exc: BaseException) -> ConfigError | None:
     from autorank.search.storage import storage_error
 
     return storage_error(exc)
+
+
+def _tracking_error(exc: BaseException, cfg: DictConfig) -> ConfigError | None:
+    """A tracking server that stopped answering during the run, as one line
+    (autorank.tracking.mlflow_tracker.tracking_error), or None."""
+    from autorank.tracking.mlflow_tracker import tracking_error
+
+    return tracking_error(exc, OmegaConf.select(cfg, "tracking.uri", default=None))
 
 
 def _summary(result: Any, device: Any, tracker: Any) -> None:
@@ -282,7 +294,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"\n{redact_text(e.message())}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except Exception as e:
-        err = config_error(e) or _storage_error(e)
+        err = config_error(e) or _storage_error(e) or _tracking_error(e, cfg)
         if err is None:
             traceback.print_exc()
             sys.exit(1)

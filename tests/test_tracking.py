@@ -251,3 +251,51 @@ def test_front_png_marks_untrained_plans_on_the_memory_axis_and_labels_do_not_ov
     html = tmp_path / "front.html"
     front.plot_html(study, recs, int(2.5 * 2**20), html)
     assert "full every candidate (over budget: not trained)" in html.read_text()
+
+
+PW = "s3cret-pw"
+
+
+def test_a_tracking_server_that_refuses_is_one_line(monkeypatch):
+    """Before the run (a TCP connect to the server's port) and during it (MLflow's client error,
+    the server gone): one ConfigError line, the URL's password masked."""
+    from mlflow.tracking import MlflowClient
+
+    from autorank.errors import ConfigError
+    from autorank.tracking.mlflow_tracker import check_tracking, tracking_error
+
+    uri = f"http://autorank:{PW}@127.0.0.1:9"
+    with pytest.raises(ConfigError) as e:
+        check_tracking(uri, timeout_s=2)
+    msg = str(e.value)
+    assert "\n" not in msg and PW not in msg and msg.startswith(
+        "tracking.uri: cannot connect to the MLflow server at http://autorank:***@127.0.0.1:9 (")
+    check_tracking(f"sqlite:///{PW}/mlflow.db")  # a file store: no server to ask
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(Exception) as raised:
+        MlflowClient(tracking_uri=uri).get_experiment_by_name("autorank")
+    err = tracking_error(raised.value, uri)
+    assert isinstance(err, ConfigError) and "\n" not in str(err) and PW not in str(err)
+    assert tracking_error(raised.value, f"sqlite:///{PW}.db") is None  # not a server's error
+    assert tracking_error(ValueError("a bug"), uri) is None
+
+
+@pytest.mark.parametrize("override, starts", [
+    (f"tracking.uri=http://autorank:{PW}@127.0.0.1:9", "autorank: error: tracking.uri: cannot connect to the "
+                                                       "MLflow server at http://autorank:***@127.0.0.1:9"),
+    (f"search.storage=postgresql://autorank:{PW}@127.0.0.1:1/autorank",
+     "autorank: error: search.storage: cannot connect to postgresql://autorank:***@127.0.0.1:1/autorank"),
+])
+def test_the_app_ends_on_a_refused_server_with_one_line_and_status_2(tmp_path, override, starts):
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "autorank", "+device=rpi4", override], cwd=tmp_path,
+                       env={**os.environ, "AUTORANK_ROOT": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=300, stdin=subprocess.DEVNULL)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(starts), p.stderr
+    assert PW not in p.stdout + p.stderr
