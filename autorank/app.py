@@ -7,7 +7,6 @@ with composed configs.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -82,9 +81,7 @@ def run(cfg: DictConfig) -> Any:
           f"search {search.name}", flush=True)
     workload.prepare(progress=True)
     config = OmegaConf.to_container(cfg, resolve=True)
-    result = search.run(workload, device, sampler=sampler, tracker=tracker, config=config,
-                        run_dir=cfg.paths.output_dir, export_path=cfg.export.path,
-                        cache_dir=cfg.paths.cache_dir, progress=True)
+    result = search.run(workload, device, sampler=sampler, tracker=tracker, config=config)
     _summary(result, device, tracker)
     _device_next_step(cfg, workload, result)
     return result
@@ -113,6 +110,10 @@ def check_storage_and_outputs(cfg: DictConfig) -> None:
             inputs[f"the file {key} names"] = value
     if storage:
         check_storage(str(storage))
+    if tracking:
+        from autorank.tracking.mlflow_tracker import check_tracking
+
+        check_tracking(str(tracking))
 
 
 def _device_next_step(cfg: DictConfig, workload: Any, result: Any) -> None:
@@ -194,106 +195,28 @@ def _storage_error(exc: BaseException) -> ConfigError | None:
     return storage_error(exc)
 
 
+def _tracking_error(exc: BaseException, cfg: DictConfig) -> ConfigError | None:
+    """A tracking server that stopped answering during the run, as one line
+    (autorank.tracking.mlflow_tracker.tracking_error), or None."""
+    from autorank.tracking.mlflow_tracker import tracking_error
+
+    return tracking_error(exc, OmegaConf.select(cfg, "tracking.uri", default=None))
+
+
 def _summary(result: Any, device: Any, tracker: Any) -> None:
+    """The search result's own summary (autorank.search.result.SearchResult.summary), then where
+    the tracker keeps the runs."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
         # written to a file or pipe: rich would assume 80 columns and cut the front table's
         # columns to "GFLOP…"; a log has room for the whole table ($COLUMNS still decides)
-        console = Console(width=140)
-    budget_mb = device.budget_bytes / MB
-    if hasattr(result, "front"):  # an Optuna study
-        _study_summary(console, result, device)
-    else:  # the knapsack planner
-        console.print(f"\nknapsack plan: accuracy {result.val_accuracy:.3f}, predicted peak "
-                      f"{result.predicted_peak_bytes / MB:.0f} of {budget_mb:.0f} MB, activations "
-                      f"predicted {(result.predicted_activation_bytes or 0) / MB:.1f} MB / measured "
-                      f"{(result.measured_activation_bytes or 0) / MB:.1f} MB, "
-                      f"{result.train_flops / 1e9:.2f} GFLOP/step "
-                      f"(~{result.step_time_s:.2f} s/step on {device.name}), {result.wall_s:.0f} s")
-        for name, choice in result.plan.layers.items():
-            console.print(f"  {name}: {choice}")
-        console.print(f"plan: [bold]{result.export_path}[/]")
+        console = Console(width=160)
+    result.summary(console, device, _short_plan)
     if tracker is not None:
         uri = redact_url(tracker.uri)
         console.print(f"MLflow: {uri}  (open with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")
-
-
-def _mb(nbytes: float) -> str:
-    """Megabytes, with a decimal below 10 MB (small budgets)."""
-    v = nbytes / MB
-    return f"{v:.1f}" if v < 10 else f"{v:.0f}"
-
-
-def _acc(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
-
-
-def _study_summary(console: Any, result: Any, device: Any) -> None:
-    """The study's front (proxy and refit accuracy side by side), the exported plan against the
-    best plain-only plan and the references, and a few points of the budget curve."""
-    from rich.table import Table
-
-    from autorank.tracking.budget_plot import study_budget_curve, summary_lines
-
-    budget_mb = device.budget_bytes / MB
-    states: dict[str, int] = {}
-    for r in result.trials:
-        states[r.state] = states.get(r.state, 0) + 1
-    console.print(f"\nstudy [bold]{result.study_name}[/] in {redact_url(result.storage)}: "
-                  f"{len(result.trials)} trials ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}), "
-                  f"{result.n_new} new, {result.wall_s:.0f} s")
-    steps = f" at {result.refit_steps} steps" if result.refit_steps else ""
-    process_mb = device.process_budget_mb
-    table = Table(title=f"Pareto front (training budget {budget_mb:.0f} MB on {device.name}: the process "
-                        f"may use {process_mb:.0f} MB, runtime {device.runtime_mb:.0f} MB)",
-                  caption="plan: one code per candidate layer, input to output: - frozen, F full "
-                          "backprop, .8 ASI at explained variance 0.8, .8b the same with the batch "
-                          "mode kept whole, L4 LoRA rank 4, L4.8 LoRA + ASI; peak MB: the training step (tensors and kernel copies); process MB: "
-                          "the device process (runtime + step + 24 MB); proxy: the trial's own "
-                          "(short) training; val loss: held-out cross-entropy (per token for a "
-                          "language model) after the refit, else the trial's")
-    for col in ("trial", "proxy acc", f"refit acc{steps}", "val loss", "lr", "peak MB", "process MB", "GFLOP/step",
-                "device s/step", "plan"):
-        table.add_column(col)
-    for r in sorted(result.front, key=lambda r: r.predicted_peak_bytes):
-        lr = r.hparams.get("lr")
-        loss = r.refit_val_loss if r.refit_val_loss is not None else r.val_loss
-        table.add_row(str(r.number), _acc(r.val_accuracy), _acc(r.refit_accuracy), _acc(loss),
-                      "-" if lr is None else f"{lr:.3g}", _mb(r.predicted_peak_bytes),
-                      _mb(device.process_peak(r.predicted_peak_bytes).total_bytes),
-                      f"{r.flops / 1e9:.2f}", f"{device.step_time_s(r.flops):.2f}", _short_plan(r.choices))
-    console.print(table)
-    best = result.best
-    if best is None:
-        console.print("[red]no feasible trial: nothing exported[/]")
-        return
-    acc = best.refit_accuracy if best.refit_accuracy is not None else best.val_accuracy
-    kind = "refit" if best.refit_accuracy is not None else "proxy"
-    loss = best.refit_val_loss if best.refit_accuracy is not None else best.val_loss
-    line = (f"exported plan (trial {best.number}): {kind} acc {acc:.3f} at {_mb(best.predicted_peak_bytes)} MB "
-            f"(process {_mb(device.process_peak(best.predicted_peak_bytes).total_bytes)} of {process_mb:.0f} MB)")
-    if loss is not None:  # per token for a language model: perplexity exp(loss)
-        line += f" (val loss {loss:.3f}, perplexity {math.exp(min(loss, 700.0)):.2f})"
-    plain = result.best_plain
-    if plain is not None:
-        pacc = plain.refit_accuracy if plain.refit_accuracy is not None else plain.val_accuracy
-        line += f"; best plain-only plan that fits: {pacc:.3f} at {_mb(plain.predicted_peak_bytes)} MB"
-    ref = (result.references or {}).get("plain reference")
-    if ref is not None:
-        over = ", over budget" if ref["over_budget"] else ""
-        line += (f"; unconstrained plain reference: {ref['accuracy']:.3f} at {_mb(ref['peak_bytes'])} MB"
-                 f"{over} (gap {ref['accuracy'] - acc:+.3f})")
-    head = (result.references or {}).get("head alone")
-    if head is not None:
-        line += f"; head alone: {head['accuracy']:.3f} at {_mb(head['peak_bytes'])} MB"
-    console.print(line)
-    console.print(f"plan file: [bold]{result.export_path}[/]")
-    curve = summary_lines(study_budget_curve(result.trials, device.budget_bytes))
-    if curve:
-        console.print("budget curve (best proxy accuracy within each budget):\n" + "\n".join(curve))
 
 
 def _short_plan(choices: dict[str, str]) -> str:
@@ -371,7 +294,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"\n{redact_text(e.message())}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except Exception as e:
-        err = config_error(e) or _storage_error(e)
+        err = config_error(e) or _storage_error(e) or _tracking_error(e, cfg)
         if err is None:
             traceback.print_exc()
             sys.exit(1)

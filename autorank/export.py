@@ -18,6 +18,13 @@ Nothing is written before the storage is known: `--out` is refused when it names
 storage file (by any path, link or hard link), a SQLite storage is opened read-only first and
 refused when it is not an Optuna database (another program's, random bytes, empty), and a study
 that is not autorank's or holds a damaged record is one error line, exit status 2.
+
+Exit status (each error is one line on stderr):
+  0  the plan file was written (or --list printed the front)
+  1  no plan fits: no front point under the cap (the line names the front's smallest peak and
+     fewest FLOPs), or --trial names a trial that is not a feasible trained plan
+  2  bad input: the storage cannot be read or holds no autorank study, a stored record is
+     damaged, or --out cannot be written
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ def select(records: list[TrialRecord], *, max_mb: float | None = None, max_flops
         lo_fl = min(r.flops for r in front)
         caps = " and ".join(c for c in (f"peak <= {max_mb} MB" if max_mb is not None else "",
                                         f"FLOPs <= {max_flops:g}" if max_flops is not None else "") if c)
-        raise NoPlanFound(f"no front point satisfies {caps}: the front's smallest peak is "
+        raise NoPlanFound(f"no plan fits: no front point satisfies {caps}: the front's smallest peak is "
                           f"{lo_mb:.2f} MB and its fewest FLOPs {lo_fl:g} per step "
                           f"({len(front)} front points)")
     return best_of(ok)
@@ -86,7 +93,7 @@ class StorageError(ValueError):
 
 def _sqlite_path(storage: str) -> Path | None:
     """The database file of a sqlite URL (None for another backend or an in-memory db)."""
-    from autorank.search.storage import sqlite_path
+    from autorank.io import sqlite_path
 
     path = sqlite_path(storage)
     return None if path is None else path.expanduser()

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "check_output", "read_mapping", "same_file"]
+__all__ = ["atomic_write", "check_output", "creation_lock", "read_mapping", "same_file", "sqlite_path"]
+
+LOCK_TIMEOUT_S = 300  # a worker waits this long for another to finish creating a database schema
 
 
 def _new_temp(path: Path) -> Path:
@@ -206,3 +211,45 @@ def _children(node) -> list:
     for item in value:
         out.extend(item if isinstance(item, tuple) else (item,))  # a mapping's (key, value) pairs
     return out
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a sqlite:/// URL (SQLAlchemy's forms: a path, or `file:PATH?...&uri=true`),
+    None for other URLs and in-memory databases."""
+    if not url.startswith("sqlite:///"):
+        return None
+    rest = url[len("sqlite:///"):].split("?", 1)[0].removeprefix("file:")
+    return Path(rest) if rest and rest != ":memory:" else None
+
+
+@contextmanager
+def creation_lock(url: str) -> Iterator[None]:
+    """Held while a database's schema may be created or migrated (the study's Optuna storage, the
+    MLflow tracking store): N workers started at once on a fresh database would all create the
+    tables, and all but one crash. A file lock beside a SQLite file (one machine, as SQLite is), a
+    PostgreSQL advisory lock (the server's own: it holds across machines), nothing otherwise.
+    filelock and SQLAlchemy are imported here: the torch-only core imports this module too."""
+    path = sqlite_path(url)
+    if path is not None:
+        from filelock import FileLock
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
+            yield
+        return
+    if url.split("://", 1)[0].lower().startswith("postgres"):
+        import sqlalchemy
+
+        key = zlib.crc32(b"autorank schema") & 0x7FFFFFFF  # one lock per database
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        finally:
+            engine.dispose()
+        return
+    yield

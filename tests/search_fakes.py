@@ -7,12 +7,14 @@ from types import SimpleNamespace
 from autorank.cost.process import ProcessPrediction
 
 import optuna
+import yaml
 from torch import nn
 
 from autorank.plan.plan import FineTuneSettings
 from autorank.search.profile import LayerProfile, Profile, fill_peak_bytes
 from autorank.search.space import SearchSpace
-from autorank.search.study import StudySettings
+from autorank.app import CONF_DIR
+from autorank.search.study import OptunaSearch
 
 LAYERS = ["l0", "l1", "l2"]
 CHOICES = ["frozen", "full", "asi@0.5", "asi@0.9"]
@@ -54,12 +56,12 @@ class FakeWorkload:
                                 lr=0.05 if lr is None else lr, seed=3,
                                 epochs=None if max_steps else (max_epochs or 1), max_steps=max_steps)
 
-    def finetune(self, plan, *, max_epochs=None, progress=False, max_steps=None, lr=None,
-                 momentum=None, weight_decay=None):
+    def finetune(self, plan, settings, *, progress=False):
         choices = plan.meta["choices"]
+        max_steps = settings.max_steps
         self.calls.append(dict(choices))
-        self.runs.append({"choices": dict(choices), "max_steps": max_steps, "max_epochs": max_epochs,
-                          "lr": lr})
+        self.runs.append({"choices": dict(choices), "max_steps": max_steps, "max_epochs": settings.epochs,
+                          "lr": settings.lr})
         if self.fail_on and all(choices[k] == v for k, v in self.fail_on.items()):
             raise RuntimeError("loss is NaN")
         acc = 0.5 + sum(ACC[c] * (i + 1) for i, c in enumerate(choices[n] for n in LAYERS)) / 6
@@ -87,11 +89,22 @@ def make_profile(head_rule=False):
     return space, prof
 
 
+def study_settings(tmp_path, **overrides) -> OptunaSearch:
+    """The study's settings as conf/search/optuna.yaml gives them (the one place with defaults),
+    for a study stored under tmp_path with no refit and no export (the YAML's values that name
+    the app's other groups, `${...}`, replaced), then `overrides`."""
+    d = {k: v for k, v in yaml.safe_load((CONF_DIR / "search" / "optuna.yaml").read_text()).items()
+         if not k.startswith("_")}
+    d.update({"space": "fake", "storage": f"sqlite:///{tmp_path}/optuna.db", "study_name": "s",
+              "run_dir": tmp_path, "export_path": None, "cache_dir": None, "progress": False,
+              "refit_steps": None, **overrides})
+    assert not [k for k, v in d.items() if isinstance(v, str) and "${" in v], d
+    return OptunaSearch(**d)
+
+
 def study_args(tmp_path, head_rule=False, **settings):
     """(space, settings, run_study keyword arguments) of a small study stored under tmp_path."""
     space, prof = make_profile(head_rule)
-    st = StudySettings(**{"storage": f"sqlite:///{tmp_path}/optuna.db", "study_name": "s",
-                          "run_dir": tmp_path, "progress": False, **settings})
     kw = dict(profile=prof, cost=FakeCost(), sampler=optuna.samplers.RandomSampler(seed=0))
-    return space, st, kw
+    return space, study_settings(tmp_path, **settings), kw
 

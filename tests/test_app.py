@@ -52,7 +52,7 @@ def test_the_app_groups_have_these_options():
 
 
 def test_search_options(tmp_path):
-    from autorank.search.runners import KnapsackSearch, OptunaSearch
+    from autorank.search import KnapsackSearch, OptunaSearch
     from autorank.search.space import load_space
 
     cfg = _compose(tmp_path, ["+device=rpi4"])

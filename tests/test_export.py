@@ -59,14 +59,23 @@ def test_export_by_memory_cap(study, tmp_path):
     assert plan.meta["val_accuracy"] == rec.val_accuracy
 
 
-def test_export_clear_error_when_nothing_fits(study, tmp_path):
+def test_export_clear_error_when_nothing_fits(study, tmp_path, capsys):
     storage, _ = study
     lo = min(r.peak_mb for r in front(storage))
     with pytest.raises(NoPlanFound, match=f"smallest peak is {lo:.2f} MB"):
         export(storage, "s", tmp_path / "p.yaml", max_mb=lo * 0.5)
+    capsys.readouterr()
     assert main(["--storage", storage, "--study", "s", "--max-mb", str(lo * 0.5),
-                 "--out", str(tmp_path / "x.yaml")]) == 1
+                 "--out", str(tmp_path / "x.yaml")]) == 1  # the documented status: no plan fits
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == (
+        f"error: no plan fits: no front point satisfies peak <= {lo * 0.5} MB: the front's smallest peak is "
+        f"{lo:.2f} MB and its fewest FLOPs {min(r.flops for r in front(storage)):g} per step "
+        f"({len(front(storage))} front points)\n")
     assert not (tmp_path / "x.yaml").exists()
+    import autorank.export
+
+    assert "1  no plan fits" in autorank.export.__doc__
 
 
 def test_export_by_flops_and_trial(study, tmp_path):

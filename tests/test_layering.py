@@ -3,6 +3,8 @@
     bottom (errors, units, io, redact, interrupt, conf: nothing of autorank) < shortcut < models < plan, cost and
     the device runner < workload < search < tracking < app (app, __main__, export, validate, bench)
 
+and inside search/ its modules import only downwards too (SEARCH_ORDER).
+
 Every `import` / `from ... import` in every module of autorank/ counts, inside functions too, and
 importlib.import_module("autorank...") with a literal name. The torch-only core (shortcut,
 models, plan, cost, the device runner) also imports none of the search stack, anywhere.
@@ -117,6 +119,59 @@ def test_no_module_imports_from_a_higher_layer():
     assert not new, "imports from a higher layer:\n" + "\n".join(
         f"  {m} ({LAYER_NAMES[layer_of(m)]}) imports {imp} ({LAYER_NAMES[layer_of(imp)]})" for m, imp in new)
     assert not ALLOWED - found, f"fixed, remove from ALLOWED: {sorted(ALLOWED - found)}"
+
+
+# Inside search/ the same rule holds between its modules: each imports only modules of a lower
+# level (TYPE_CHECKING imports included: the ast walk sees them). Records and the cost predictor
+# below the profile, below the trial and refit steps, below the study.
+SEARCH_ORDER = {
+    "progress": 0, "gradients": 0, "space": 0, "budget": 0, "records": 0, "storage": 0, "profilecache": 0,
+    "cost": 1, "planfile": 1, "result": 1,
+    "protocols": 2,
+    "profile": 3,
+    "knapsack": 4,
+    "warmstart": 5, "trial": 5, "refit": 5, "workers": 5, "planner": 5,
+    "study": 6,
+    "__init__": 7,
+}
+
+
+def search_level(module: str) -> int | None:
+    """A module's level inside search/ (SEARCH_ORDER), None outside search/."""
+    parts = module.split(".")
+    if parts[:2] != ["autorank", "search"]:
+        return None
+    key = parts[2] if len(parts) > 2 else "__init__"
+    if key not in SEARCH_ORDER:
+        raise KeyError(f"{module}: no level for search/{key}.py: add it to SEARCH_ORDER in {Path(__file__).name}")
+    return SEARCH_ORDER[key]
+
+
+def search_not_downward(pairs) -> set[tuple[str, str]]:
+    """(module, imported) pairs inside search/ where the imported module is not of a lower level."""
+    return {(m, imp) for m, imp in pairs if search_level(m) is not None and search_level(imp) is not None
+            and search_level(imp) >= search_level(m) and m != imp}
+
+
+def test_every_search_module_has_a_level():
+    for p in MODULES:
+        search_level(module_name(p))
+
+
+def test_search_modules_import_only_downward():
+    bad = sorted(search_not_downward(edges()))
+    assert not bad, "inside search/, imports not from a lower level:\n" + "\n".join(
+        f"  {m} ({search_level(m)}) imports {imp} ({search_level(imp)})" for m, imp in bad)
+
+
+def test_the_search_order_check_sees_type_checking_imports():
+    path = PACKAGE / "search" / "cost.py"
+    source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from autorank.search.profile import Profile\n"
+    found = {("autorank.search.cost", imp) for imp in imports_of(path, source)}
+    assert search_not_downward(found) == {("autorank.search.cost", "autorank.search.profile")}
+    assert search_not_downward({("autorank.search.profile", "autorank.search.cost")}) == set()
+    assert search_not_downward({("autorank.search.trial", "autorank.search.refit")}) == {
+        ("autorank.search.trial", "autorank.search.refit")}  # the same level: no circle possible
 
 
 # The factories of torchvision's architectures (mobilenet_v2, resnet18, vit_tiny) import torchvision

@@ -154,6 +154,7 @@ def test_knapsack_with_opaque_totals_never_over_budget(budget):
 
 
 PLANNER_WITHOUT_OPTUNA = import_blocker({"optuna", "optuna_integration", "mlflow"}) + r"""
+from pathlib import Path
 from types import SimpleNamespace
 import torch
 from torch import nn
@@ -175,7 +176,8 @@ class Tiny:
         return [(torch.randn(self.input_shape, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
     def finetune_settings(self, max_epochs=None):
         return FineTuneSettings(model_factory="tiny:model", input_shape=self.input_shape, lr=0.1, epochs=max_epochs or 2)
-    def finetune(self, plan, *, max_epochs=None, progress=None):
+    def finetune(self, plan, settings, *, progress=None):
+        assert settings == self.finetune_settings()
         self.tuned.append(plan)
         return SimpleNamespace(val_accuracy=0.75, train_loss=0.1, val_loss=0.5, measured_activation_bytes=1, measured_flops=1,
                                train_wall_s=0.0, epochs=1)
@@ -187,12 +189,14 @@ device = SimpleNamespace(name="dev", budget_bytes=10 * 2**20, step_time_s=lambda
                          process_peak=lambda b: ProcessPrediction.from_runtime(300 * 2**20, b, "fake"))
 space = SearchSpace(name="t", last=2, levels=(0.5, 0.9))
 out = sys.argv[1]
-run = KnapsackSearch(space=space).run(wl, device, export_path=out, progress=False)
+run = KnapsackSearch(name="knapsack", space=space, n_calibration_batches=2, max_epochs=None, export_path=out,
+                     cache_dir=None, progress=False).run(wl, device)
 plan = Plan.load(out)
-assert plan.layers == run.plan.layers and wl.tuned == [run.plan], (plan.layers, run.plan.layers)
+assert run.search == "knapsack" and run.trials == run.front == [run.best] and run.export_path == Path(out)
+assert plan.layers == wl.tuned[0].layers == Plan.from_dict(run.best.plan).layers and len(wl.tuned) == 1
 assert plan.fingerprint == model_fingerprint(wl.model)
 assert FineTuneSettings.from_plan(plan) == wl.finetune_settings()
-assert run.predicted_peak_bytes <= device.budget_bytes and plan.meta["val_accuracy"] == 0.75
+assert run.best.predicted_peak_bytes <= device.budget_bytes and plan.meta["val_accuracy"] == 0.75
 assert plan.meta["val_loss"] == 0.5
 try:
     from autorank.search import OptunaSearch

@@ -66,7 +66,7 @@ def test_front_is_the_non_dominated_feasible_set_and_infeasible_never_trained(tm
 
 def test_plans_carry_typed_finetune_settings(tmp_path):
     wl = FakeWorkload()
-    space, st, kw = study_args(tmp_path, n_trials=4, max_epochs=7, export_path=tmp_path / "p.yaml")
+    space, st, kw = study_args(tmp_path, n_trials=4, trial_steps=None, max_epochs=7, export_path=tmp_path / "p.yaml")
     run_study(wl, DEVICE, space, st, **kw)
     got = FineTuneSettings.from_plan(Plan.load(tmp_path / "p.yaml"))
     assert got == wl.finetune_settings(7) and got.epochs == 7 and got.input_shape == (8, 3, 8, 8)
@@ -129,8 +129,8 @@ def test_time_split_covers_the_steps(tmp_path):
 
 def test_cost_model_mismatch_warns(tmp_path):
     class Off(FakeWorkload):
-        def finetune(self, plan, **k):
-            r = super().finetune(plan, **k)
+        def finetune(self, plan, settings, **k):
+            r = super().finetune(plan, settings, **k)
             r.measured_activation_bytes = int(r.measured_activation_bytes * 1.05) + 1
             return r
 
@@ -151,8 +151,8 @@ def test_flops_mismatch_is_flagged_and_agreement_is_not(tmp_path):
     assert not any("cost_model_mismatch" in t.user_attrs.get("autorank", {}) for t in stored.trials)
 
     class Off(FakeWorkload):
-        def finetune(self, plan, **k):
-            r = super().finetune(plan, **k)
+        def finetune(self, plan, settings, **k):
+            r = super().finetune(plan, settings, **k)
             r.measured_flops = int(r.measured_flops * 1.03)
             return r
 

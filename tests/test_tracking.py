@@ -203,3 +203,99 @@ def test_refit_references_and_budget_curve_logged(tmp_path):
     assert refit[res.best.number] and float(refit[res.best.number]) == res.best.refit_accuracy
     trial_run = c.search_runs([parent.info.experiment_id], filter_string="tags.trial_number = '5'")[0]
     assert float(trial_run.data.params["hparam.lr"]) == pytest.approx(res.trials[5].hparams["lr"], rel=1e-5)
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_place_labels_gives_disjoint_boxes_for_one_point():
+    from autorank.tracking.front import place_labels
+
+    anchors, sizes = [(100.0, 50.0)] * 4, [(60.0, 8.0), (30.0, 8.0), (45.0, 8.0), (60.0, 8.0)]
+    offsets = place_labels(anchors, sizes, gap=4.0)
+    assert offsets[0] == (4.0, 4.0)  # the first takes right-above
+    assert offsets[1] == (4.0, -12.0)  # right-below: the gap and its own height under the point
+    assert offsets[2] == (-49.0, 4.0)  # left-above: its width and the gap left of the point
+    boxes = [(x + dx, y + dy, x + dx + w, y + dy + h) for (x, y), (dx, dy), (w, h) in zip(anchors, offsets, sizes)]
+    assert not any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_front_png_marks_untrained_plans_on_the_memory_axis_and_labels_do_not_overlap(tmp_path):
+    """The warm-start plans of the default job: the knapsack plan and uniform ASI 0.8 land on the
+    same point; 'full every candidate' is over the budget, never trained (accuracy 0.0 stored)."""
+    import optuna
+
+    from autorank.search.records import records_from_study
+    from autorank.tracking import front
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    plans = [("knapsack", 0.61, 1.0, -1.0), ("uniform asi@0.8:b", 0.61, 1.0, -1.0), ("full last 2", 0.55, 1.6, -1.0),
+             ("head alone", 0.55, 1.55, -1.0), ("full every candidate", 0.0, 3.0, 1.0), (None, 0.7, 2.0, -1.0)]
+    for source, acc, mb, over in plans:
+        t = study.ask()
+        t.set_user_attr("source", source)
+        t.set_user_attr("autorank", {"state": "complete", "choices": {"l0": "full"}, "val_accuracy": acc,
+                                     "predicted_peak_bytes": int(mb * 2**20), "flops": int(mb * 1e9)})
+        t.set_constraint("peak_minus_budget_bytes", over)
+        study.tell(t, (acc, mb, mb * 1e9))
+    recs = records_from_study(study)
+    assert front.untrained_points(recs) == [("full every candidate", 3.0)]
+    plotted = front.trained_study(study).trials
+    assert len(plotted) == 5 and min(t.values[0] for t in plotted) == 0.55  # no point at accuracy 0
+    boxes = front.plot_png(study, recs, int(2.5 * 2**20), tmp_path / "front.png")
+    assert sorted(label for label, _ in boxes) == sorted(s for s, *_ in plans if s)
+    for i, (la, a) in enumerate(boxes):
+        for lb, b in boxes[i + 1:]:
+            assert not _overlap(a, b), (la, a, lb, b)
+    html = tmp_path / "front.html"
+    front.plot_html(study, recs, int(2.5 * 2**20), html)
+    assert "full every candidate (over budget: not trained)" in html.read_text()
+
+
+PW = "s3cret-pw"
+
+
+def test_a_tracking_server_that_refuses_is_one_line(monkeypatch):
+    """Before the run (a TCP connect to the server's port) and during it (MLflow's client error,
+    the server gone): one ConfigError line, the URL's password masked."""
+    from mlflow.tracking import MlflowClient
+
+    from autorank.errors import ConfigError
+    from autorank.tracking.mlflow_tracker import check_tracking, tracking_error
+
+    uri = f"http://autorank:{PW}@127.0.0.1:9"
+    with pytest.raises(ConfigError) as e:
+        check_tracking(uri, timeout_s=2)
+    msg = str(e.value)
+    assert "\n" not in msg and PW not in msg and msg.startswith(
+        "tracking.uri: cannot connect to the MLflow server at http://autorank:***@127.0.0.1:9 (")
+    check_tracking(f"sqlite:///{PW}/mlflow.db")  # a file store: no server to ask
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(Exception) as raised:
+        MlflowClient(tracking_uri=uri).get_experiment_by_name("autorank")
+    err = tracking_error(raised.value, uri)
+    assert isinstance(err, ConfigError) and "\n" not in str(err) and PW not in str(err)
+    assert tracking_error(raised.value, f"sqlite:///{PW}.db") is None  # not a server's error
+    assert tracking_error(ValueError("a bug"), uri) is None
+
+
+@pytest.mark.parametrize("override, starts", [
+    (f"tracking.uri=http://autorank:{PW}@127.0.0.1:9", "autorank: error: tracking.uri: cannot connect to the "
+                                                       "MLflow server at http://autorank:***@127.0.0.1:9"),
+    (f"search.storage=postgresql://autorank:{PW}@127.0.0.1:1/autorank",
+     "autorank: error: search.storage: cannot connect to postgresql://autorank:***@127.0.0.1:1/autorank"),
+])
+def test_the_app_ends_on_a_refused_server_with_one_line_and_status_2(tmp_path, override, starts):
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "autorank", "+device=rpi4", override], cwd=tmp_path,
+                       env={**os.environ, "AUTORANK_ROOT": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=300, stdin=subprocess.DEVNULL)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(starts), p.stderr
+    assert PW not in p.stdout + p.stderr

@@ -38,11 +38,11 @@ class InterruptAt(FakeWorkload):
         super().__init__()
         self.at, self.signum = at, signum
 
-    def finetune(self, plan, **kw):
+    def finetune(self, plan, settings, **kw):
         if len(self.calls) == self.at:
             self.calls.append(None)  # started, never finished
             raise Interrupted(self.signum)
-        return super().finetune(plan, **kw)
+        return super().finetune(plan, settings, **kw)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -99,11 +99,11 @@ def test_workers_at_once_finish_exactly_n_trials(tmp_path):
         lock = threading.Lock()
         all_calls: list = []
 
-        def finetune(self, plan, **kw):
+        def finetune(self, plan, settings, **kw):
             time.sleep(0.05)
             with self.lock:
                 self.all_calls.append(dict(plan.meta["choices"]))
-            return super().finetune(plan, **kw)
+            return super().finetune(plan, settings, **kw)
 
     space, st, kw = study_args(tmp_path, n_trials=9)
     errors = []

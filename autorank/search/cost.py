@@ -8,18 +8,22 @@ costed once per study however many steps need its figures.
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from torch import Tensor, nn
 
 from autorank.cost import predict_peak_training_bytes, train_step_flops
-
-if TYPE_CHECKING:
-    from autorank.search.profile import Profile
+from autorank.plan import Plan
 
 Choices = Mapping[str, str]  # layer name -> choice key ("frozen", "full", "asi@0.8")
+
+
+class PlanSource(Protocol):
+    """What the cost model reads of a profile (search.profile.Profile, a layer above): choice
+    keys -> the plan they stand for."""
+
+    def to_plan(self, choices: Choices) -> Plan: ...
 
 
 class PeakRecord(Protocol):
@@ -54,7 +58,7 @@ class PlanCost:
     (the device's batch), cached by `plan_key`. `peak_kwargs` go to the peak predictor
     (optimizer, momentum, loss: "token" for a language model)."""
 
-    def __init__(self, model: nn.Module, example_input: Tensor, profile: Profile, **peak_kwargs):
+    def __init__(self, model: nn.Module, example_input: Tensor, profile: PlanSource, **peak_kwargs):
         self.model, self.example_input, self.profile = model, example_input, profile
         self.peak_kwargs = peak_kwargs
         self.peaks: dict[tuple, PeakRecord] = {}

@@ -54,8 +54,8 @@ def export_plan(plan: Plan | Mapping[str, Any], path: str | Path, model: nn.Modu
 def record_meta(rec: TrialRecord) -> dict[str, Any]:
     """The plan-file meta of a stored trial (autorank.search.records.TrialRecord) beyond what
     its plan already holds: the trial's accuracy (`val_accuracy`, `val_loss`) and, where the trial
-    was refit at full fidelity, the refit's (`refit_accuracy`, `refit_val_loss`) with fine-tuning
-    settings whose `max_steps` is the refit's step count, the run a device should repeat.
+    was refit at full fidelity, the refit's (`refit_accuracy`, `refit_val_loss`) with the
+    fine-tuning settings the refit ran (its step count), the run a device should repeat.
     `accuracy` is the accuracy of the run `finetune` describes and `accuracy_from` says which
     run that is: "refit" or "trial"."""
     meta: dict[str, Any] = {"val_accuracy": rec.val_accuracy}
@@ -66,9 +66,8 @@ def record_meta(rec: TrialRecord) -> dict[str, Any]:
         meta["refit_accuracy"] = rec.refit_accuracy
         if rec.refit_val_loss is not None:
             meta["refit_val_loss"] = rec.refit_val_loss
-        ft = dict((rec.plan or {}).get("meta", {}).get("finetune") or {})
-        if ft and rec.refit_steps:  # steps override epochs, as in Workload.finetune_settings
-            meta["finetune"] = {**ft, "max_steps": int(rec.refit_steps), "epochs": None}
+        if rec.refit_finetune:  # the settings the refit ran (refit.py), resolved by the workload
+            meta["finetune"] = dict(rec.refit_finetune)
     meta["accuracy"] = rec.refit_accuracy if refit else rec.val_accuracy
     meta["accuracy_from"] = "refit" if refit else "trial"
     return meta

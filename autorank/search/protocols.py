@@ -10,15 +10,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
 from autorank.plan.plan import FineTuneSettings, Plan
-
-if TYPE_CHECKING:
-    from autorank.search.records import TrialRecord
-    from autorank.search.study import StudyResult
+from autorank.search.records import TrialRecord
+from autorank.search.result import SearchResult
 
 
 class FineTuneOutcome(Protocol):
@@ -55,12 +53,14 @@ class Workload(Protocol):
 
     def calibration_batches(self, n: int) -> list[tuple[Tensor, Tensor]]: ...
 
-    def finetune(self, plan: Plan, *, max_epochs: int | None = None, progress: bool | None = None,
-                 max_steps: int | None = None, **hparams: float) -> FineTuneOutcome: ...
-    # hparams: overrides of the trainer's lr, momentum, weight_decay (a trial's searched values)
-
     def finetune_settings(self, max_epochs: int | None = None, *, max_steps: int | None = None,
                           **hparams: float) -> FineTuneSettings: ...
+    # resolved once per run: the length (max_steps, else the trainer's steps, else epochs) and
+    # the trainer's lr, momentum, weight_decay with `hparams` (a trial's searched values) over them
+
+    def finetune(self, plan: Plan, settings: FineTuneSettings, *,
+                 progress: bool | None = None) -> FineTuneOutcome: ...
+    # trains as `settings` say: the same object the plan file records
 
 
 class Device(Protocol):
@@ -97,7 +97,7 @@ class Tracker(Protocol):
 
     def log_trial(self, record: TrialRecord) -> Any: ...
 
-    def end_study(self, result: StudyResult, plan_files: Mapping[int, Path]) -> None: ...
+    def end_study(self, result: SearchResult, plan_files: Mapping[int, Path]) -> None: ...
 
     def abort_study(self, interrupted: Sequence[TrialRecord]) -> None: ...
     # SIGINT/SIGTERM: the interrupted trials' runs and the study's run ended KILLED

@@ -27,6 +27,8 @@ REFIT_ATTR = "refit"
 REFERENCE_ATTR = "references"
 DIRECTIONS = ("maximize", "minimize", "minimize")
 OBJECTIVE_NAMES = ("val_accuracy", "peak_mb", "train_flops")
+# a record's fields read from the study's REFIT_ATTR, not stored with the trial
+REFIT_FIELDS = ("refit_accuracy", "refit_steps", "refit_val_loss", "refit_finetune")
 
 
 @dataclass
@@ -57,6 +59,7 @@ class TrialRecord:
     refit_accuracy: float | None = None  # at full fidelity (study user attr `refit`), when refit
     refit_steps: int | None = None
     refit_val_loss: float | None = None  # held-out cross-entropy after the refit
+    refit_finetune: dict | None = None  # the refit's FineTuneSettings (to_dict), what its plan file records
 
     @property
     def peak_mb(self) -> float | None:
@@ -75,14 +78,13 @@ class TrialRecord:
         """The stored form: the fields that are set, less those the trial itself holds."""
         d = dataclasses.asdict(self)
         return {k: v for k, v in d.items()
-                if k not in ("number", "on_front", "refit_accuracy", "refit_steps", "refit_val_loss")
+                if k not in ("number", "on_front", *REFIT_FIELDS)
                 and v is not None and v != [] and v != {}}
 
     @classmethod
     def from_frozen(cls, t: FrozenTrial, *, on_front: bool = False) -> TrialRecord:
         a = {**t.user_attrs, **(t.user_attrs.get(RECORD_ATTR) or {})}
-        known = {f.name for f in dataclasses.fields(cls)} - {"number", "state", "on_front",
-                                                             "refit_accuracy", "refit_steps", "refit_val_loss"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"number", "state", "on_front", *REFIT_FIELDS}
         rec = cls(number=t.number, state=_state(t, a.get("state")), on_front=on_front,
                   **{k: v for k, v in a.items() if k in known})
         rec.choices = dict(rec.choices or t.params)
@@ -116,7 +118,7 @@ def records_from_study(study: optuna.Study) -> list[TrialRecord]:
         r = refit.get(str(t.number))
         if r is not None:
             rec.refit_accuracy, rec.refit_steps = float(r["accuracy"]), r.get("steps")
-            rec.refit_val_loss = r.get("val_loss")
+            rec.refit_val_loss, rec.refit_finetune = r.get("val_loss"), r.get("finetune")
         out.append(rec)
     return out
 

@@ -44,10 +44,12 @@ def refit_candidates(records: Sequence[TrialRecord], top: int) -> list[TrialReco
 
 
 def _fit(workload: Workload, plan: Plan, steps: int, hparams: Mapping[str, float]) -> dict[str, Any]:
-    res = workload.finetune(plan, max_steps=steps, progress=False, **hparams)
-    seed = workload.finetune_settings(max_steps=steps, **hparams).seed
+    """One refit; its result holds the fine-tuning settings it ran (`finetune`), which the plan
+    file of a refit trial records (planfile.record_meta)."""
+    settings = workload.finetune_settings(max_steps=steps, **hparams)
+    res = workload.finetune(plan, settings, progress=False)
     return {"accuracy": float(res.val_accuracy), "val_loss": float(res.val_loss), "steps": int(steps),
-            "seed": int(seed), "hparams": dict(hparams),
+            "seed": int(settings.seed), "hparams": dict(hparams), "finetune": settings.to_dict(),
             # > 0: the run went on from the trial's state at that step (exact: workload/resume.py)
             "continued_from": int((getattr(res, "extra", None) or {}).get("continued_from", 0))}
 
@@ -65,7 +67,7 @@ def refit_trials(study: optuna.Study, workload: Workload, records: Sequence[Tria
     for rec in refit_candidates(records, top):
         done = {**done, **stored()}
         prev = done.get(str(rec.number))
-        if prev is not None and prev.get("steps") == steps:
+        if prev is not None and prev.get("steps") == steps and prev.get("finetune"):
             continue
         res = _fit(workload, Plan.from_dict(dict(rec.plan)), steps, rec.hparams)
         done = {**done, **stored(), str(rec.number): res}
@@ -95,6 +97,6 @@ def refit_references(study: optuna.Study, workload: Workload, profile: Profile, 
         plan = profile.to_plan(choices, meta=dict(plan_meta or {}))
         peak = int(cost.peak(choices).total_bytes)
         refs[name] = {"choices": choices, "peak_bytes": peak, "over_budget": peak > budget_bytes,
-                      **_fit(workload, plan, steps, hparams)}
+                      "flops": int(cost.flops(choices)), **_fit(workload, plan, steps, hparams)}
         study.set_user_attr(REFERENCE_ATTR, refs)
     return refs

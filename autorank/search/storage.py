@@ -31,23 +31,19 @@ import secrets
 import sqlite3
 import time
 import warnings
-import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import optuna
 import sqlalchemy
-from filelock import FileLock
 
 from autorank.errors import ConfigError
-from autorank.io import check_output
+from autorank.io import check_output, creation_lock, sqlite_path  # the lock: tracking's store too
 from autorank.redact import redact_text, redact_url
 
 HEARTBEAT_S = 10  # conf/search/optuna.yaml: search.heartbeat_s
 MAX_RETRY = 2  # times a trial whose worker died is queued again
-LOCK_TIMEOUT_S = 300
 T = TypeVar("T")
 
 
@@ -109,40 +105,6 @@ def check_optuna_sqlite(path: Path, what: str = "search.storage") -> bool:
         raise ConfigError(f"{what}: {path} is a database of another program (tables: {shown}), not an "
                           "Optuna study's: point it at an Optuna database, or at a new file")
     return True
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a sqlite:/// URL (SQLAlchemy's forms: a path, or `file:PATH?...&uri=true`),
-    None for other URLs and in-memory databases."""
-    if not url.startswith("sqlite:///"):
-        return None
-    rest = url[len("sqlite:///"):].split("?", 1)[0].removeprefix("file:")
-    return Path(rest) if rest and rest != ":memory:" else None
-
-
-@contextmanager
-def creation_lock(url: str) -> Iterator[None]:
-    """Held while a store's schema may be created or migrated (see the module doc)."""
-    path = sqlite_path(url)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
-            yield
-        return
-    if url.split("://", 1)[0].lower().startswith("postgres"):
-        key = zlib.crc32(b"autorank schema") & 0x7FFFFFFF  # one lock per database
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        try:
-            with engine.connect() as conn:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                try:
-                    yield
-                finally:
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        finally:
-            engine.dispose()
-        return
-    yield
 
 
 def with_retries(fn: Callable[[], T], what: str, tries: int = 5, wait_s: float = 0.5) -> T:

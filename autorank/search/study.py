@@ -1,6 +1,6 @@
 """The main job: a multi-objective Optuna study of per-layer plans under the device budget.
 
-    result = run_study(workload, device, space, StudySettings(n_trials=24), sampler=..., tracker=...)
+    result = run_study(workload, device, space, settings, sampler=..., tracker=...)  # settings: OptunaSearch
 
 The data path, one owner per step: the profile (profile.py) and the one cost predictor
 (cost.PlanCost); the study created or resumed here; the warm-start plans (warmstart.py); each
@@ -30,7 +30,7 @@ import json
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,37 +45,54 @@ from autorank.search.profile import Profile, profile_workload
 from autorank.search.progress import progress_bar
 from autorank.search.protocols import Device, Tracker, Workload, device_summary
 from autorank.search.budget import is_plain
+from autorank.search.result import SearchResult
 from autorank.search.records import (DIRECTIONS, OBJECTIVE_NAMES, TrialRecord, best_of, best_refit,
                                      front_of, records_from_study)
 from autorank.search.refit import refit_references, refit_trials
-from autorank.search.space import SearchSpace
-from autorank.search.storage import HEARTBEAT_S, open_storage, sqlite_path
+from autorank.search.space import SearchSpace, load_space
+from autorank.io import sqlite_path
+from autorank.search.storage import HEARTBEAT_S, check_driver, open_storage
 from autorank.search.trial import PlanTrial, TimeSplit, start_param
 from autorank.search.warmstart import warm_start_plans
 from autorank.search.workers import SURPLUS_ATTR, Census, GuardedObjective, close_interrupted, run_trials
 
 
-@dataclass(frozen=True)
-class StudySettings:
-    """How much to search and where to keep it (conf/search/optuna.yaml plus the app's paths)."""
+@dataclass(frozen=True, kw_only=True)
+class OptunaSearch:
+    """The study's settings and the object that runs it: conf/search/optuna.yaml, instantiated by
+    Hydra (`_target_`), every field from there (the YAML holds the defaults, the one place). The
+    YAML's comments say what each field means; run_dir, export_path and cache_dir come from the
+    app's paths and export groups."""
 
-    n_trials: int = 20
-    n_trials_total: bool = True
-    timeout: float | None = None  # seconds for this run's optimize loop
-    storage: str | None = None  # any Optuna storage URL; None: sqlite:///<run_dir>/optuna.db
-    study_name: str | None = None  # None: default_study_name (the same command resumes)
-    max_epochs: int | None = None  # None: the workload's own
-    trial_steps: int | None = None  # SGD steps per trial (proxy fidelity); None: max_epochs epochs
-    refit_steps: int | None = None  # full fidelity (trainer.steps); None: no refit, export by proxy
-    refit_top: int = 3  # front plans refit (by proxy accuracy), plus the best plain-only plan
-    references: bool = True  # refit the plain reference and the head alone (with refit_steps)
-    warm_start: bool = True
-    n_calibration_batches: int = 2
-    run_dir: str | Path = "."  # front/ plan files (and the default storage)
-    export_path: str | Path | None = None  # the best feasible plan
-    cache_dir: str | Path | None = None  # the profile cache
-    progress: bool = True
-    heartbeat_s: int | None = HEARTBEAT_S  # a running trial's heartbeat; None: off (see storage.py)
+    name: str
+    space: Any  # a space name, a file, or the `space` group's mapping (search.space.load_space)
+    n_trials: int
+    n_trials_total: bool
+    timeout: float | None
+    storage: str | None  # any Optuna storage URL; None: sqlite:///<run_dir>/optuna.db
+    study_name: str | None
+    max_epochs: int | None
+    trial_steps: int | None
+    refit_steps: int | None
+    refit_top: int
+    references: bool
+    warm_start: bool
+    n_calibration_batches: int
+    heartbeat_s: int | None
+    run_dir: str | Path
+    export_path: str | Path | None
+    cache_dir: str | Path | None
+    progress: bool
+
+    def __post_init__(self) -> None:
+        if self.storage:  # before pretraining: a PostgreSQL URL without its driver
+            check_driver(self.storage)
+
+    def run(self, workload: Workload, device: Device, *,
+            sampler: optuna.samplers.BaseSampler | None = None, tracker: Tracker | None = None,
+            config: Mapping[str, Any] | None = None) -> SearchResult:
+        return run_study(workload, device, load_space(self.space), self, sampler=sampler,
+                         tracker=tracker, config=config)
 
     def storage_url(self) -> str:
         """The storage URL; a SQLite file's folder is created."""
@@ -86,26 +103,6 @@ class StudySettings:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         return self.storage
-
-
-@dataclass
-class StudyResult:
-    study_name: str
-    storage: str
-    budget_bytes: int
-    trials: list[TrialRecord]
-    front: list[TrialRecord]
-    best: TrialRecord | None
-    export_path: Path | None = None
-    n_new: int = 0
-    wall_s: float = 0.0
-    time_split_s: dict[str, float] = field(default_factory=dict)  # profile, predict, train, log
-    plan_files: dict[int, Path] = field(default_factory=dict)
-    study: optuna.Study | None = field(default=None, repr=False, compare=False)
-    best_plain: TrialRecord | None = None  # the best plain-only feasible trial (by refit, else proxy)
-    references: dict[str, dict] = field(default_factory=dict)  # refit.refit_references
-    reference_files: dict[str, Path] = field(default_factory=dict)  # write_reference_plans
-    refit_steps: int | None = None
 
 
 def default_study_name(device_name: str, space: SearchSpace, key: Mapping[str, Any]) -> str:
@@ -168,14 +165,14 @@ class TrialLogger:
 
 
 def run_study(workload: Workload, device: Device, space: SearchSpace,
-              settings: StudySettings = StudySettings(), *,
+              settings: OptunaSearch, *,
               sampler: optuna.samplers.BaseSampler | None = None, tracker: Tracker | None = None,
               config: Mapping[str, Any] | None = None, profile: Profile | None = None,
-              cost: CostModel | None = None) -> StudyResult:
+              cost: CostModel | None = None) -> SearchResult:
     """Search per-layer plans of `workload` under `device.budget_bytes` (see module doc).
 
     profile, cost: computed from the workload when None (tests pass their own). config: the
-    app's whole configuration, for the tracker. Returns the StudyResult; the best feasible plan is
+    app's whole configuration, for the tracker. Returns the SearchResult; the best feasible plan is
     written to settings.export_path when given.
     """
     t_start = time.perf_counter()
@@ -199,7 +196,7 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
     plan_meta = {"budget_bytes": budget, "device": device.name, "study": name}
     objective = GuardedObjective(PlanTrial(workload, device, profile, cost, plan_meta=plan_meta,
                                            max_epochs=settings.max_epochs, times=times, done=finished,
-                                           hparams=space.hparams, steps=settings.trial_steps), target)
+                                           hparams=space.hparams, trial_steps=settings.trial_steps), target)
     try:
         if tracker is not None:
             with times.timed("log"):
@@ -246,7 +243,7 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
 
 
 def write_reference_plans(workload: Workload, profile: Profile, cost: CostModel, device: Device,
-                          refs: Mapping[str, Mapping], result: StudyResult, run_dir: str | Path,
+                          refs: Mapping[str, Mapping], result: SearchResult, run_dir: str | Path,
                           plan_meta: Mapping[str, Any]) -> dict[str, Path]:
     """Plan files of the points a user compares the exported plan with on the device: the best
     plain-only plan that fits and the refit references (plain reference, head alone), under
@@ -267,8 +264,8 @@ def write_reference_plans(workload: Workload, profile: Profile, cost: CostModel,
     return out
 
 
-def write_plans(study: optuna.Study, workload: Workload, settings: StudySettings, storage: str,
-                budget: int, device: Device) -> StudyResult:
+def write_plans(study: optuna.Study, workload: Workload, settings: OptunaSearch, storage: str,
+                budget: int, device: Device) -> SearchResult:
     """Read the trials and the front back from storage; write every front plan under
     <run_dir>/front/ and the best one to settings.export_path: the best refit plan when plans
     were refit (its plan file then records the refit's steps), else the best proxy one. Each
@@ -290,6 +287,7 @@ def write_plans(study: optuna.Study, workload: Workload, settings: StudySettings
     out = None
     if best is not None and settings.export_path is not None:
         out = write(best, settings.export_path)
-    return StudyResult(study_name=study.study_name, storage=storage, budget_bytes=budget,
-                       trials=trials, front=front, best=best, export_path=out, plan_files=plan_files,
-                       study=study, best_plain=best_plain, refit_steps=settings.refit_steps)
+    return SearchResult(search=settings.name, study_name=study.study_name, storage=storage, budget_bytes=budget,
+                        trials=trials, front=front, best=best, loss=workload.loss, export_path=out,
+                        plan_files=plan_files, study=study, best_plain=best_plain,
+                        refit_steps=settings.refit_steps)

@@ -24,6 +24,7 @@ from rich.console import Console
 from autorank import interrupt
 from autorank.interrupt import Interrupted
 from autorank.plan import Plan
+from autorank.plan.plan import FineTuneSettings
 from autorank.search.cost import CostModel
 from autorank.search.profile import Profile
 from autorank.search.protocols import Device, Workload
@@ -83,14 +84,15 @@ class PlanTrial:
     plan's meta; `done`: finished trials of the study so far (a plan already trained is reused)."""
 
     def __init__(self, workload: Workload, device: Device, profile: Profile, cost: CostModel, *,
-                 plan_meta: Mapping[str, Any], max_epochs: int | None = None,
+                 plan_meta: Mapping[str, Any], max_epochs: int | None,
                  times: TimeSplit | None = None, done: Iterable[TrialRecord] = (),
-                 hparams: Mapping[str, Mapping[str, Any]] | None = None, steps: int | None = None):
-        """hparams: the space's searched trainer settings {name: {low, high, log}}; steps: SGD
-        steps per trial (proxy fidelity; None: max_epochs epochs)."""
+                 hparams: Mapping[str, Mapping[str, Any]] | None = None, trial_steps: int | None):
+        """hparams: the space's searched trainer settings {name: {low, high, log}}; trial_steps,
+        max_epochs: the trial's length as the search config gives it, resolved per trial by
+        workload.finetune_settings (the one place where steps override epochs)."""
         self.workload, self.device, self.profile, self.cost = workload, device, profile, cost
         self.plan_meta, self.max_epochs = dict(plan_meta), max_epochs
-        self.hparams, self.steps = {k: dict(v) for k, v in (hparams or {}).items()}, steps
+        self.hparams, self.trial_steps = {k: dict(v) for k, v in (hparams or {}).items()}, trial_steps
         self.times = times or TimeSplit()
         self.names = profile.layer_names
         self.trained: dict[tuple[str, ...], TrialRecord] = {}
@@ -133,12 +135,12 @@ class PlanTrial:
             rec.choices = self.suggest_choices(trial)
             rec.hparams = {k: trial.suggest_float(k, float(r["low"]), float(r["high"]), log=bool(r.get("log", False)))
                            for k, r in self.hparams.items()}
-            plan = self.predict(rec)
+            plan, settings = self.predict(rec)
             for name, value in self.constraints(rec).items():
                 trial.set_constraint(name, value)
             if rec.state != "infeasible":
                 self.learn(trial.study)
-                self.fit(rec, plan)
+                self.fit(rec, plan, settings)
         except Interrupted as e:
             rec.state, rec.fail_reason = "failed", f"interrupted by {e.signal_name}"
             raise
@@ -150,10 +152,12 @@ class PlanTrial:
             trial.set_user_attr(RECORD_ATTR, rec.to_attrs())
         return rec.objectives
 
-    def predict(self, rec: TrialRecord) -> Plan:
-        """The plan and its predicted cost; state infeasible when over budget or training nothing."""
+    def predict(self, rec: TrialRecord) -> tuple[Plan, FineTuneSettings]:
+        """The plan, its fine-tuning settings (recorded in the plan, passed whole to
+        workload.finetune) and its predicted cost; state infeasible when over budget or training
+        nothing."""
         with self.times.timed("predict"):
-            ft = self.workload.finetune_settings(self.max_epochs, max_steps=self.steps, **rec.hparams)
+            ft = self.workload.finetune_settings(self.max_epochs, max_steps=self.trial_steps, **rec.hparams)
             plan = self.profile.to_plan(rec.choices, meta={**self.plan_meta, "trial": rec.number,
                                                            "finetune": ft.to_dict()})
             peak = self.cost.peak(rec.choices)
@@ -171,14 +175,14 @@ class PlanTrial:
             rec.state, rec.val_accuracy, rec.fail_reason = "infeasible", 0.0, "plan trains no layer"
         elif rec.predicted_peak_bytes > self.device.budget_bytes:
             rec.state, rec.val_accuracy = "infeasible", 0.0
-        return plan
+        return plan, ft
 
     def constraints(self, rec: TrialRecord) -> dict[str, float]:
         trains = any(c != "frozen" for c in rec.choices.values())
         return {"peak_minus_budget_bytes": float(rec.predicted_peak_bytes - self.device.budget_bytes),
                 "no_trained_layer": 0.0 if trains else 1.0}
 
-    def fit(self, rec: TrialRecord, plan: Plan) -> None:
+    def fit(self, rec: TrialRecord, plan: Plan, settings: FineTuneSettings) -> None:
         """Fine-tune the plan (or reuse an earlier trial of the same plan) into `rec`."""
         prev = self.trained.get(self.key(rec.choices, rec.hparams))
         if prev is not None:
@@ -187,14 +191,13 @@ class PlanTrial:
             rec.measured_activation_bytes = prev.measured_activation_bytes
             return
         with self.times.timed("train"):
-            res = self.workload.finetune(plan, max_epochs=None if self.steps else self.max_epochs,
-                                         max_steps=self.steps, progress=False, **rec.hparams)
+            res = self.workload.finetune(plan, settings, progress=False)
         acc = float(res.val_accuracy)
         if not math.isfinite(acc):
             raise ValueError(f"validation accuracy is {acc}")
         rec.state, rec.val_accuracy, rec.train_loss, rec.epochs = "complete", acc, res.train_loss, res.epochs
         rec.val_loss = float(res.val_loss) if math.isfinite(res.val_loss) else None
-        rec.steps = self.steps
+        rec.steps = settings.max_steps
         rec.measured_activation_bytes, rec.measured_flops = res.measured_activation_bytes, res.measured_flops
         rec.train_wall_s = res.train_wall_s
         rec.cost_model_mismatch = cost_model_mismatches(rec)

@@ -8,19 +8,11 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from autorank.plan.plan import atomic_write  # torch + yaml only: one atomic-write helper
-from autorank.search.budget import BudgetPoint, budget_curve
+from autorank.io import atomic_write
+from autorank.search.budget import BudgetPoint
 from autorank.units import MB
 
 COLUMNS = ("budget_mb", "budget_bytes", "plain_accuracy", "plain_trial", "any_accuracy", "any_trial", "gain")
-
-
-def study_budget_curve(records: Sequence, budget_bytes: int) -> list[BudgetPoint]:
-    """The curve at every distinct predicted peak of a complete trial and at the device budget
-    (proxy accuracy: every trained trial has one)."""
-    peaks = {int(r.predicted_peak_bytes) for r in records
-             if r.state == "complete" and r.predicted_peak_bytes is not None}
-    return budget_curve(records, sorted(peaks | {int(budget_bytes)}))
 
 
 def curve_rows(points: Sequence[BudgetPoint]) -> list[dict]:
@@ -61,16 +53,3 @@ def plot_curve_png(points: Sequence[BudgetPoint], budget_bytes: int, path: Path,
         atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     finally:
         plt.close(fig)
-
-
-def summary_lines(points: Sequence[BudgetPoint], n: int = 5) -> list[str]:
-    """A few points of the curve (evenly spread, the last always), one line each."""
-    if not points:
-        return []
-    idx = sorted({round(i * (len(points) - 1) / max(n - 1, 1)) for i in range(min(n, len(points)))})
-
-    def f(v):
-        return "-" if v is None else f"{v:.3f}"
-
-    return [f"  {points[i].budget_bytes / MB:9.2f} MB: plain {f(points[i].plain_accuracy)}, "
-            f"with ranks {f(points[i].any_accuracy)}" for i in idx]

@@ -9,6 +9,10 @@ only when there is none. Two workers that create one at the same moment both loo
 the earliest (start time, then run id); the other deletes its own. A SQLite store is created or
 migrated under a file lock beside it (MLflow's schema migration is not safe to run twice at
 once); for workers on several machines, point them all at one `mlflow server` (docs/RELIABILITY.md).
+
+A tracking server that refuses the connection is one line (ConfigError, exit status 2): before
+any work (check_tracking: the server's port must answer), and later in the run (tracking_error:
+the server went away), its URL's password masked.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from autorank.errors import ConfigError
+from autorank.io import creation_lock
 from autorank.redact import redact_config, redact_url
-from autorank.search.storage import creation_lock
 from autorank.units import MB
 
 # MLflow 3 opens an experiment on its GenAI overview (traces, judges) unless the experiment is
@@ -32,6 +37,52 @@ from autorank.units import MB
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+CONNECT_TIMEOUT_S = 5.0
+_REFUSED = ("connection refused", "failed to establish a new connection", "max retries exceeded",
+            "name or service not known", "timed out", "connection aborted", "remote end closed")
+
+
+def _refused(uri: str, reason: str) -> ConfigError:
+    return ConfigError(f"tracking.uri: cannot connect to the MLflow server at {redact_url(uri)} ({reason}): "
+                       "start it (mlflow server --backend-store-uri ... --host ... --port ...), or fix the host "
+                       "and port in tracking.uri, and run the same command again to resume")
+
+
+def check_tracking(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Before any work: an http(s) tracking URI's server answers on its port (a TCP connect;
+    MLflow's own client would retry for minutes first). Other URIs (a SQLite store) are files:
+    the app checks those as outputs."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    u = urlsplit(uri)
+    try:
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError as e:
+        raise ConfigError(f"tracking.uri: {redact_url(uri)} has no valid port ({e})") from None
+    try:
+        socket.create_connection((u.hostname or "localhost", port), timeout=timeout_s).close()
+    except OSError as e:
+        raise _refused(uri, e.strerror or type(e).__name__) from None
+
+
+def tracking_error(exc: BaseException, uri: str | None) -> ConfigError | None:
+    """The one-line ConfigError for a tracking server that stopped answering during the run,
+    found in `exc` or its causes (MLflow's client wraps the HTTP library's error), or None: then
+    it is no such error and keeps its traceback."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return None
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).lower()
+        if (isinstance(exc, (ConnectionError, OSError)) or type(exc).__name__ in ("MlflowException", "ConnectionError")) \
+                and any(n in text for n in _REFUSED):
+            return _refused(uri, next(n for n in _REFUSED if n in text))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -221,7 +272,8 @@ class MlflowTracker:
 
         import optuna
 
-        from autorank.tracking.budget_plot import plot_curve_png, study_budget_curve, write_curve_csv
+        from autorank.search.result import study_budget_curve
+        from autorank.tracking.budget_plot import plot_curve_png, write_curve_csv
         from autorank.tracking.front import plot_html, plot_png, write_table
 
         c = self.client

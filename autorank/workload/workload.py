@@ -172,6 +172,9 @@ class Workload:
 
         k, t = self.spec.key(), self.trainer
         module, _, fn = k["factory"].rpartition(".")
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        # the one place where the length is decided: a step count overrides epochs
         steps = max_steps if max_steps is not None else (t.steps if max_epochs is None else None)
         return FineTuneSettings(
             model_factory=f"{module}:{fn}",
@@ -243,23 +246,24 @@ class Workload:
         wall = time.perf_counter() - t1 - at_steps.wall_s
         return module, trainer, at_steps, wall, sampler
 
-    def finetune(self, plan: Any, *, max_epochs: int | None = None, progress: bool | None = None,
-                 max_steps: int | None = None, eval_steps: Iterable[int] = (), lr: float | None = None,
-                 momentum: float | None = None, weight_decay: float | None = None) -> FineTuneResult:
-        """Fine-tune `plan` for max_epochs or, when max_steps is given, for exactly that many SGD
-        steps (epochs as many as it takes); with neither, trainer.steps steps when set, else
-        trainer.max_epochs. lr, momentum, weight_decay: overrides of the trainer's (a trial's
-        searched hparams). eval_steps: optimizer steps
-        after which the val accuracy is also measured, into extra["val_accuracy_at_step"] (their
-        evaluation time is not in train_wall_s). extra["steps"]: the steps run."""
+    def finetune(self, plan: Any, settings: Any = None, *, progress: bool | None = None,
+                 eval_steps: Iterable[int] = (), **length_and_hparams: Any) -> FineTuneResult:
+        """Fine-tune `plan` as `settings` say (autorank.plan.plan.FineTuneSettings, resolved by
+        finetune_settings: exactly max_steps SGD steps when set, epochs otherwise; lr, momentum,
+        weight_decay), the settings the plan file records. settings None: finetune_settings(
+        **length_and_hparams) (max_epochs, max_steps, lr, momentum, weight_decay). eval_steps:
+        optimizer steps after which the val accuracy is also measured, into
+        extra["val_accuracy_at_step"] (their evaluation time is not in train_wall_s).
+        extra["steps"]: the steps run."""
         from autorank.plan import apply_plan
 
+        if settings is None:
+            settings = self.finetune_settings(length_and_hparams.pop("max_epochs", None), **length_and_hparams)
+        elif length_and_hparams:
+            raise TypeError(f"finetune: pass either settings or {sorted(length_and_hparams)}, not both")
         base = self.prepare()
-        if max_steps is None and max_epochs is None:
-            max_steps = self.trainer.steps
-        epochs = int(max_epochs if max_epochs is not None else self.trainer.max_epochs)
-        if max_steps is not None and max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        max_steps = settings.max_steps
+        epochs = int(settings.epochs or 0)
         progress = self.trainer.progress if progress is None else progress
         t = self.trainer
         torch.manual_seed(t.seed)
@@ -281,8 +285,7 @@ class Workload:
             _, loss = evaluate(nn.Identity(), [(x_train, y_train)], loss=self.loss)
             return FineTuneResult(acc, loss, 0, 0.0, 0, features_wall_s, cut, val_loss=val_loss)
 
-        hp = {"lr": t.lr if lr is None else lr, "momentum": t.momentum if momentum is None else momentum,
-              "weight_decay": t.weight_decay if weight_decay is None else weight_decay}
+        hp = {"lr": settings.lr, "momentum": settings.momentum, "weight_decay": settings.weight_decay}
         key, snap = self._resume_point(plan, hp, max_steps)
         if snap is not None:  # the same run was trained fewer steps: go on from there (resume.py)
             suffix = snap.suffix
