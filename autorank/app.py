@@ -251,7 +251,7 @@ def _study_summary(console: Any, result: Any, device: Any) -> None:
                         f"may use {process_mb:.0f} MB, runtime {device.runtime_mb:.0f} MB)",
                   caption="plan: one code per candidate layer, input to output: - frozen, F full "
                           "backprop, .8 ASI at explained variance 0.8, .8b the same with the batch "
-                          "mode kept whole, L4 LoRA rank 4, L4.8 LoRA + ASI; peak MB: the training step (tensors and kernel copies); process MB: "
+                          "mode kept whole, L4 LoRA rank 4, L4.8 LoRA + ASI, R a block recomputed (- kept); peak MB: the training step (tensors and kernel copies); process MB: "
                           "the device process (runtime + step + 24 MB); proxy: the trial's own "
                           "(short) training; val loss: held-out cross-entropy (per token for a "
                           "language model) after the refit, else the trial's")
@@ -297,18 +297,12 @@ def _study_summary(console: Any, result: Any, device: Any) -> None:
 
 
 def _short_plan(choices: dict[str, str]) -> str:
-    """One code per candidate layer in forward order: '-' frozen, 'F' full, '.8' ASI at eps 0.8,
-    '.8b' the same with the batch mode kept whole, 'L4' LoRA at rank 4, 'L4.8' LoRA + ASI."""
-    def code(c: str) -> str:
-        if c == "frozen":
-            return "-"
-        if c == "full":
-            return "F"
-        if c.startswith("lora@"):
-            rank, _, asi = c[5:].partition("+")
-            return "L" + rank + (code(asi) if asi else "")
-        return c.split("@", 1)[1].lstrip("0").replace(":b", "b") if c.startswith("asi@") else c
-    return " ".join(code(c) for c in choices.values())
+    """One code per candidate layer in forward order, each its method's (autorank.methods.
+    short_code): '-' frozen, 'F' full, '.8' ASI at eps 0.8, '.8b' the same with the batch mode
+    kept whole, 'L4' LoRA at rank 4, 'L4.8' LoRA + ASI, 'R' a recomputed block."""
+    from autorank.methods import short_code
+
+    return " ".join(short_code(c) for c in choices.values())
 
 
 def redact_hydra_files(cfg: DictConfig) -> None:

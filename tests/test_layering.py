@@ -1,6 +1,7 @@
 """The layers import only downwards (docs/ARCHITECTURE.md), read from the source with ast.
 
-    bottom (errors, units, io, redact, interrupt, conf: nothing of autorank) < shortcut < models < plan, cost and
+    bottom (errors, units, io, redact, interrupt, conf: nothing of autorank) < shortcut < models and
+    methods < plan, cost and
     the device runner < workload < search < tracking < app (app, __main__, export, validate)
 
 Every `import` / `from ... import` in every module of autorank/ counts, inside functions too, and
@@ -21,14 +22,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autorank"
 LAYERS = {
     "__init__": 0, "errors": 0, "units": 0, "io": 0, "conf": 0, "redact": 0, "interrupt": 0,
     "shortcut": 1,
-    "models": 2,
+    "models": 2, "methods": 2,  # methods: the method registry (layers from shortcut, used by plan and cost)
     "plan": 3, "cost": 3, "device": 3,  # device*.py: the torch-only device runner
     "workload": 4,
     "search": 5,
     "tracking": 6,
     "app": 7, "__main__": 7, "export": 7, "validate": 7,
 }
-LAYER_NAMES = {0: "bottom", 1: "shortcut", 2: "models", 3: "plan/cost", 4: "workload", 5: "search",
+LAYER_NAMES = {0: "bottom", 1: "shortcut", 2: "models/methods", 3: "plan/cost", 4: "workload", 5: "search",
                6: "tracking", 7: "app"}
 CORE = 3  # layers <= CORE: torch (+ yaml) only
 SEARCH_STACK = {"hydra", "omegaconf", "optuna", "optuna_integration", "lightning", "pytorch_lightning",
