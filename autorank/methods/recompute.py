@@ -17,8 +17,11 @@ autorank's plans freeze BN statistics (finetune_mode), where this does not arise
 
 Saved bytes: the block's tensor inputs (storages shared with other saved tensors counted once),
 when the block needs a graph at all. FLOPs: nothing of its own: the recomputed forward runs op
-by op in the backward and is counted there (train_step_flops), i.e. plain training's FLOPs plus
-one forward of the block. Peak: the cost model simulates the step, the recomputation included.
+by op in the backward and is counted there (train_step_flops): plain training's FLOPs plus the
+block's forward up to its last op that saves a tensor, that op excluded (torch stops the
+recomputation once the last saved tensor is back, and an op saves its inputs before it runs:
+checkpoint's early stop, on by default; for a conv block, every conv but the last). Peak: the
+cost model simulates the step, the recomputation included.
 """
 
 from __future__ import annotations
