@@ -3,7 +3,7 @@ asi, hosvd, lora (LoRA and LoRA + ASI) and recompute. `describe()` lists them.
 
 A new method is one module here ending in `register_method(...)` and one import below."""
 
-from autorank.methods.base import (KEEP_BATCH, MAX_RANK, Choice, KeyInfo, Method, flop_formulas, get_method,
+from autorank.methods.base import (KEEP_BATCH, MAX_RANK, Choice, KeyInfo, Method, flop_formulas, get_method, is_exact_key,
                                    key_choice, kinds, level_key, method_of_key, method_of_layer, methods,
                                    parse_choice, parse_key, register_method, short_code, space_choices,
                                    space_method)
@@ -18,6 +18,6 @@ def describe() -> str:
 
 
 __all__ = ["Choice", "KEEP_BATCH", "KeyInfo", "MAX_RANK", "Method", "Recompute", "describe", "flop_formulas",
-           "get_method", "key_choice", "kinds", "level_key", "lora_key", "method_of_key", "method_of_layer",
+           "get_method", "is_exact_key", "key_choice", "kinds", "level_key", "lora_key", "method_of_key", "method_of_layer",
            "methods", "parse_choice", "parse_key", "parse_lora_key", "register_method", "short_code",
            "space_choices", "space_method"]

@@ -121,6 +121,7 @@ class Method:
     name: str = ""  # the plan kind (Choice.kind)
     summary: str = ""  # one line: what it does (docs, `autorank.methods.describe()`)
     trains: bool = True  # whether the module's own weight gets a gradient
+    exact: bool = False  # whether training with it computes plain training's gradients
     scope: str = "layer"  # "layer": a conv/linear layer; "module": any module (a block)
     fields: tuple[str, ...] = ()  # the Choice fields it takes
     space_choices: tuple[str, ...] = ()  # the `choices` entries of a space file it answers to
@@ -242,6 +243,11 @@ def short_code(key: str) -> str:
 def key_choice(key: str, ranks: Mapping[str, Sequence[int]]) -> Choice:
     """The plan Choice of a search key, with the profile's ranks of the layer (per key)."""
     return method_of_key(key).key_choice(key, ranks)
+
+
+def is_exact_key(key: str) -> bool:
+    """Whether a choice key's method leaves the gradients exact (frozen, full, recompute)."""
+    return method_of_key(key).exact
 
 
 def space_method(space_choice: str) -> Method | None:

@@ -11,6 +11,7 @@ class Frozen(Method):
     name = "frozen"
     summary = "no gradient for the weight (the default of a layer a plan does not list)"
     trains = False
+    exact = True
     space_choices = ("frozen",)
     notation = "frozen"
 

@@ -10,6 +10,7 @@ class Full(Method):
     name = "full"
     summary = "plain backpropagation (the whole input kept for the weight gradient)"
     space_choices = ("full",)
+    exact = True
     notation = "full"
 
     def code(self, key: str) -> str:

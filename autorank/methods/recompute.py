@@ -83,6 +83,7 @@ class RecomputeMethod(Method):
     name = "recompute"
     summary = "a block keeps only its inputs and runs its forward again in the backward (exact)"
     trains = False
+    exact = True
     scope = "module"
     layer_types = (Recompute,)
     notation = "recompute (on a block)"

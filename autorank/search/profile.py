@@ -277,7 +277,9 @@ def fill_peak_bytes(prof: Profile, peak_fn: PeakFn, progress: bool = False) -> N
     """The predictions the knapsack's additive costs derive from (about 2 per choice).
 
     `peak_fn` returns bytes, or a PeakMemory record whose transient part is kept apart (the
-    transient is a max over layers, not a sum).
+    transient is a max over layers, not a sum). A block offered for recomputation is priced by
+    what recomputing it changes with its own candidate layers trained plainly (with them frozen
+    it saves nothing and its backward holds more), as ref + that difference.
     """
     first = prof.layers[0].name
     n = 1 + sum(len(lp.choices) * (2 if i else 1) for i, lp in enumerate(prof.layers))
@@ -293,7 +295,13 @@ def fill_peak_bytes(prof: Profile, peak_fn: PeakFn, progress: bool = False) -> N
             alone = {c: ask({lp.name: c}) for c in lp.choices}
             lp.alone_peak_bytes = {c: t for c, (t, _) in alone.items()}
             lp.alone_transient_bytes = {c: tr for c, (_, tr) in alone.items()}
-            if i > 0:
+            if lp.kind == "block":  # its saving shows with its own layers trained: priced in that context
+                ctx = {first: "full"} | {n: "full" for n in prof.layer_names if n.startswith(lp.name + ".")}
+                base, _ = ask(ctx)
+                wf = {c: (prof.ref_peak_bytes + ask(ctx | {lp.name: c})[0] - base, 0) for c in lp.choices}
+                lp.with_first_peak_bytes = {c: t for c, (t, _) in wf.items()}
+                lp.with_first_transient_bytes = {c: tr for c, (_, tr) in wf.items()}
+            elif i > 0:
                 wf = {c: ask({first: "full", lp.name: c}) for c in lp.choices}
                 lp.with_first_peak_bytes = {c: t for c, (t, _) in wf.items()}
                 lp.with_first_transient_bytes = {c: tr for c, (_, tr) in wf.items()}
