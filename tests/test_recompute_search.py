@@ -79,6 +79,20 @@ def test_profile_plan_knapsack_and_curve(model):
     assert any(res.choices[b] == "recompute" for b in blocks)
     assert res.sensitivity < res_plain.sensitivity
 
+    # the warm starts: every plan says what each block does; the deepest plain plan that fits
+    # comes with its blocks recomputed too (deeper: all layers, which plain training misses)
+    from autorank.search.warmstart import warm_start_plans
+
+    plans = dict(warm_start_plans(prof, rc_peak, cost))
+    assert all(set(ch) == set(prof.layer_names) for ch in plans.values())
+    assert plans["full every candidate"] == plain | {b: "frozen" for b in blocks}
+    deep = [src for src in plans if src.endswith("blocks recomputed")]
+    assert len(deep) == 1 and all(plans[deep[0]][b] == "recompute" for b in blocks)
+    k_rc = int(deep[0].split()[2].rstrip(","))
+    k_plain = max((int(src.split()[2]) for src in plans if src.startswith("full last") and src not in deep),
+                  default=0)
+    assert k_rc > k_plain and cost.peak(plans[deep[0]]).total_bytes <= rc_peak
+
     # the budget curve: plain + recompute is its own series
     recs = [SimpleNamespace(number=0, state="complete", predicted_peak_bytes=plain_peak, val_accuracy=0.8,
                             choices=plain),
