@@ -103,3 +103,11 @@ def test_profile_plan_knapsack_and_curve(model):
     assert is_exact(recomputed) and not is_plain(recomputed) and not is_exact({layers[0]: "asi@0.9"})
     at_rc = budget_curve(recs, [rc_peak])[0]
     assert (at_rc.plain_accuracy, at_rc.exact_accuracy, at_rc.exact_trial, at_rc.any_accuracy) == (None, 0.8, 1, 0.8)
+
+
+def test_the_summary_codes_come_from_the_methods():
+    from autorank.app import _short_plan
+
+    keys = {"a": "frozen", "b": "full", "c": "asi@0.9", "d": "asi@0.95:b", "e": "lora@4", "f": "lora@8+asi@0.8",
+            "g": "recompute"}
+    assert _short_plan(keys) == "- F .9 .95b L4 L8.8 R"
