@@ -220,18 +220,12 @@ def _summary(result: Any, device: Any, tracker: Any) -> None:
 
 
 def _short_plan(choices: dict[str, str]) -> str:
-    """One code per candidate layer in forward order: '-' frozen, 'F' full, '.8' ASI at eps 0.8,
-    '.8b' the same with the batch mode kept whole, 'L4' LoRA at rank 4, 'L4.8' LoRA + ASI."""
-    def code(c: str) -> str:
-        if c == "frozen":
-            return "-"
-        if c == "full":
-            return "F"
-        if c.startswith("lora@"):
-            rank, _, asi = c[5:].partition("+")
-            return "L" + rank + (code(asi) if asi else "")
-        return c.split("@", 1)[1].lstrip("0").replace(":b", "b") if c.startswith("asi@") else c
-    return " ".join(code(c) for c in choices.values())
+    """One code per candidate layer in forward order, each its method's (autorank.methods.
+    short_code): '-' frozen, 'F' full, '.8' ASI at eps 0.8, '.8b' the same with the batch mode
+    kept whole, 'L4' LoRA at rank 4, 'L4.8' LoRA + ASI, 'R' a recomputed block."""
+    from autorank.methods import short_code
+
+    return " ".join(short_code(c) for c in choices.values())
 
 
 def redact_hydra_files(cfg: DictConfig) -> None:

@@ -10,6 +10,9 @@ BLOCKER = import_blocker({"hydra", "optuna", "lightning", "pytorch_lightning", "
 import autorank.shortcut, autorank.plan, autorank.cost, autorank.io, autorank.errors, autorank.units
 # the rest of the torch-only core: the model factories a plan file names, and the device runner
 import autorank.models, autorank.device, autorank.device.runner
+# the method registry and every method in it
+import autorank.methods
+assert set(autorank.methods.kinds()) >= {"frozen", "full", "asi", "hosvd", "lora", "recompute"}
 from autorank.plan import Plan, Choice, apply_plan
 from autorank.cost import predict_saved_bytes, measure_saved_bytes, train_step_flops, predict_peak_training_bytes
 

@@ -1,7 +1,8 @@
 """The layers import only downwards (docs/ARCHITECTURE.md), read from the source with ast.
 
-    bottom (errors, units, io, redact, interrupt, conf: nothing of autorank) < shortcut < models < plan, cost and
-    the device runner < workload < search < tracking < app (app, __main__, export, validate, bench)
+    bottom (errors, units, io, redact, interrupt, conf: nothing of autorank) < shortcut < models and
+    methods < plan, cost and the device runner < workload < search < tracking < app (app, __main__,
+    export, validate, bench)
 
 and inside search/ its modules import only downwards too (SEARCH_ORDER).
 
@@ -23,7 +24,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autorank"
 LAYERS = {
     "__init__": 0, "errors": 0, "units": 0, "io": 0, "conf": 0, "redact": 0, "interrupt": 0,
     "shortcut": 1,
-    "models": 2,
+    "models": 2, "methods": 2,  # methods: the method registry (layers from shortcut, used by plan and cost)
     "plan": 3, "cost": 3, "device": 3,  # device*.py: the torch-only device runner
     "workload": 4,
     "search": 5,
@@ -31,7 +32,7 @@ LAYERS = {
     "app": 7, "__main__": 7, "export": 7, "validate": 7,
     "bench": 7,  # autorank-bench: benchmarks and checks, beside the app
 }
-LAYER_NAMES = {0: "bottom", 1: "shortcut", 2: "models", 3: "plan/cost", 4: "workload", 5: "search",
+LAYER_NAMES = {0: "bottom", 1: "shortcut", 2: "models/methods", 3: "plan/cost", 4: "workload", 5: "search",
                6: "tracking", 7: "app"}
 CORE = 3  # layers <= CORE: torch (+ yaml) only
 SEARCH_STACK = {"hydra", "omegaconf", "optuna", "optuna_integration", "lightning", "pytorch_lightning",

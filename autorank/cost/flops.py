@@ -7,7 +7,8 @@ elementwise work (BN, activations, adds). Two faults are fixed here through its 
   grad_input and grad_weight costs exactly what the forward does: 2 * B * prod(out spatial) *
   numel(weight).
 - linalg_qr, SVD and eigh count 0 in the stock table; the compression ops of ASI/HOSVD are mostly
-  these. Formulas (Golub & Van Loan, Matrix Computations, 4th ed., 5.2 and 8.6), k = min(m, n),
+  these. Each method brings the formulas of its own ops (autorank.methods: `flop_formulas`;
+  ASI the QR family in methods/asi.py, HOSVD the SVDs in methods/hosvd.py). Formulas (Golub & Van Loan, Matrix Computations, 4th ed., 5.2 and 8.6), k = min(m, n),
   M = max(m, n):
     QR (Householder), R only:           2 M k^2 - 2 k^3 / 3
     QR with the thin Q formed too:      twice that (geqrf + orgqr; torch.geqrf and
@@ -36,35 +37,12 @@ from torch.utils.flop_counter import _FlopCounterMode
 
 from autorank.cost.loss import logits_of
 from autorank.cost.meta import run_planned
+from autorank.methods import flop_formulas
+from autorank.methods.asi import householder_product_flops, qr_flops  # noqa: F401  (re-exported)
+from autorank.methods.hosvd import eigh_flops, svd_flops  # noqa: F401  (re-exported)
 from autorank.shortcut import ASIFactorizer, TuckerLayer
 
 aten = torch.ops.aten
-
-
-def qr_flops(m: int, n: int, with_q: bool = True) -> int:
-    """Householder QR of an m x n matrix (R, and the thin Q when with_q)."""
-    big, k = max(m, n), min(m, n)
-    r = 2 * big * k * k - (2 * k**3) // 3
-    return r + householder_product_flops(big, k, k) if with_q else r
-
-
-def householder_product_flops(m: int, n: int, k: int) -> int:
-    """LAPACK orgqr: the m x n Q from k reflectors, 4mnk - 2(m+n)k^2 + 4k^3/3 (for n = k the same
-    as the R part, up to rounding)."""
-    return 4 * m * n * k - 2 * (m + n) * k * k + (4 * k**3) // 3
-
-
-def svd_flops(m: int, n: int, compute_uv: bool = True, full_matrices: bool = False) -> int:
-    big, k = max(m, n), min(m, n)
-    if not compute_uv:
-        return 2 * big * k * k + 2 * k**3
-    if full_matrices:
-        return 4 * big * big * k + 22 * k**3
-    return 6 * big * k * k + 20 * k**3
-
-
-def eigh_flops(n: int, compute_v: bool = True) -> int:
-    return 9 * n**3 if compute_v else (4 * n**3) // 3
 
 
 def conv_forward_flops(x_shape, w_shape, out_shape, transposed: bool = False) -> int:
@@ -78,42 +56,6 @@ def _conv_backward(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _
                    _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
     fwd = conv_forward_flops(x_shape, w_shape, grad_out_shape, transposed)
     return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
-
-
-def _batch(shape) -> int:
-    return math.prod(shape[:-2])
-
-
-# The aten schemas' defaulted arguments (mode, full_matrices, compute_uv) do not reach the
-# formulas when the caller left them out, so the outputs' shapes decide: an empty Q / U / V is
-# not computed.
-def _qr(a_shape, *args, out_shape=None, **kwargs) -> int:
-    m, n = a_shape[-2:]
-    with_q = out_shape is None or math.prod(out_shape[0]) > 0
-    return _batch(a_shape) * qr_flops(m, n, with_q=with_q)
-
-
-def _geqrf(a_shape, *args, out_shape=None, **kwargs) -> int:
-    m, n = a_shape[-2:]
-    return _batch(a_shape) * qr_flops(m, n, with_q=False)
-
-
-def _householder_product(a_shape, tau_shape, *args, out_shape=None, **kwargs) -> int:
-    m, n = a_shape[-2:]
-    return _batch(a_shape) * householder_product_flops(m, n, tau_shape[-1])
-
-
-def _svd(a_shape, *args, out_shape=None, **kwargs) -> int:
-    m, n = a_shape[-2:]
-    u = out_shape[0] if out_shape is not None else (m, min(m, n))
-    compute_uv = math.prod(u) > 0
-    full = compute_uv and u[-1] == m and m > min(m, n)
-    return _batch(a_shape) * svd_flops(m, n, compute_uv, full)
-
-
-def _eigh(a_shape, *args, out_shape=None, **kwargs) -> int:
-    compute_v = out_shape is None or math.prod(out_shape[1]) > 0
-    return _batch(a_shape) * eigh_flops(a_shape[-1], compute_v)
 
 
 def _attention_shapes(query_shape, key_shape, value_shape) -> tuple[int, int, int, int, int]:
@@ -138,15 +80,12 @@ def _sdpa_cpu_backward(grad_out_shape, query_shape, key_shape, value_shape, *arg
     return 2 * bh * s_q * s_k * (3 * d_q + 2 * d_v)
 
 
+# the general corrections, then each method's own (autorank.methods: ASI's QR, HOSVD's SVDs)
 CUSTOM_FLOP_FORMULAS = {
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward,
     aten.convolution_backward: _conv_backward,
-    aten.linalg_qr: _qr,
-    aten.geqrf: _geqrf,
-    aten.linalg_householder_product: _householder_product,
-    aten._linalg_svd: _svd,
-    aten._linalg_eigh: _eigh,
+    **flop_formulas(),
 }
 
 

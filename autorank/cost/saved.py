@@ -24,9 +24,10 @@ What autograd saves (torch 2.14, checked against saved_tensors_hooks):
   mul              each tensor operand whose partner requires grad
   add, sub, views, reshape, flatten, cat, mean, sum: nothing
   transformer ops (attention, layer/RMS norm, embedding, pow, rsqrt, ...): autorank.cost.seqrules
-autorank.shortcut's layers (ShortcutLayer: ASI/HOSVD layers and the lean companions) are opaque:
-their own `saved_bytes` formula is used, as a fresh storage; those marked `traced` (LoRA) are
-traced op by op like any module.
+autorank.shortcut's layers (ShortcutLayer: a method's layers and the lean companions) are opaque:
+the rule of the method that built them (autorank.methods: ASI/HOSVD their core and factors,
+recompute the block's inputs), or a lean companion's own `saved_bytes` formula as a fresh
+storage; those marked `traced` (LoRA, LeanSwiGLU) are traced op by op like any module.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from autorank.cost.fastmeta import tensors_in
 from autorank.cost.meta import run_planned, storage_key
 from autorank.cost.seqrules import SEQUENCE_RULES
-from autorank.shortcut import ShortcutLayer, TuckerLayer
-from autorank.shortcut.tucker import clip_ranks, compute_dtype
+from autorank.methods import method_of_layer
+from autorank.shortcut import ShortcutLayer
 
 
 @dataclasses.dataclass
@@ -138,33 +139,37 @@ class _Tracer(TorchFunctionMode):
             if id(module) in self.opened:
                 self.opened.discard(id(module))
                 self.opaque -= 1
-                flag = self.need(x) or any(p.requires_grad for p in module.parameters())
+                flag = any(self.need(a) for a in args) or any(p.requires_grad for p in module.parameters())
                 if flag:
-                    self.opaque_rule(module, x)
+                    self.opaque_rule(module, args)
                 self.mark(out, flag)
             if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and self.need(out):
                 self.region_shapes.append((name, tuple(x.shape), tuple(out.shape), x.dtype))
             self.stack.pop()
         return hook
 
-    def opaque_rule(self, module: ShortcutLayer, x: torch.Tensor) -> None:
-        if not isinstance(module, TuckerLayer):  # lean companions: their formula, a fresh storage
-            self.save_fresh(int(module.saved_bytes(tuple(x.shape), x.dtype)))
+    def opaque_rule(self, module: ShortcutLayer, args: tuple) -> None:
+        """The bytes an untraced ShortcutLayer keeps: its method's rule (autorank.methods:
+        `Method.saved_rule`), or, for a lean companion, its own formula as a fresh storage."""
+        method = method_of_layer(module)
+        if method is not None:
+            method.saved_rule(self, module, args)
             return
-        if not module.trains_weight:
-            return  # a frozen weight: the wrapper runs as a frozen layer, saving only the weight
-        # ASI ranks are fixed; HOSVD ranks depend on the data: taken from this input
-        self.opaque += 1  # our own SVDs are not part of the traced step
+        x = args[0]
+        self.save_fresh(int(module.saved_bytes(tuple(x.shape), x.dtype)))
+
+    # what a method's saved rule may call besides save / save_fresh
+    def count_input(self, nbytes: int) -> None:
+        """Add to conv_input_bytes (the trained layers' inputs, as kept)."""
+        self.conv_input_bytes += int(nbytes)
+
+    def untraced(self, fn, *args):
+        """fn(*args) with the tracer looking away (a layer's own rank SVDs are no step op)."""
+        self.opaque += 1
         try:
-            ranks = module.ranks_for(x)
+            return fn(*args)
         finally:
             self.opaque -= 1
-        nbytes = int(module.saved_bytes(tuple(x.shape), x.dtype, ranks=ranks))
-        self.conv_input_bytes += nbytes
-        if clip_ranks(ranks, x.shape) == list(x.shape) and compute_dtype(x.dtype) == x.dtype:
-            self.save(x)  # nothing compressed: the "core" is the input itself
-        else:
-            self.save_fresh(nbytes)
 
     # -- ops -----------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -11,12 +11,10 @@ companion that saves nothing there because no gradient flows through it.
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import torch.nn as nn
 
-from autorank import shortcut
 from autorank.errors import PlanError
 from autorank.plan.plan import Choice, Plan, check_fingerprint, original_modules
 from autorank.shortcut import BATCH_NORMS, lean, lean_llm
@@ -50,7 +48,10 @@ def trained_region(model: nn.Module, plan: Plan) -> list[str]:
 
 def _check_names(model: nn.Module, plan: Plan) -> None:
     candidates = set(candidate_layers(model))
-    for name in plan.layers:
+    modules = dict(original_modules(model))
+    for name, choice in plan.layers.items():
+        if choice.method.scope == "module" and name in modules:
+            continue  # a block-scoped method (recompute) names any module; it checks the rest
         if name not in candidates:
             raise PlanError(f"plan names layer {name!r}, which is not a conv/linear layer of this model "
                             f"(its conv/linear layers: {', '.join(candidate_layers(model)[-4:])}, ...): "
@@ -58,47 +59,37 @@ def _check_names(model: nn.Module, plan: Plan) -> None:
 
 
 def check_choices(model: nn.Module, plan: Plan) -> None:
-    """Every number of the plan's choices against the layer it names, before anything is built
-    (a LoRA rank makes two matrices of rank x in and out x rank): PlanError naming the layer.
-    - lora: a linear layer, rank at most the larger of its in and out features;
+    """Every number of the plan's choices against the module it names, before anything is built:
+    PlanError naming the layer. Each method checks its own (autorank.methods: `Method.check`):
+    - lora: a linear layer, rank at most the larger of its in and out features (a LoRA rank
+      makes two matrices of rank x in and out x rank);
     - asi (and lora's +asi): 4 ranks for a conv (batch, channels, height, width), at least 2 for a
       linear layer. An ASI rank above its mode's size costs nothing: it is clipped to the
-      input's size when the layer runs (and by the cost model)."""
+      input's size when the layer runs (and by the cost model);
+    - recompute: a block (a module holding layers)."""
     _check_names(model, plan)
     modules = dict(original_modules(model))
     for name, choice in plan.layers.items():
-        module = modules[name]
-        if choice.kind == "lora":
-            if not isinstance(module, nn.Linear):
-                raise PlanError(f"plan layer {name!r}: a lora choice needs a linear layer, it is {type(module).__name__}")
-            most = max(module.in_features, module.out_features)
-            if choice.rank > most:
-                raise PlanError(f"plan layer {name!r}: lora rank {choice.rank} is above the layer's larger "
-                                f"dimension ({module.in_features} in, {module.out_features} out): "
-                                f"use a rank of at most {most}")
-        if choice.ranks is None:
-            continue
-        conv_asi = isinstance(module, nn.Conv2d) and choice.kind == "asi"
-        if (conv_asi and len(choice.ranks) != 4) or len(choice.ranks) < 2:
-            need = "4 (batch, channels, height, width)" if conv_asi else "at least 2 (batch, ..., features)"
-            raise PlanError(f"plan layer {name!r}: {choice} gives {len(choice.ranks)} ASI ranks, the layer needs {need}")
+        choice.method.check(modules[name], choice, name)
 
 
 def _wrap(module: nn.Module, choice: Choice, name: str) -> nn.Module:
-    if choice.kind in ("full", "frozen"):
-        return module
-    if choice.kind == "lora":
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"a lora choice needs a linear layer; {name!r} is {type(module).__name__}")
-        module.requires_grad_(False)  # the base weight stays frozen; A and B train
-        # A's start is drawn from the layer's name: the same plan gives the same model anywhere
-        return shortcut.LoRALinear(module, choice.rank, asi_ranks=choice.ranks, seed=zlib.crc32(name.encode()))
-    conv = isinstance(module, nn.Conv2d)
-    if choice.kind == "asi":
-        cls = shortcut.ASIConv2d if conv else shortcut.ASILinear
-        return cls(module, choice.ranks)
-    cls = shortcut.HOSVDConv2d if conv else shortcut.HOSVDLinear
-    return cls(module, choice.eps)
+    return choice.method.build(module, choice, name)
+
+
+def _wrap_modules(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module]]:
+    """Wrap the modules a block-scoped method names (recompute), after every other swap: the
+    wrapper takes the block's submodules as they are then; the deepest first, so a block inside
+    another is wrapped before its parent takes it. (name, original) per swap."""
+    swaps = []
+    named = [(n, c) for n, c in plan.layers.items() if c.method.scope == "module"]
+    for name, choice in sorted(named, key=lambda nc: -nc[0].count(".")):
+        module = model.get_submodule(name)
+        new = _wrap(module, choice, name)
+        if new is not module:
+            _set_submodule(model, name, new)
+            swaps.append((name, module))
+    return swaps
 
 
 def _lean_companion(module: nn.Module, plan: Plan, trained: bool) -> nn.Module | None:
@@ -152,6 +143,8 @@ def apply_plan(model: nn.Module, plan_or_path: Plan | str | Path, *, strict: boo
       (bn='frozen'), ReLU/ReLU6/Hardtanh -> PackedReLU, frozen conv/linear -> FrozenConv2d /
       FrozenLinear; a SwiGLU MLP (Llama's) whose gate projection is in the region -> LeanSwiGLU,
       its submodules (wrapped or not) kept under their names.
+    - A block named with a block-scoped method (recompute) -> its wrapper (autorank.methods.
+      recompute.Recompute), after the swaps above, its submodules kept under their names.
     strict: check the plan's fingerprint (if it has one). Names are always checked. A plan
     already applied is removed first. A plan that trains no layer is a PlanError (nothing would
     get a gradient: backward would fail later) unless allow_untrained (the cost model prices
@@ -195,6 +188,7 @@ def apply_plan(model: nn.Module, plan_or_path: Plan | str | Path, *, strict: boo
             swaps.append((name, module))
     if plan.lean:
         swaps += _lean_containers(model, set(region))
+    swaps += _wrap_modules(model, plan)
     setattr(model, _STATE_ATTR, {"plan": plan, "swaps": swaps, "requires_grad": requires_grad})
     return model
 

@@ -126,6 +126,8 @@ def knapsack(prof: Profile, budget_bytes: int, peak_fn: Callable[[Mapping[str, s
     best_est: dict[tuple[str, ...], tuple[float, int]] = {}
     cheapest: list[tuple[int, tuple[str, ...]]] = []
     for s in range(len(names)):
+        if prof.layers[s].kind == "block":
+            continue  # a recomputed block trains nothing: the region starts at a layer
         items = _start_items(prof, s)
         caps = sorted({t[3] for ch in items for t in ch if t[0] != "frozen"})
         for cap in caps:

@@ -35,13 +35,14 @@ import torch
 from torch import Tensor, nn
 
 from autorank.cost.loss import training_loss
+from autorank.methods import key_choice
 from autorank.plan import Choice, Plan
 from autorank.search.cost import Choices, PeakRecord, PlanCost, peak_parts
 from autorank.search.gradients import hosvd_reconstruct, lowrank_grad, mode_svds, weight_grad
 from autorank.search.profilecache import dump_profile, read_profile
 from autorank.search.progress import progress_bar
 from autorank.search.protocols import Workload
-from autorank.search.space import SearchSpace, level_key, parse_choice_key, parse_lora_key
+from autorank.search.space import BLOCK_CHOICES, SearchSpace, level_key, parse_choice_key, parse_lora_key
 from autorank.shortcut.tucker import eps_rank
 from autorank.workload.cachefile import CacheDamaged, damaged_line, write_cache
 
@@ -61,7 +62,7 @@ Batches = Sequence[tuple[Tensor, Tensor]]
 @dataclass
 class LayerProfile:
     name: str
-    kind: str  # conv | linear
+    kind: str  # conv | linear | block (a block the space offers for recomputation)
     input_shape: list[int]
     choices: list[str]
     ranks: dict[str, list[int]]  # asi@level -> ranks per input mode
@@ -99,18 +100,15 @@ class Profile:
         layers = {}
         for lp in self.layers:
             key = choices.get(lp.name, "frozen")
-            kind, _ = parse_choice_key(key)
-            if kind == "lora":
-                rank, level = parse_lora_key(key)
-                layers[lp.name] = Choice.lora(rank, None if level is None else lp.ranks[key])
-            elif kind != "frozen":
-                layers[lp.name] = Choice.full() if kind == "full" else Choice.asi(tuple(lp.ranks[key]))
+            if key != "frozen":
+                layers[lp.name] = key_choice(key, lp.ranks)  # the method's Choice (autorank.methods)
         trained = [n for n in self.order if n in layers]
         if trained:
             cand = set(self.layer_names)
             start = self.order.index(trained[0])
             fill = {n: Choice.full() for n in self.order[start:] if n not in cand}
-            layers = {n: layers.get(n) or fill[n] for n in self.order if n in layers or n in fill}
+            blocks = {n: c for n, c in layers.items() if n not in self.order}  # recomputed blocks
+            layers = {n: layers.get(n) or fill[n] for n in self.order if n in layers or n in fill} | blocks
         m = {"choices": {n: choices.get(n, "frozen") for n in self.layer_names},
              "space": self.space.get("name"), "profile": self.key[:16], **(meta or {})}
         return Plan(layers=layers, bn=self.space.get("bn", "frozen"), lean=self.space.get("lean", True),
@@ -226,6 +224,14 @@ def layer_profile(name: str, module: nn.Module, xs: Sequence[Tensor], gs: Sequen
                         ranks={k: v for k, v in ranks.items() if k in sens}, sensitivity=sens)
 
 
+def block_profile(name: str) -> LayerProfile:
+    """A block the space offers for recomputation: `frozen` (kept as it is) or `recompute`, both
+    exact (sensitivity 0: recomputation changes no gradient, only memory and FLOPs). Listed
+    after the layers, so the region's start is always a layer."""
+    return LayerProfile(name=name, kind="block", input_shape=[], choices=list(BLOCK_CHOICES), ranks={},
+                        sensitivity={c: 0.0 for c in BLOCK_CHOICES})
+
+
 def profile_layers(model: nn.Module, batches: Batches, space: SearchSpace, *,
                    peak_fn: PeakFn | None = None, key: str | None = None,
                    cache_path: str | Path | None = None, progress: bool = True,
@@ -258,6 +264,7 @@ def profile_layers(model: nn.Module, batches: Batches, space: SearchSpace, *,
                                         [c[1][name] for c in captured], space,
                                         head=name == names[-1]))
             bar.advance(task)
+    layers += [block_profile(b) for b in space.recompute_blocks(model)]
     prof = Profile(key=key or "", space=space.to_dict(), layers=layers, order=space.fill_order(model))
     if peak_fn is not None:
         fill_peak_bytes(prof, peak_fn, progress=progress)
@@ -270,7 +277,9 @@ def fill_peak_bytes(prof: Profile, peak_fn: PeakFn, progress: bool = False) -> N
     """The predictions the knapsack's additive costs derive from (about 2 per choice).
 
     `peak_fn` returns bytes, or a PeakMemory record whose transient part is kept apart (the
-    transient is a max over layers, not a sum).
+    transient is a max over layers, not a sum). A block offered for recomputation is priced by
+    what recomputing it changes with its own candidate layers trained plainly (with them frozen
+    it saves nothing and its backward holds more), as ref + that difference.
     """
     first = prof.layers[0].name
     n = 1 + sum(len(lp.choices) * (2 if i else 1) for i, lp in enumerate(prof.layers))
@@ -286,7 +295,13 @@ def fill_peak_bytes(prof: Profile, peak_fn: PeakFn, progress: bool = False) -> N
             alone = {c: ask({lp.name: c}) for c in lp.choices}
             lp.alone_peak_bytes = {c: t for c, (t, _) in alone.items()}
             lp.alone_transient_bytes = {c: tr for c, (_, tr) in alone.items()}
-            if i > 0:
+            if lp.kind == "block":  # its saving shows with its own layers trained: priced in that context
+                ctx = {first: "full"} | {n: "full" for n in prof.layer_names if n.startswith(lp.name + ".")}
+                base, _ = ask(ctx)
+                wf = {c: (prof.ref_peak_bytes + ask(ctx | {lp.name: c})[0] - base, 0) for c in lp.choices}
+                lp.with_first_peak_bytes = {c: t for c, (t, _) in wf.items()}
+                lp.with_first_transient_bytes = {c: tr for c, (_, tr) in wf.items()}
+            elif i > 0:
                 wf = {c: ask({first: "full", lp.name: c}) for c in lp.choices}
                 lp.with_first_peak_bytes = {c: t for c, (t, _) in wf.items()}
                 lp.with_first_transient_bytes = {c: tr for c, (_, tr) in wf.items()}

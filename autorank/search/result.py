@@ -119,7 +119,7 @@ class SearchResult:
         caption = ("the front by proxy accuracy, with the exported plan, the best plain-only plan and the "
                    "refit references; plan: one code per candidate layer, input to output: - frozen, F full "
                    "backprop, .8 ASI at explained variance 0.8, .8b the same with the batch mode kept whole, "
-                   "L4 LoRA rank 4, L4.8 LoRA + ASI; peak MB: the training step (tensors and kernel copies); "
+                   "L4 LoRA rank 4, L4.8 LoRA + ASI, R a block recomputed (- kept); peak MB: the training step (tensors and kernel copies); "
                    "process MB: the device process (runtime + step + 24 MB); proxy: the trial's own (short) "
                    "training; val loss: held-out cross-entropy " + ("per token " if lm else "")
                    + "after the refit, else the trial's")
@@ -187,8 +187,10 @@ def curve_lines(points: Sequence[BudgetPoint], n: int = 5) -> list[str]:
     if not points:
         return []
     idx = sorted({round(i * (len(points) - 1) / max(n - 1, 1)) for i in range(min(n, len(points)))})
+    exact = any(p.exact_accuracy != p.plain_accuracy for p in points)  # a study that recomputed
     return [f"  {points[i].budget_bytes / MB:9.2f} MB: plain {_acc(points[i].plain_accuracy)}, "
-            f"with ranks {_acc(points[i].any_accuracy)}" for i in idx]
+            + (f"plain + recompute {_acc(points[i].exact_accuracy)}, " if exact else "")
+            + f"with ranks {_acc(points[i].any_accuracy)}" for i in idx]
 
 
 def _mb(nbytes: float | None) -> str:

@@ -25,13 +25,18 @@ file of your own is `space.path=/abs/my_space.yaml`. A space file:
                                    # frozen (they only pass gradients on), or full: every layer after
                                    # the first trained one trains plainly (a contiguous trained region,
                                    # as when fine-tuning "from layer k on")
+    recompute: blocks              # blocks the search may recompute in the backward (activation
+                                   # checkpointing): `blocks`, every block holding a candidate, or a
+                                   # list of block names; absent: none
     bn: frozen
     lean: true
 
 A choice key is a string: `frozen`, `full`, `asi@<level>` (e.g. `asi@0.8`) or `asi@<level>:b`
 (the level's ranks with the batch mode kept whole), `lora@<rank>` (LoRA beside the frozen weight:
 plan Choice.lora(rank)) or `lora@<rank>+asi@<level>` (LoRA whose A keeps its input at the level's
-ASI ranks: Choice.lora(rank, ranks)); the ASI ranks come from the profile (HOSVD_eps ranks on
+ASI ranks: Choice.lora(rank, ranks)), or, for a block the space's `recompute` offers, `recompute`
+(the block recomputed in the backward: plan Choice.recompute()) or `frozen` (kept as it is). The
+methods own these keys (autorank.methods); the ASI ranks come from the profile (HOSVD_eps ranks on
 calibration batches). LoRA keys apply to nn.Linear layers only: the profile drops them for convs.
 """
 
@@ -47,13 +52,17 @@ from torch import nn
 
 from autorank.errors import ConfigError, ConfigFileNotFound
 from autorank.io import read_mapping
+from autorank.methods import KEEP_BATCH, parse_key, space_choices, space_method
+from autorank.methods import level_key, lora_key, parse_lora_key  # noqa: F401  (the search's names for them)
+from autorank.models.split import flatten_blocks, transformer_blocks
 from autorank.plan import candidate_layers
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "conf" / "space"  # the `space` config group
-BASE_CHOICES = ("frozen", "full", "asi", "lora", "lora_asi")
+BASE_CHOICES = space_choices()  # every method's space-file choices: frozen, full, asi, lora, lora_asi
 LORA_CHOICES = ("lora", "lora_asi")  # expand to lora@<rank>[+asi@<level>] keys
 VARIANTS = ("all", "keep_batch")  # which ASI rank variants a space offers
-KEEP_BATCH = ":b"  # choice-key suffix of the keep_batch variant
+RECOMPUTE_ALL = "blocks"  # `recompute: blocks`: every block that holds a candidate layer
+BLOCK_CHOICES = ("frozen", "recompute")  # the keys of a block: kept as it is, or recomputed
 HEAD_RULES = ("full", "search")
 HPARAM_KEYS = ("lr", "momentum", "weight_decay")
 FILLS = ("frozen", "full")  # what the non-candidate layers after the first trained one do  # trainer settings Workload.finetune overrides
@@ -82,6 +91,8 @@ FORMS: dict[str, tuple[Any, str]] = {
     "lora_ranks": (_list_of(_whole), "a list of whole numbers >= 1"),
     "overrides": (lambda v: isinstance(v, Mapping) and all(_list_of(_STR)(c) for c in v.values()),
                   "a mapping of module name -> list of choices"),
+    "recompute": (lambda v: v is None or v == RECOMPUTE_ALL or _list_of(_STR)(v),
+                  f"{RECOMPUTE_ALL!r} (every block holding a candidate) or a list of block names"),
     "hparams": (lambda v: isinstance(v, Mapping) and all(isinstance(r, Mapping) and all(
         _NUM(x) or isinstance(x, bool) or x is None for x in r.values()) for r in v.values()),
                 "a mapping such as {lr: {low: 0.003, high: 0.1, log: true}}"),
@@ -93,38 +104,16 @@ def check_forms(d: Mapping[str, Any], where: str = "search space") -> None:
     where a number belongs), before anything converts or compares it."""
     for k, v in d.items():
         check, form = FORMS.get(k, (lambda _: True, ""))
-        if v is not None and not check(v) or (v is None and k not in ("last", "layers", "overrides", "hparams")):
+        if v is not None and not check(v) or (v is None and k not in ("last", "layers", "overrides", "hparams", "recompute")):
             raise ConfigError(f"{where}: `{k}: {v!r}` is not allowed: expected {form}")
-
-
-def level_key(level: float, keep_batch: bool = False) -> str:
-    return f"asi@{float(level):g}" + (KEEP_BATCH if keep_batch else "")
-
-
-def lora_key(rank: int, level: float | None = None) -> str:
-    """'lora@4', or with an ASI level 'lora@4+asi@0.9'."""
-    return f"lora@{int(rank)}" + ("" if level is None else "+" + level_key(level))
-
-
-def parse_lora_key(key: str) -> tuple[int, float | None]:
-    """'lora@4' -> (4, None); 'lora@4+asi@0.9' -> (4, 0.9)."""
-    rank, _, asi = key.removeprefix("lora@").partition("+")
-    if not key.startswith("lora@") or not rank.isdigit() or int(rank) < 1 or (asi and not asi.startswith("asi@")):
-        raise ConfigError(f"unknown choice {key!r}: expected lora@<rank> or lora@<rank>+asi@<level>")
-    return int(rank), (float(asi[4:]) if asi else None)
 
 
 def parse_choice_key(key: str) -> tuple[str, float | None]:
     """'asi@0.8' -> ('asi', 0.8); 'asi@0.8:b' -> ('asi', 0.8); 'full' -> ('full', None);
-    'lora@4' -> ('lora', None); 'lora@4+asi@0.9' -> ('lora', 0.9) (the rank: parse_lora_key)."""
-    if key.startswith("lora@"):
-        return "lora", parse_lora_key(key)[1]
-    if key.startswith("asi@"):
-        return "asi", float(key[4:].removesuffix(KEEP_BATCH))
-    if key in ("frozen", "full"):
-        return key, None
-    raise ConfigError(f"unknown choice {key!r}: expected frozen, full, asi@<level>, asi@<level>:b, "
-                      "lora@<rank> or lora@<rank>+asi@<level>")
+    'lora@4' -> ('lora', None); 'lora@4+asi@0.9' -> ('lora', 0.9) (the rank: parse_lora_key);
+    'recompute' -> ('recompute', None). The methods read their own keys (autorank.methods)."""
+    info = parse_key(key)
+    return info.kind, info.level
 
 
 def keeps_batch(key: str) -> bool:
@@ -154,6 +143,7 @@ class SearchSpace:
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {low, high, log}
     fill: str = "frozen"
     lora_ranks: tuple[int, ...] = (4, 8)
+    recompute: str | tuple[str, ...] | None = None  # blocks offered for recomputation
 
     def __post_init__(self) -> None:
         for c in list(self.choices) + [c for cs in self.overrides.values() for c in cs]:
@@ -171,6 +161,9 @@ class SearchSpace:
             raise ConfigError(f"space {self.name!r}: variants must be some of {VARIANTS}, got {self.variants}")
         if self.fill not in FILLS:
             raise ConfigError(f"space {self.name!r}: fill must be one of {FILLS}, got {self.fill!r}")
+        if isinstance(self.recompute, str) and self.recompute != RECOMPUTE_ALL:
+            raise ConfigError(f"space {self.name!r}: recompute must be {RECOMPUTE_ALL!r} or a list of block "
+                              f"names, got {self.recompute!r}")
         if self.head not in HEAD_RULES:
             raise ConfigError(f"space {self.name!r}: head must be one of {HEAD_RULES}, got {self.head!r}")
         for k, r in self.hparams.items():
@@ -187,7 +180,7 @@ class SearchSpace:
     def from_dict(cls, d: dict[str, Any]) -> "SearchSpace":
         d = dict(d)
         known = {"name", "last", "first", "spread", "layers", "choices", "levels", "overrides", "bn",
-                 "lean", "variants", "head", "hparams", "fill", "lora_ranks"}
+                 "lean", "variants", "head", "hparams", "fill", "lora_ranks", "recompute"}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"search space: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -200,6 +193,8 @@ class SearchSpace:
                 conv = {"levels": float, "lora_ranks": int}.get(k)
                 d[k] = tuple(conv(x) for x in d[k]) if conv else tuple(d[k])
         d["overrides"] = {k: tuple(v) for k, v in (d.get("overrides") or {}).items()}
+        if isinstance(d.get("recompute"), list):
+            d["recompute"] = tuple(d["recompute"])
         return cls(**d)
 
     @classmethod
@@ -231,6 +226,8 @@ class SearchSpace:
             "hparams": {k: dict(v) for k, v in sorted(self.hparams.items())},
             **({"fill": self.fill} if self.fill != "frozen" else {}),  # old spaces keep their sha
             **({"lora_ranks": list(self.lora_ranks)} if self.uses_lora else {}),
+            **({"recompute": self.recompute if isinstance(self.recompute, str) else list(self.recompute)}
+               if self.recompute is not None else {}),
         }
 
     @property
@@ -280,16 +277,26 @@ class SearchSpace:
             return ["full"]
         out: list[str] = []
         for c in self.overrides.get(layer, self.choices):
-            if c == "asi":
-                for lv in self.levels:
-                    out.extend(level_key(lv, v == "keep_batch") for v in self.variants)
-            elif c == "lora":
-                out.extend(lora_key(r) for r in self.lora_ranks)
-            elif c == "lora_asi":
-                out.extend(lora_key(r, lv) for r in self.lora_ranks for lv in self.levels)
-            else:
-                out.append(c)
+            out.extend(space_method(c).expand(c, self))
         return out
+
+    def recompute_blocks(self, model: nn.Module) -> list[str]:
+        """The blocks the search may recompute (each takes BLOCK_CHOICES), in forward order:
+        `recompute: blocks` every block holding a candidate layer (a transformer's blocks, else
+        the blocks of a Sequential model), or the names listed. [] without the option."""
+        if self.recompute is None:
+            return []
+        blocks = [b for b, _ in transformer_blocks(model)] or [b for b, _ in flatten_blocks(model) if b]
+        if self.recompute == RECOMPUTE_ALL:
+            cands = self.resolve(model)
+            return [b for b in blocks if any(c.startswith(b + ".") for c in cands)]
+        names = dict(model.named_modules())
+        bad = [b for b in self.recompute if b not in names or not b or next(names[b].children(), None) is None]
+        if bad:
+            raise ConfigError(f"space {self.name!r}: recompute names {bad}, which are no blocks of the model "
+                              f"(its blocks: {blocks[:3]} ... {blocks[-2:]}); or use recompute: {RECOMPUTE_ALL}")
+        order = {n: i for i, n in enumerate(names)}
+        return sorted(self.recompute, key=order.__getitem__)
 
     def hparam_defaults(self, defaults: Mapping[str, float]) -> dict[str, float]:
         """The warm-start value of each searched hparam: the range's own `default` where the space

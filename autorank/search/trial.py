@@ -114,7 +114,8 @@ class PlanTrial:
         """One choice per candidate. A `fill: full` space first suggests where the trained region
         starts (START, uniform over the candidates), the candidates before it frozen: sampled
         per layer, nearly every plan would start at the first layer (P(frozen) = 1/8 each)."""
-        first = self.names.index(trial.suggest_categorical(START, self.names)) if self.profile.order else 0
+        starts = [n for n in self.names if self.profile.layer(n).kind != "block"]  # blocks are no start
+        first = self.names.index(trial.suggest_categorical(START, starts)) if self.profile.order else 0
         out = {}
         for i, n in enumerate(self.names):
             cs = self.profile.layer(n).choices

@@ -16,8 +16,11 @@ def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> li
     infeasible from its prediction when it does not fit, never trained); the deepest plain plan
     that fits (the last k candidates plainly: the plain plan a plan with ranks has to beat); the
     uniform plan at the middle ASI level; the last 2 plainly; the uniform plans at the lowest and
-    highest level (each trains every candidate, the expensive kind of trial); the last N/2."""
-    names = profile.layer_names
+    highest level (each trains every candidate, the expensive kind of trial); the last N/2. With
+    blocks offered for recomputation (kept, `frozen`, in every other plan): the deepest plain plan
+    that fits with every block recomputed, right after the deepest plain one."""
+    names = [n for n in profile.layer_names if profile.layer(n).kind != "block"]
+    blocks = [n for n in profile.layer_names if profile.layer(n).kind == "block"]
     out: list[tuple[str, dict]] = []
 
     def rest(n: str) -> str:  # a layer a uniform plan leaves out: frozen, or `full` (the head rule)
@@ -33,10 +36,13 @@ def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> li
         ch = {n: key for n in names if key in profile.layer(n).choices}
         return (f"uniform {key}", {n: ch.get(n, rest(n)) for n in names}) if ch else None
 
-    def plain_last(k: int) -> tuple[str, dict] | None:  # the last k plainly, if allowed and it fits
+    def plain_last(k: int, recompute: bool = False) -> tuple[str, dict] | None:
+        """The last k plainly (every block recomputed), if allowed and it fits."""
         ch = {n: ("full" if i >= len(names) - k else "frozen") for i, n in enumerate(names)}
+        ch |= {b: "recompute" for b in blocks} if recompute else {}
         ok = k >= 1 and all(c in profile.layer(n).choices for n, c in ch.items())
-        return (f"full last {k}", ch) if ok and cost.peak(ch).total_bytes <= budget_bytes else None
+        src = f"full last {k}" + (", blocks recomputed" if recompute else "")
+        return (src, ch) if ok and cost.peak(ch).total_bytes <= budget_bytes else None
 
     try:
         out.append(("knapsack", knapsack(profile, budget_bytes, cost.peak).choices))
@@ -45,6 +51,9 @@ def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> li
     if all("full" in profile.layer(n).choices for n in names):
         out.append(("full every candidate", {n: "full" for n in names}))
     deepest = next((p for p in map(plain_last, range(len(names), 0, -1)) if p is not None), None)
+    if blocks:
+        deepest_rc = next((p for k in range(len(names), 0, -1) if (p := plain_last(k, True)) is not None), None)
+        out.extend(p for p in (deepest, deepest_rc) if p is not None)
     levels = sorted(profile.space.get("levels", []))
     lows_highs = [uniform(lv) for lv in sorted({levels[0], levels[-1]} - {levels[len(levels) // 2]})] if levels else []
     out.extend(p for p in (deepest, uniform(levels[len(levels) // 2]) if levels else None,
@@ -52,7 +61,8 @@ def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> li
                if p is not None)
     seen, uniq = set(), []
     for src, ch in out:
-        k = tuple(ch[n] for n in names)
+        ch = {b: "frozen" for b in blocks} | ch  # a block a plan leaves out is kept as it is
+        k = tuple(ch[n] for n in profile.layer_names)
         if k not in seen:
             seen.add(k)
             uniq.append((src, ch))

@@ -12,13 +12,15 @@ from autorank.io import atomic_write
 from autorank.search.budget import BudgetPoint
 from autorank.units import MB
 
-COLUMNS = ("budget_mb", "budget_bytes", "plain_accuracy", "plain_trial", "any_accuracy", "any_trial", "gain")
+COLUMNS = ("budget_mb", "budget_bytes", "plain_accuracy", "plain_trial", "any_accuracy", "any_trial", "gain",
+           "exact_accuracy", "exact_trial")
 
 
 def curve_rows(points: Sequence[BudgetPoint]) -> list[dict]:
     return [{"budget_mb": round(p.budget_bytes / MB, 3), "budget_bytes": p.budget_bytes,
              "plain_accuracy": p.plain_accuracy, "plain_trial": p.plain_trial,
-             "any_accuracy": p.any_accuracy, "any_trial": p.any_trial, "gain": p.gain} for p in points]
+             "any_accuracy": p.any_accuracy, "any_trial": p.any_trial, "gain": p.gain,
+             "exact_accuracy": p.exact_accuracy, "exact_trial": p.exact_trial} for p in points]
 
 
 def write_curve_csv(points: Sequence[BudgetPoint], path: Path) -> None:
@@ -38,7 +40,9 @@ def plot_curve_png(points: Sequence[BudgetPoint], budget_bytes: int, path: Path,
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    exact = any(p.exact_accuracy != p.plain_accuracy for p in points)  # a study that recomputed
     for attr, label, style in (("plain_accuracy", "plain backprop only", "C0--"),
+                               *((("exact_accuracy", "plain + recomputed blocks", "C2-."),) if exact else ()),
                                ("any_accuracy", "with ASI ranks", "C1-")):
         xs = [p.budget_bytes / MB for p in points if getattr(p, attr) is not None]
         ys = [getattr(p, attr) for p in points if getattr(p, attr) is not None]
