@@ -15,7 +15,7 @@ Why our own mode rather than a library (checked on torch 2.14, CPU):
 What this counts: tensors (activations, saved tensors, gradients, optimizer state, temporaries
 between ops). What it cannot see: memory a kernel allocates and frees inside one op (oneDNN
 reorders and scratchpads on the CPU, cuDNN workspaces on a GPU), allocator rounding and
-fragmentation. scripts/check_peak_cpu.py and check_peak_cuda.py show the size of that gap.
+fragmentation. `autorank-bench peak --device cpu|cuda` shows the size of that gap.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ counts that copy while the op runs, beside what is alive then, and `kernel_bytes
 that raises the step's peak above total_bytes (0 when it stays below), which the process model
 (autorank.cost.process) adds. Not
 modelled: cuDNN's workspace on a GPU, which can exceed the tensors.
-scripts/check_peak_cpu.py compares this with the live bytes of a real CPU step (--allocator: with
-the CPU allocator's peak), scripts/check_peak_cuda.py with torch.cuda.max_memory_allocated.
+`autorank-bench peak --device cpu` compares this with the live bytes of a real CPU step (--allocator: with
+the CPU allocator's peak), `autorank-bench peak --device cuda` with torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations

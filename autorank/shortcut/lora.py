@@ -3,7 +3,7 @@
 y = W x + b + scaling * B(A(x)), W and b frozen, A (rank x in) and B (out x rank) trained, B
 starting at zero (the model is unchanged at step 0). A's weight gradient needs the layer's
 input x: plain LoRA saves x whole, as full fine-tuning of W would; `lora_A` may be an
-ASILinear instead, which saves a Tucker form of x (the issue's LoRA + ASI), while B's gradient
+ASILinear instead, which saves a Tucker form of x (LoRA + ASI), while B's gradient
 needs only A(x), rank wide.
 
 Our own layer rather than peft's: peft injects adapters model-wide from one LoraConfig (one
