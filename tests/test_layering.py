@@ -27,6 +27,7 @@ LAYERS = {
     "search": 5,
     "tracking": 6,
     "app": 7, "__main__": 7, "export": 7, "validate": 7,
+    "bench": 7,
 }
 LAYER_NAMES = {0: "bottom", 1: "shortcut", 2: "models", 3: "plan/cost", 4: "workload", 5: "search",
                6: "tracking", 7: "app"}
