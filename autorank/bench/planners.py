@@ -22,8 +22,9 @@ a study refits its best front plans and exports the best refit plan. A fixed pla
 trial length once (its proxy), so that "trials to reach the knapsack plan" compares the study's
 trials with the knapsack plan at the same fidelity. `--long-factor F` refits each exported plan
 for F times trainer.steps (the run goes on from its shorter one: autorank/workload/resume.py).
-Each planner starts with the workload's feature cache and run snapshots emptied, so its wall
-and CPU time are its own.
+The frozen prefix's features at every cut are computed once per seed before the planners run
+(warm_features) and each planner starts with no run snapshots, so its wall and CPU time are its
+fine-tunes, its study and its refits, on the same footing as every other planner's.
 
 The output folder: results/<budget>/<planner>/seed<k>.json (one run each; a run whose file is
 there is skipped), studies/*.db (SQLite: an interrupted study resumes), plans/, runs/,
@@ -55,8 +56,11 @@ SEARCHES = {"random": ("random", False), "default": (None, True), "tpe": ("tpe",
             "nsga2": ("nsga2", False)}  # planner -> (sampler config, None: the config's; warm starts)
 PLANNERS = ("head", "plain", "knapsack", "uniform", *SEARCHES)
 BUDGETS = ("device", "tight")
+# --quick: a smoke run of every planner (not a measurement): one seed, 4 trials, a few steps, 20
+# training images per class at 32 px (validation stays the downstream test set, which the 96 px
+# default evaluates at ~50 s per deep fine-tune on 2 busy cores)
 QUICK = {"seeds": [0], "trials": 4, "trial_steps": 5, "refit_steps": 10, "long_factor": 2,
-         "max_per_class": 20}
+         "max_per_class": 20, "input_size": 32}
 
 
 @dataclass
@@ -74,7 +78,7 @@ class Settings:
     refit_steps: int | None = None
     long_factor: int = 0
     budgets: list[str] = field(default_factory=lambda: list(BUDGETS))
-    tight_layers: int = 3
+    tight_layers: int = 4
     planners: list[str] = field(default_factory=lambda: list(PLANNERS))
     overrides: list[str] = field(default_factory=list)
 
@@ -275,7 +279,10 @@ class Bench:
             self.workloads.clear()  # one seed's base model, features and runs in memory at a time
             self.costs.clear()
             job = build_job(job_overrides(self.st, "knapsack", "device", None, seed), self.workloads)
-            planners = self.planners(self.profile(job)[0])
+            prof = self.profile(job)[0]
+            planners = self.planners(prof)
+            if any(not self.result_path(p, b, seed).is_file() for p in planners for b in self.st.budgets):
+                warm_features(job.workload, prof)
             for budget in self.st.budgets:
                 for planner in planners:
                     self.run_one(planner, budget, budgets[budget]["mb"], seed)
@@ -287,7 +294,7 @@ class Bench:
         print(f"planners: {planner} at the {budget} budget, seed {seed}", flush=True)
         job = build_job(job_overrides(self.st, planner, budget, budget_mb, seed), self.workloads)
         self.profile(job)
-        fresh_caches(job.workload)
+        fresh_runs(job.workload)
         t0, c0 = time.perf_counter(), time.process_time()
         rec = self.run_search(job) if planner in SEARCHES else self.run_fixed(job, planner)
         budget_bytes = int(job.device.budget_bytes)
@@ -295,6 +302,8 @@ class Bench:
                    trial_steps=self.st.trial_steps, refit_steps=self.st.refit_steps,
                    wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
                    hypervolume=front_hypervolume(rec["trials"], budget_bytes))
+        acc = rec.get("refit_accuracy")
+        print(f"  refit accuracy {'-' if acc is None else f'{acc:.3f}'}, {rec['wall_s']:.0f} s", flush=True)
         return _write_json(path, rec)
 
     def run_fixed(self, job: Job, planner: str) -> dict:
@@ -370,11 +379,24 @@ class Bench:
         return float(wl.finetune(plan, max_steps=steps, progress=False, **dict(hparams)).val_accuracy)
 
 
-def fresh_caches(wl: Any) -> None:
-    """Empty the workload's prefix features and run snapshots: each planner pays for its own."""
+def warm_features(wl: Any, prof: Any) -> None:
+    """The frozen prefix's features at the cut of every region start, computed once (shallow to
+    deep: each cut goes on from the one before) with a one-step fine-tune per cut, so that no
+    planner's time counts features another planner would have paid for."""
+    from autorank.models import cut_name
+
+    cuts = {}
+    for s in range(len(prof.layer_names)):
+        plan = prof.to_plan(region_choices(prof, s))
+        cuts.setdefault(cut_name(wl.model, plan), plan)
+    for plan in cuts.values():
+        wl.finetune(plan, max_steps=1, progress=False)
+
+
+def fresh_runs(wl: Any) -> None:
+    """Forget the workload's run snapshots: a planner's run never goes on from another planner's."""
     from autorank.workload.resume import SnapshotCache
 
-    wl.features.clear()
     wl.snapshots = SnapshotCache(wl.snapshots.max_bytes)
 
 
@@ -537,10 +559,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
     p.add_argument("--refit-steps", type=int, help="SGD steps of a refit (default: trainer.steps)")
     p.add_argument("--long-factor", type=int, help="also refit each exported plan this many times longer (0: no)")
     p.add_argument("--budgets", nargs="+", choices=BUDGETS, default=list(BUDGETS))
-    p.add_argument("--tight-layers", type=int, default=3,
+    p.add_argument("--tight-layers", type=int, default=4,
                    help="the tight budget: the best plain plan that fits trains only this many last candidates")
     p.add_argument("--planners", nargs="+", choices=PLANNERS, default=list(PLANNERS))
     p.add_argument("--max-per-class", type=int, help="data.max_per_class: training images per class")
+    p.add_argument("--input-size", type=int, help="data.input_size: image side in pixels")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a Hydra override of the app's config for every run (repeatable), e.g. data.input_size=64")
     p.add_argument("--quick", action="store_true",
@@ -549,8 +572,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
     a = p.parse_args(argv)
     quick = QUICK if a.quick else {}
     pick = {k: getattr(a, k) if getattr(a, k) is not None else quick.get(k)
-            for k in ("seeds", "trials", "trial_steps", "refit_steps", "long_factor", "max_per_class")}
-    overrides = list(a.set) + ([f"data.max_per_class={pick['max_per_class']}"] if pick["max_per_class"] else [])
+            for k in ("seeds", "trials", "trial_steps", "refit_steps", "long_factor", "max_per_class", "input_size")}
+    overrides = list(a.set) + [f"data.{k}={pick[k]}" for k in ("max_per_class", "input_size") if pick[k]]
     st = Settings(out=a.out.resolve(), root=a.root.resolve(), data=a.data, model=a.model, device=a.device,
                   seeds=pick["seeds"] or [0], trials=pick["trials"], trial_steps=pick["trial_steps"],
                   refit_steps=pick["refit_steps"], long_factor=pick["long_factor"] or 0, budgets=a.budgets,
