@@ -17,6 +17,11 @@ Planners, each built from the app's own configs (build_job) with the same trial 
     random, tpe, nsga2   the Optuna study with that sampler and no warm starts
     default         the study as the app runs it: the config's sampler and warm starts
 
+Studies run with search.references=false: the reference refits (plain backprop of everything,
+the head alone) change no exported plan, and head and plain are planners here. `seed=<k>` sets
+the data order, the head's initialisation and the sampler, and also the base model's
+pretraining (trainer.seed), so each seed starts from its own pretrained base.
+
 Accuracies compared are refit accuracies at trainer.steps: a fixed plan is fine-tuned that long;
 a study refits its best front plans and exports the best refit plan. A fixed plan also runs the
 trial length once (its proxy), so that "trials to reach the knapsack plan" compares the study's
@@ -30,7 +35,7 @@ The output folder: results/<budget>/<planner>/seed<k>.json (one run each; a run 
 there is skipped), studies/*.db (SQLite: an interrupted study resumes), plans/, runs/,
 budgets.json, report.md and figures/<budget>.png.
 
-Budgets: `device`, the device config's training budget, and `tight`: one byte below the
+Budgets: `device`, the device config's training budget, and `tight`: just below the
 smallest predicted peak of a plain plan that trains more than the last `--tight-layers`
 candidates, so that there the best plain plan trains only those (budgets.json says both in MB).
 """
