@@ -61,11 +61,11 @@ SEARCHES = {"random": ("random", False), "default": (None, True), "tpe": ("tpe",
             "nsga2": ("nsga2", False)}  # planner -> (sampler config, None: the config's; warm starts)
 PLANNERS = ("head", "plain", "knapsack", "uniform", *SEARCHES)
 BUDGETS = ("device", "tight")
-# --quick: a smoke run of every planner (not a measurement): one seed, 4 trials, a few steps, 20
-# training images per class at 32 px (validation stays the downstream test set, which the 96 px
-# default evaluates at ~50 s per deep fine-tune on 2 busy cores)
+# --quick: a smoke run of every planner (not a measurement): one seed, 4 trials, a few steps, 32
+# training images per class (5 classes: more than one batch of 128) at 32 px (validation stays the
+# downstream test set, which the 96 px default evaluates at ~50 s per deep fine-tune on 2 busy cores)
 QUICK = {"seeds": [0], "trials": 4, "trial_steps": 5, "refit_steps": 10, "long_factor": 2,
-         "max_per_class": 20, "input_size": 32}
+         "max_per_class": 32, "input_size": 32}
 
 
 @dataclass
