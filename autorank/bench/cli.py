@@ -28,6 +28,8 @@ COMMANDS = {
                  "accuracy against steps, lr and seed for plans of a workload (trial fidelity)"),
     "methods": (lambda: importlib.import_module("autorank.bench.methods"),
                 "transformers at equal budget: plain vs ASI vs LoRA vs LoRA + ASI on the last k blocks"),
+    "planners": (lambda: importlib.import_module("autorank.bench.planners"),
+                 "does the search pay: head, plain, knapsack, uniform ASI and the samplers at equal cost"),
     "device-memory": (lambda: importlib.import_module("autorank.bench.device_memory"),
                       "a run's plans trained by autorank-device: predicted against measured process peaks"),
     "proc-peak": (lambda: importlib.import_module("autorank.bench.procpeak"),

@@ -1,0 +1,106 @@
+"""The planners comparison (autorank.bench.planners) on tiny settings: a 6 k-parameter CNN on 16 px
+digits, the small space, 2 trials per study, a few steps, the tight budget only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autorank.bench import planners
+
+FIXED = ["head", "plain", "knapsack", "uniform asi@0.5", "uniform asi@0.8", "uniform asi@0.95"]
+STUDIES = ["random", "default", "tpe", "nsga2"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """(argv, output folder) of one finished tiny run."""
+    root = tmp_path_factory.mktemp("planners")
+    argv = ["--out", str(root / "out"), "--root", str(root), "--data", "digits", "--model", "small_cnn",
+            "--seeds", "0", "--trials", "2", "--trial-steps", "3", "--refit-steps", "6", "--long-factor", "2",
+            "--budgets", "tight", "--tight-layers", "1", "--set", "data.input_size=16",
+            "--set", "data.batch_size=32", "--set", "trainer.pretrain_epochs=1", "--set", "space=small"]
+    assert planners.main(argv) == 0
+    return argv, root / "out"
+
+
+def result(out, planner):
+    return json.loads((out / "results" / "tight" / planners.slug(planner) / "seed0.json").read_text())
+
+
+def test_every_planner_leaves_its_result(bench):
+    _, out = bench
+    budget = json.loads((out / "budgets.json").read_text())["tight"]["bytes"]
+    for name in FIXED + STUDIES:
+        r = result(out, name)
+        assert (r["planner"], r["budget_bytes"], r["seed"]) == (name, budget, 0)
+        assert (r["trial_steps"], r["refit_steps"]) == (3, 6)
+        assert len(r["trials"]) == (2 if name in STUDIES else 1)
+        assert r["cpu_s"] > 0 and r["wall_s"] > 0
+        if r["feasible"]:
+            assert r["predicted_peak_bytes"] <= budget
+            assert 0.0 <= r["refit_accuracy"] <= 1.0 and 0.0 <= r["long_accuracy"] <= 1.0
+    # the default study's first trial is the knapsack plan at the trainer's settings: the same
+    # run as the knapsack planner's proxy, to the bit
+    default, knap = result(out, "default"), result(out, "knapsack")
+    assert default["trials"][0]["source"] == "knapsack"
+    assert default["trials"][0]["accuracy"] == knap["proxy_accuracy"]
+    assert default["trials"][0]["peak_bytes"] == knap["predicted_peak_bytes"]
+
+
+def test_plain_is_the_deepest_plain_plan_that_fits(bench):
+    from autorank.cost import predict_peak_training_bytes
+
+    argv, out = bench
+    st, _ = planners.parse_args(argv)
+    b = planners.Bench(st)
+    b.resolve()
+    job = planners.build_job(planners.job_overrides(st, "plain", "tight", None, 0), b.workloads)
+    prof, _ = b.profile(job)
+    wl = job.workload
+    peaks = [predict_peak_training_bytes(wl.model, wl.example_input(), prof.to_plan(planners.region_choices(prof, s)),
+                                         loss=wl.loss).training_bytes for s in range(len(prof.layer_names))]
+    budget = json.loads((out / "budgets.json").read_text())["tight"]["bytes"]
+    n = len(peaks)
+    # the tight budget: the last candidate alone fits, every deeper plain plan does not
+    assert peaks[n - 1] <= budget < min(peaks[:n - 1])
+    plain = result(out, "plain")
+    first_fit = min(s for s in range(n) if peaks[s] <= budget)
+    assert plain["region_start"] == first_fit == n - 1
+    assert plain["predicted_peak_bytes"] == peaks[first_fit] <= budget
+    assert plain["choices"] == planners.region_choices(prof, first_fit)
+
+
+def test_hypervolume_of_a_small_front():
+    # (accuracy, peak) against (0, 1): peaks 0.2-0.5 reach accuracy 0.5, 0.5-0.6 reach 0.6,
+    # 0.6-1.0 reach 0.8: 0.3 * 0.5 + 0.1 * 0.6 + 0.4 * 0.8 = 0.53; a dominated point and one
+    # beyond the reference add nothing
+    front = [(0.5, 0.2), (0.8, 0.6), (0.6, 0.5)]
+    assert planners.hypervolume(front, (0.0, 1.0)) == pytest.approx(0.53, abs=1e-12)
+    assert planners.hypervolume(front + [(0.4, 0.7), (0.9, 1.5)], (0.0, 1.0)) == pytest.approx(0.53, abs=1e-12)
+    assert planners.hypervolume([], (0.0, 1.0)) == 0.0
+    # trials: peaks against a 10-byte budget; infeasible and over-budget trials left out
+    trials = [planners._trial(i, a, p, 1.0) for i, (a, p) in enumerate([(0.5, 2), (0.8, 6), (0.6, 5)])]
+    trials += [planners._trial(3, 0.0, 4, 1.0, "infeasible"), planners._trial(4, 0.99, 11, 1.0)]
+    assert planners.front_hypervolume(trials, 10) == pytest.approx(0.53, abs=1e-12)
+
+
+def test_trials_to_reach_a_target():
+    trials = [planners._trial(0, 0.5, 1, 2.0), planners._trial(1, 0.0, 9, 0.5, "infeasible"),
+              planners._trial(2, 0.7, 1, 3.0), planners._trial(3, 0.9, 1, 4.0)]
+    assert planners.reach(trials, 0.7) == (3, 5.5)
+    assert planners.reach(trials[::-1], 0.9) == (4, 9.5)  # in trial order, whatever the list's
+    assert planners.reach(trials, 0.95) is None
+
+
+def test_report_lists_every_planner(bench):
+    _, out = bench
+    text = (out / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert set(FIXED + STUDIES) <= set(rows)
+    knap = result(out, "knapsack")
+    cells = [c.strip() for c in rows["knapsack"].split("|")[1:-1]]
+    assert cells[2] == f"{knap['refit_accuracy']:.3f}"  # one seed: the value, no std
+    assert cells[6] == "1"  # the knapsack plan reaches its own accuracy at once
+    assert (out / "figures" / "tight.png").stat().st_size > 10_000
