@@ -204,7 +204,7 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
                     "config": dict(config or {}), "device": device_summary(device), "budget_bytes": budget,
                     "space": space.to_dict(), "sampler": type(study.sampler).__name__, "storage": storage,
                     "study_name": name, "n_trials": settings.n_trials, "timeout": settings.timeout,
-                    "profile_key": profile.key})
+                    "profile_key": profile.key, "heartbeat_s": settings.heartbeat_s})
         if settings.warm_start and n_new > 0:
             with times.timed("predict"):
                 plans = [(src, {**ch, **start_param(profile, ch)}) for src, ch in warm_start_plans(profile, budget, cost)]
