@@ -40,10 +40,36 @@ def compose_cfg(tmp_path: Path):
     GlobalHydra.instance().clear()
 
 
-# The small end-to-end settings of the app (a 6 k-parameter CNN on 16 px digits), shared by the
-# slow tests that need a pretrained base model.
-SMALL_APP_ARGS = ("model=small_cnn", "data.input_size=16", "data.batch_size=32", "trainer.max_epochs=2",
-                  "trainer.pretrain_epochs=2", "trainer.steps=6", "space=small")
+# The app's small end-to-end settings (a 6 k-parameter CNN on 16 px digits): the `smoke` preset,
+# autorank/conf/experiment/smoke.yaml. Tests add their own options after it; those win.
+SMOKE = "+experiment=smoke"
+
+
+def make_small_workload(root: Path, *, spec=None, data=None, input_size: int = 16, batch_size: int = 32,
+                        cache_dir: Path | str | None = None, **trainer):
+    """The small Workload of the tests, under `root`: small_cnn(width=8) (or `spec`) on the
+    digits at `input_size` px, batch `batch_size` (or `data`), the rpi4 profile (2048 MB RAM, 300
+    OS, 400 runtime, 2 GFLOPS), outputs in root/out and caches in `cache_dir` (root/cache);
+    `trainer`: TrainerConfig fields (lr 0.05 unless given)."""
+    import functools
+
+    from autorank.models import ModelSpec, small_cnn
+    from autorank.workload.data import DigitsData
+    from autorank.workload.device import DeviceProfile
+    from autorank.workload.workload import Paths, TrainerConfig, Workload
+
+    spec = spec or ModelSpec(functools.partial(small_cnn, width=8))
+    data = data or DigitsData(input_size=input_size, batch_size=batch_size)
+    paths = Paths(root=str(root), output_dir=str(Path(root) / "out"), cache_dir=str(cache_dir or Path(root) / "cache"))
+    return Workload(DeviceProfile("rpi4", 2048, 300, 400, 2.0), spec, data,
+                    TrainerConfig(**{"lr": 0.05, **trainer}), paths)
+
+
+@pytest.fixture(scope="session")
+def small_workload():
+    """make_small_workload(root, ...): the tests' small Workload builder (module-scoped fixtures
+    may use it too)."""
+    return make_small_workload
 
 
 @pytest.fixture(scope="session")
@@ -56,9 +82,9 @@ def pretrained_cache(tmp_path_factory):
     import sys
 
     root = tmp_path_factory.mktemp("pretrained")
-    p = subprocess.run([sys.executable, "-m", "autorank", "+device=rpi4", *SMALL_APP_ARGS, "search=knapsack",
+    p = subprocess.run([sys.executable, "-m", "autorank", "+device=rpi4", SMOKE, "search=knapsack",
                         f"export.path={root}/plan.yaml"], cwd=root, env={**os.environ, "AUTORANK_ROOT": str(root)},
                        capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr[-3000:]
-    return root / ".cache" / "autorank", list(SMALL_APP_ARGS)
+    return root / ".cache" / "autorank", [SMOKE]
 

@@ -18,9 +18,9 @@ from hydra.utils import instantiate
 from autorank.app import CONF_DIR, UsageError, device_names, run
 
 ROOT = Path(__file__).resolve().parent.parent
-# Small and fast: a 6 k-parameter CNN on 16 px digits.
-SMALL = ["model=small_cnn", "data.input_size=16", "data.batch_size=32", "trainer.max_epochs=2",
-         "trainer.pretrain_epochs=2", "trainer.steps=6"]
+# Small and fast: the smoke preset (conf/experiment/smoke.yaml), a 6 k-parameter CNN on 16 px
+# digits, search space `small`.
+SMOKE = "+experiment=smoke"
 
 
 def _compose(tmp_path: Path, overrides: list[str]):
@@ -49,6 +49,22 @@ def test_the_app_groups_have_these_options():
     assert _options("search") == ["knapsack", "optuna"]
     assert _options("sampler") == sorted(SAMPLERS)
     assert _options("tracking") == ["mlflow"]
+
+
+def test_the_smoke_preset_is_these_options_and_the_command_line_wins(tmp_path):
+    from omegaconf import OmegaConf
+
+    assert _options("experiment") == ["smoke"]
+    explicit = ["model=small_cnn", "data.input_size=16", "data.batch_size=32", "trainer.max_epochs=2",
+                "trainer.pretrain_epochs=2", "trainer.steps=6", "space=small"]
+    as_dict = lambda cfg: OmegaConf.to_container(cfg, resolve=False)  # noqa: E731
+    smoke = as_dict(_compose(tmp_path, ["+device=rpi4", SMOKE]))
+    plain = as_dict(_compose(tmp_path, ["+device=rpi4", *explicit]))
+    assert smoke.pop("hydra")["runtime"]["choices"]["experiment"] == "smoke"
+    plain.pop("hydra")
+    assert smoke == plain
+    cfg = _compose(tmp_path, ["+device=rpi4", SMOKE, "space=last4", "trainer.steps=20", "data.input_size=24"])
+    assert (cfg.space.name, cfg.trainer.steps, cfg.data.input_size, cfg.trainer.max_epochs) == ("last4", 20, 24, 2)
 
 
 def test_search_options(tmp_path):
@@ -183,7 +199,7 @@ def test_cli_unknown_space_option_lists_the_options(tmp_path):
 
 def test_cli_missing_dataset_fails_clearly(tmp_path):
     p = _cli(tmp_path, "+device=rpi4", "data=image_folder", f"data.root={tmp_path}/nowhere",
-             *SMALL, "search=knapsack")
+             SMOKE, "space=default", "search=knapsack")
     assert p.returncode == 2, p.stderr[-2000:]
     assert "nowhere" in p.stderr and "Traceback" not in p.stderr
 
@@ -215,8 +231,8 @@ def _narrow_checkpoint(tmp_path: Path) -> str:
         "negative_budget", "bad_feature_cache"])
 def test_cli_bad_value_is_one_clear_line(tmp_path, make_args, expect):
     args = make_args(tmp_path)
-    space = [] if any(a.startswith(("search.space=", "space.path=")) for a in args) else ["space=small"]
-    p = _cli(tmp_path, "+device=rpi4", *SMALL, *space, *args, timeout=120)
+    space = ["space=default"] if any(a.startswith(("search.space=", "space.path=")) for a in args) else []
+    p = _cli(tmp_path, "+device=rpi4", SMOKE, *space, *args, timeout=120)
     assert p.returncode == 2, p.stderr[-3000:]
     assert "Traceback" not in p.stderr and "InstantiationException" not in p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("autorank: error:")]
@@ -244,8 +260,7 @@ def test_a_bug_keeps_its_traceback():
 
 @pytest.mark.slow
 def test_cli_budget_below_minimum_names_the_minimum(tmp_path):
-    p = _cli(tmp_path, "+device=rpi4", "device.budget_mb=0.01", *SMALL, "search=knapsack",
-             "space=small")
+    p = _cli(tmp_path, "+device=rpi4", "device.budget_mb=0.01", SMOKE, "search=knapsack")
     assert p.returncode == 2, p.stderr[-2000:]
     import re
 
@@ -258,8 +273,7 @@ def test_cli_budget_below_minimum_names_the_minimum(tmp_path):
 def test_cli_knapsack_end_to_end(tmp_path):
     from autorank.plan import Plan, apply_plan
 
-    p = _cli(tmp_path, "+device=rpi4", *SMALL, "search=knapsack", "space=small",
-             f"export.path={tmp_path}/plan.yaml")
+    p = _cli(tmp_path, "+device=rpi4", SMOKE, "search=knapsack", f"export.path={tmp_path}/plan.yaml")
     assert p.returncode == 0, p.stderr[-3000:]
     plan = Plan.load(tmp_path / "plan.yaml")
     assert plan.layers, "the knapsack plan trains something"
@@ -283,8 +297,7 @@ def test_cli_knapsack_end_to_end(tmp_path):
     assert len(runs) == 1
     assert 0.0 <= runs[0].data.metrics["val_accuracy"] <= 1.0
     # Second run: checkpoint and profile come from the cache (no pretraining line).
-    p2 = _cli(tmp_path, "+device=rpi4", *SMALL, "search=knapsack", "space=small",
-              f"export.path={tmp_path}/plan2.yaml")
+    p2 = _cli(tmp_path, "+device=rpi4", SMOKE, "search=knapsack", f"export.path={tmp_path}/plan2.yaml")
     assert p2.returncode == 0, p2.stderr[-3000:]
     assert "pretraining" not in (p2.stdout + p2.stderr)
     assert yaml.safe_load((tmp_path / "plan2.yaml").read_text())["layers"] == \
@@ -295,7 +308,7 @@ def test_cli_knapsack_end_to_end(tmp_path):
 def test_cli_optuna_end_to_end_and_resume(tmp_path):
     import optuna
 
-    args = ["+device=rpi4", "device.budget_mb=2", *SMALL, "space=small", "search.trial_steps=4",
+    args = ["+device=rpi4", "device.budget_mb=2", SMOKE, "search.trial_steps=4",
             "search.n_trials=8", f"export.path={tmp_path}/plan.yaml"]
     p = _cli(tmp_path, *args)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -28,8 +28,7 @@ from autorank.models import small_cnn
 from autorank.plan import Choice, Plan, PlanError, apply_plan
 
 KW = {"num_classes": 4}
-SMALL = ["model=small_cnn", "data.input_size=16", "data.batch_size=32", "trainer.max_epochs=2",
-         "trainer.pretrain_epochs=2", "trainer.steps=6", "space=small", "search.n_trials=3"]
+SMALL = ["+experiment=smoke", "search.n_trials=3"]  # conf/experiment/smoke.yaml; a case's own options win
 HYDRA_FILES = re.compile(r"outputs/[^/]+/[^/]+/(\.hydra/[^/]+\.yaml|[^/]+\.log)$")
 
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import json
 import logging
@@ -26,14 +25,16 @@ import torch
 from torch import nn
 
 from autorank.errors import ConfigError
-from autorank.models import ModelSpec, small_cnn
+from autorank.models import small_cnn
 from autorank.search.profile import Profile, profile_layers
 from autorank.search.space import SearchSpace
 from autorank.workload import base as base_mod
-from autorank.workload.data import DatasetMissing, DigitsData, ImageFolderData
+from autorank.workload.data import DatasetMissing, ImageFolderData
 
-SMALL = ["model=small_cnn", "data.input_size=16", "data.batch_size=32", "trainer.pretrain_epochs=1",
-         "trainer.steps=2", "space=small", "search=knapsack", "~tracking", "export.device_check=false"]
+# the smoke preset (conf/experiment/smoke.yaml) with one pretraining epoch and two-step refits
+SMOKE = "+experiment=smoke"
+SMALL = [SMOKE, "trainer.pretrain_epochs=1", "trainer.steps=2", "search=knapsack", "~tracking",
+         "export.device_check=false"]
 
 
 def sha(data: bytes) -> str:
@@ -42,18 +43,17 @@ def sha(data: bytes) -> str:
 
 # --- class 4: caches are verified when read and rebuilt when damaged -------------------------------
 
-def _pretrain_args(cache: Path, out: Path) -> tuple:
-    spec = ModelSpec(functools.partial(small_cnn, width=8))
-    data = DigitsData(input_size=16, batch_size=32)
-    return (spec, data, cache), dict(epochs=1, lr=0.002, momentum=0.9, seed=0, batch_size=32, output_dir=out,
+def _pretrain_args(small_workload, cache: Path, out: Path) -> tuple:
+    wl = small_workload(out.parent)  # the tests' small model and data (conftest)
+    return (wl.spec, wl.data, cache), dict(epochs=1, lr=0.002, momentum=0.9, seed=0, batch_size=32, output_dir=out,
                                      progress=False)
 
 
 @pytest.fixture(scope="module")
-def cached_base(tmp_path_factory):
+def cached_base(tmp_path_factory, small_workload):
     """(cache dir, checkpoint path): a small base model pretrained once for this module."""
     cache = tmp_path_factory.mktemp("cache")
-    args, kw = _pretrain_args(cache, cache / "out")
+    args, kw = _pretrain_args(small_workload, cache, cache / "out")
     return cache, base_mod.base_checkpoint(*args, **kw)
 
 
@@ -78,7 +78,8 @@ BASE_DAMAGE = {  # name -> (what is done to the cache, a word of the reason give
 
 
 @pytest.mark.parametrize("case", sorted(BASE_DAMAGE))
-def test_damaged_base_model_is_named_and_pretrained_again(tmp_path, cached_base, case, caplog, monkeypatch):
+def test_damaged_base_model_is_named_and_pretrained_again(tmp_path, cached_base, case, caplog, monkeypatch,
+                                                          small_workload):
     import shutil
 
     shutil.copytree(cached_base[0] / "checkpoints", tmp_path / "cache" / "checkpoints")
@@ -90,7 +91,7 @@ def test_damaged_base_model_is_named_and_pretrained_again(tmp_path, cached_base,
     calls = []
     real = base_mod.pretrain
     monkeypatch.setattr(base_mod, "pretrain", lambda *a, **k: calls.append(1) or real(*a, **k))
-    args, kw = _pretrain_args(tmp_path / "cache", tmp_path / "out")
+    args, kw = _pretrain_args(small_workload, tmp_path / "cache", tmp_path / "out")
     with caplog.at_level(logging.WARNING, logger="autorank.workload.base"):
         path = base_mod.base_checkpoint(*args, **kw)
     lines = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
@@ -107,7 +108,7 @@ def test_damaged_base_model_is_named_and_pretrained_again(tmp_path, cached_base,
     assert calls == [1] and not caplog.records
 
 
-def test_cache_written_before_records_is_kept_and_recorded(tmp_path, cached_base, monkeypatch):
+def test_cache_written_before_records_is_kept_and_recorded(tmp_path, cached_base, monkeypatch, small_workload):
     import shutil
 
     shutil.copytree(cached_base[0] / "checkpoints", tmp_path / "cache" / "checkpoints")
@@ -116,7 +117,7 @@ def test_cache_written_before_records_is_kept_and_recorded(tmp_path, cached_base
     del side["checkpoint"]
     pt.with_suffix(".json").write_text(json.dumps(side))
     monkeypatch.setattr(base_mod, "pretrain", lambda *a, **k: pytest.fail("a whole old cache was retrained"))
-    args, kw = _pretrain_args(tmp_path / "cache", tmp_path / "out")
+    args, kw = _pretrain_args(small_workload, tmp_path / "cache", tmp_path / "out")
     assert base_mod.base_checkpoint(*args, **kw) == pt
     assert _side(pt)["checkpoint"]["sha256"] == sha(pt.read_bytes())
 
@@ -361,8 +362,8 @@ def _run_app(d: Path, args: list[str], limit_bytes: int | None = None) -> subpro
         pre = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, {limit_bytes})); ")
     code = pre + "import sys; from autorank.app import main; sys.argv[0] = 'autorank'; main()"
-    keys = {a.split("=", 1)[0] for a in args}  # another model and data: none of SMALL's for them
-    base = [a for a in SMALL if "data" not in keys or not a.startswith(("model=", "data.", "space="))]
+    keys = {a.split("=", 1)[0] for a in args}  # another model and data: not the smoke preset's
+    base = [a for a in SMALL if "data" not in keys or a != SMOKE]
     return subprocess.run([sys.executable, "-c", code, "+device=rpi4", *base, f"export.path={d}/plan.yaml", *args],
                           cwd=d, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
                           env={**os.environ, "AUTORANK_ROOT": str(d)})

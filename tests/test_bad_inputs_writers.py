@@ -31,8 +31,7 @@ from urllib.parse import quote
 
 import pytest
 
-SMALL = ["+device=rpi4", "model=small_cnn", "data.input_size=16", "data.batch_size=32", "trainer.steps=6",
-         "space=small", "search.n_trials=3", "hydra.run.dir={d}/run"]
+SMALL = ["+device=rpi4", "+experiment=smoke", "search.n_trials=3", "hydra.run.dir={d}/run"]  # conf/experiment/smoke.yaml
 FSIZE_LIMIT = 32 * 1024  # bytes a process of the full-disk cases may write to one file
 
 

@@ -3,15 +3,12 @@ no-grad pass, and the saved checkpoint scores in eval mode exactly what pretrain
 
 from __future__ import annotations
 
-import functools
 import json
 
 import torch
 from torch import nn
 
 from autorank.workload.base import base_checkpoint, load_weights, recompute_bn_stats
-from autorank.workload.data import DigitsData
-from autorank.models import ModelSpec, small_cnn
 from autorank.workload.module import evaluate
 
 torch.set_num_threads(1)
@@ -62,9 +59,9 @@ def test_no_batchnorm_is_left_alone():
     assert torch.equal(model[0].weight, before)
 
 
-def test_saved_checkpoint_scores_the_reported_accuracy(tmp_path):
-    spec = ModelSpec(functools.partial(small_cnn, width=8))
-    data = DigitsData(input_size=12, batch_size=32)
+def test_saved_checkpoint_scores_the_reported_accuracy(tmp_path, small_workload):
+    wl = small_workload(tmp_path, input_size=12)  # the tests' small model on 12 px digits (conftest)
+    spec, data = wl.spec, wl.data
     path = base_checkpoint(spec, data, tmp_path / "cache", epochs=1, lr=0.01, momentum=0.9, seed=0,
                            batch_size=64, output_dir=tmp_path / "out", progress=False)
     stats = json.loads(path.with_suffix(".json").read_text())

@@ -8,6 +8,7 @@ study storage and MLflow store."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,8 +21,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-TINY = ["+device=rpi4", "device.budget_mb=2", "model=small_cnn", "data.input_size=16", "data.batch_size=32",
-        "trainer.max_epochs=2", "trainer.pretrain_epochs=1", "trainer.steps=6", "space=small",
+# the smoke preset (conf/experiment/smoke.yaml) under a 2 MB budget, one pretraining epoch, no
+# refits, a heartbeat each second
+TINY = ["+device=rpi4", "+experiment=smoke", "device.budget_mb=2", "trainer.pretrain_epochs=1",
         "search.refit_steps=null", "search.heartbeat_s=1"]
 PG = os.environ.get("AUTORANK_TEST_PG")
 # A trial that a signal sent 0.5 s after it starts surely lands in: 1000 steps of this workload are
@@ -40,12 +42,13 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
-def start(root: Path, name: str, *args: str, storage: str | None = None) -> subprocess.Popen:
+def start(root: Path, name: str, *args: str, storage: str | None = None, mlflow: str | None = None) -> subprocess.Popen:
+    """The app on `name`'s study storage and MLflow store (`mlflow`: another run's store)."""
     storage = storage or f"sqlite:///{root}/{name}.db"
     # one thread each: three workers of two threads on two cores ran 20x slower than one (spinning)
     env = {**os.environ, "AUTORANK_ROOT": str(root), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "autorank", *TINY, f"search.storage={storage}",
-                             f"tracking.uri=sqlite:///{root}/{name}-mlflow.db", *args],
+                             f"tracking.uri=sqlite:///{root}/{mlflow or name}-mlflow.db", *args],
                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
 
@@ -148,8 +151,26 @@ def test_sigkill_mid_trial_then_the_same_command_retries_it(root):
     time.sleep(0.5)
     p.kill()
     p.communicate(timeout=60)
+    killed_at = time.time()
     assert p.returncode == -signal.SIGKILL
     assert trials(storage)[n].state == TrialState.RUNNING  # what SIGKILL leaves: no handler runs
+    (parent,), _ = mlflow_runs(root, "kill")
+    (beat,) = [json.loads(v) for k, v in parent.data.tags.items() if k.startswith("autorank.heartbeat.")]
+    assert parent.info.status == "RUNNING" and beat["worker"].endswith(f" pid {p.pid}") and beat["every_s"] == 1
+    # the next start in the MLflow experiment (another study) ends the dead worker's run KILLED,
+    # once 3 of its 1 s heartbeats are missed
+    time.sleep(max(0.0, killed_at + 3.5 - time.time()))
+    other = start(root, "kill-other", "search.n_trials=1", "search.trial_steps=2", "search.study_name=other",
+                  mlflow="kill")
+    out, err = other.communicate(timeout=600)
+    assert other.returncode == 0, err[-3000:]
+    parents, _ = mlflow_runs(root, "kill")
+    by_study = {r.data.tags["study_name"]: r for r in parents}
+    dead = by_study.pop(parent.data.tags["study_name"])
+    assert dead.info.run_id == parent.info.run_id and dead.info.status == "KILLED"
+    assert dead.info.end_time == int(beat["t"] * 1000)  # its last heartbeat
+    assert dead.data.tags["autorank.lost_worker"].startswith(f"worker {beat['worker']} stopped without ending this run")
+    assert [r.info.status for r in by_study.values()] == ["FINISHED"]
     p = start(root, "kill", *args)  # its heartbeat is 1 s: stale after 3 s, then failed and retried
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
@@ -159,7 +180,11 @@ def test_sigkill_mid_trial_then_the_same_command_retries_it(root):
     assert copy.state == TrialState.COMPLETE
     assert all(copy.params[k] == v for k, v in ts[n].params.items())  # the same plan
     parents, trial_runs = mlflow_runs(root, "kill")
-    assert [r.info.status for r in parents] == ["FINISHED"]
+    parents = [r for r in parents if r.data.tags["study_name"] != "other"]
+    # the same run resumed and finished; it keeps the tag saying a worker was lost
+    assert [(r.info.run_id, r.info.status) for r in parents] == [(parent.info.run_id, "FINISHED")]
+    assert parents[0].data.tags["autorank.lost_worker"] == dead.data.tags["autorank.lost_worker"]
+    trial_runs = [r for r in trial_runs if r.data.tags["study_name"] != "other"]
     assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {parents[0].info.run_id}
 
 

@@ -3,28 +3,17 @@ at several steps of one run, without changing the run."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 from autorank.plan import Choice, Plan
-from autorank.workload.data import DigitsData
-from autorank.workload.device import DeviceProfile
-from autorank.models import ModelSpec, small_cnn
-from autorank.workload.workload import Paths, TrainerConfig, Workload
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def workload(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("steps")
-    spec = ModelSpec(functools.partial(small_cnn, width=8))
-    data = DigitsData(input_size=12, batch_size=32)
-    paths = Paths(root=str(tmp), output_dir=str(tmp / "out"), cache_dir=str(tmp / "cache"))
-    trainer = TrainerConfig(pretrain_epochs=1, max_epochs=1, lr=0.05)
-    wl = Workload(DeviceProfile("rpi4", 2048, 300, 400, 2.0), spec, data, trainer, paths)
+def workload(tmp_path_factory, small_workload):
+    wl = small_workload(tmp_path_factory.mktemp("steps"), input_size=12, pretrain_epochs=1, max_epochs=1)
     wl.prepare(progress=False)
     return wl
 

@@ -11,21 +11,18 @@ import torch
 from autorank.models import ModelSpec, mcunet_like
 from autorank.plan import Choice, Plan
 from autorank.workload.data import DigitsData
-from autorank.workload.device import DeviceProfile
 from autorank.workload.resume import SnapshotCache, StepBatchSampler
-from autorank.workload.workload import Paths, TrainerConfig, Workload
+from autorank.workload.workload import Workload
 
 torch.set_num_threads(1)
 
 
-def make_workload(tmp, resume_mb: float = 64.0) -> Workload:
+def make_workload(small_workload, tmp, resume_mb: float = 64.0) -> Workload:
     # mcunet_like: its classifier has dropout, so the continued run must restore torch's RNG too
     spec = ModelSpec(functools.partial(mcunet_like, width_mult=0.25))
     data = DigitsData(input_size=16, batch_size=32, upstream_classes=[0, 1, 2, 3, 4],
                       downstream_classes=[5, 6, 7, 8, 9], max_per_class=40)
-    paths = Paths(root=str(tmp), output_dir=str(tmp / "out"), cache_dir=str(tmp / "cache"))
-    trainer = TrainerConfig(pretrain_epochs=1, lr=0.05, resume_cache_mb=resume_mb)
-    wl = Workload(DeviceProfile("rpi4", 2048, 300, 400, 2.0), spec, data, trainer, paths)
+    wl = small_workload(tmp, spec=spec, data=data, pretrain_epochs=1, resume_cache_mb=resume_mb)
     wl.prepare(progress=False)
     return wl
 
@@ -38,9 +35,9 @@ def plans(wl: Workload) -> list[Plan]:
 
 
 @pytest.fixture(scope="module")
-def workloads(tmp_path_factory):
+def workloads(tmp_path_factory, small_workload):
     tmp = tmp_path_factory.mktemp("resume")
-    return make_workload(tmp / "a"), make_workload(tmp / "b", resume_mb=0)
+    return make_workload(small_workload, tmp / "a"), make_workload(small_workload, tmp / "b", resume_mb=0)
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["plain", "asi"])
@@ -111,11 +108,11 @@ def test_cache_keeps_the_latest_within_its_bytes():
     SnapshotCache(0).put("x", snap(1, 1))  # off: keeps nothing, no error
 
 
-def test_a_run_does_not_depend_on_the_feature_cache(tmp_path):
+def test_a_run_does_not_depend_on_the_feature_cache(tmp_path, small_workload):
     """Computing a cut's features iterates a DataLoader, which draws from torch's global RNG; the
     first run of a cut (cache cold) must train exactly like a later one (cache warm): the same
     dropout masks, so the same losses."""
-    wl = make_workload(tmp_path, resume_mb=0)
+    wl = make_workload(small_workload, tmp_path, resume_mb=0)
     plan = plans(wl)[1]
     cold = wl.finetune(plan, max_steps=5, lr=0.03)
     warm = wl.finetune(plan, max_steps=5, lr=0.03)

@@ -132,3 +132,18 @@ def test_no_sampled_trial_freezes_or_asis_the_head(tmp_path):
     assert len(res.trials) == 20
     assert {r.choices[LAYERS[-1]] for r in res.trials} == {"full"}
     assert {run["choices"][LAYERS[-1]] for run in wl.runs} == {"full"}
+
+
+def test_the_refit_phase_has_a_progress_bar_one_tick_per_plan(tmp_path, capsys):
+    wl = FakeWorkload()
+    space, st, kw = study_args(tmp_path, n_trials=10, trial_steps=40, refit_steps=120, refit_top=2,
+                               progress=True)
+    res = run_study(wl, DEVICE, with_lr(space), st, **kw)
+    n = len(refit_candidates(res.trials, 2)) + 2  # the chosen trials and the two references
+    assert len(refit_runs(wl)) == n
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("refitting")]
+    assert [ln[:5] + ln[-2:-1] for ln in lines] == [["refitting", str(n), "plans", "at", "120", f"{n}/{n}"]]
+    run_study(wl, DEVICE, with_lr(space), st, **kw)  # resumed: every plan refit before ticks at once
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("refitting")]
+    assert [ln[:5] + ln[-2:-1] for ln in lines] == [["refitting", str(n), "plans", "at", "120", f"{n}/{n}"]]
+    assert len(refit_runs(wl)) == n

@@ -299,3 +299,61 @@ def test_the_app_ends_on_a_refused_server_with_one_line_and_status_2(tmp_path, o
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(starts), p.stderr
     assert PW not in p.stdout + p.stderr
+
+
+def _lost_study_run(c, exp_id: str, name: str, beat_t: float | None, every_s: float = 1.0) -> str:
+    """A RUNNING study run as a worker leaves it: its heartbeat last written at beat_t (None: no
+    heartbeat tag, as a run without heartbeats has)."""
+    tags = {"autorank.kind": "study", "study_name": name}
+    if beat_t is not None:
+        tags["autorank.heartbeat.otherhost.4242"] = json.dumps({"worker": "otherhost pid 4242", "t": beat_t,
+                                                                "every_s": every_s})
+    return c.create_run(exp_id, run_name=f"study {name}", tags=tags).info.run_id
+
+
+def test_a_dead_workers_study_run_is_ended_killed_at_the_next_start(tmp_path):
+    """Runs whose workers all missed 3 heartbeats are ended KILLED by the next start, whichever
+    study it starts; a live worker's run and a run without heartbeats are left RUNNING."""
+    import os
+    import re
+    import socket
+    import time
+
+    from autorank.tracking.heartbeat import LOST_TAG
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    c = MlflowClient(uri)
+    tracker = MlflowTracker(uri, experiment="e")
+    exp = tracker.connect()
+    now = time.time()
+    dead = _lost_study_run(c, exp, "dead", now - 3.5)  # 3 heartbeats of 1 s missed
+    late = _lost_study_run(c, exp, "late", now - 2.5, every_s=1.0)  # not yet 3: alive
+    slow = _lost_study_run(c, exp, "slow", now - 20.0, every_s=10.0)  # its own beat is 10 s
+    old = _lost_study_run(c, exp, "old", None)
+    tracker.start_study({"study_name": "s", "heartbeat_s": 0.2, "budget_bytes": 1})
+    status = {rid: c.get_run(rid).info.status for rid in (dead, late, slow, old)}
+    assert status == {dead: "KILLED", late: "RUNNING", slow: "RUNNING", old: "RUNNING"}
+    run = c.get_run(dead)
+    assert run.info.end_time == int(round(now - 3.5, 3) * 1000)  # ended when its worker stopped beating
+    assert not [k for k in run.data.tags if k.startswith("autorank.heartbeat.")]
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now - 3.5))
+    m = re.fullmatch(
+        f"worker otherhost pid 4242 stopped without ending this run: no heartbeat since {when} "
+        r"\((\d+) s, 3 heartbeats of 1 s missed: SIGKILL, out of memory or power loss\); ended KILLED at the "
+        f"start of worker {re.escape(socket.gethostname())} pid {os.getpid()}", run.data.tags[LOST_TAG])
+    assert m and 3 <= int(m[1]) <= time.time() - (now - 3.5) + 1, run.data.tags[LOST_TAG]
+    # this worker beats every 0.2 s on its own run, and takes its tag away when it ends the run
+    (key,) = [k for k in c.get_run(tracker.parent_run_id).data.tags if k.startswith("autorank.heartbeat.")]
+    t0 = json.loads(c.get_run(tracker.parent_run_id).data.tags[key])["t"]
+    time.sleep(0.7)
+    t1 = json.loads(c.get_run(tracker.parent_run_id).data.tags[key])["t"]
+    assert t1 - t0 >= 0.4
+    tracker.abort_study([])
+    mine = c.get_run(tracker.parent_run_id)
+    assert mine.info.status == "KILLED" and key not in mine.data.tags and LOST_TAG not in mine.data.tags
+    # the dead run's own study started again: resumed RUNNING, the tag kept as its history
+    again = MlflowTracker(uri, experiment="e")
+    assert again.start_study({"study_name": "dead", "heartbeat_s": 0.2}) == dead
+    run = c.get_run(dead)
+    assert run.info.status == "RUNNING" and LOST_TAG in run.data.tags
+    again.abort_study([])

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
@@ -16,11 +15,9 @@ from torch import nn
 
 from autorank.plan import Choice, Plan, apply_plan
 from autorank.workload import base as base_mod
-from autorank.workload.data import DigitsData
 from autorank.workload.device import DeviceProfile
 from autorank.workload.features import FeatureCache
 from autorank.models import (
-    ModelSpec,
     cut_name,
     flatten_blocks,
     mcunet_like,
@@ -30,7 +27,7 @@ from autorank.models import (
     split_at_first_trained,
 )
 from autorank.workload.module import PlanModule
-from autorank.workload.workload import Paths, TrainerConfig, TrainingFailed, Workload
+from autorank.workload.workload import TrainingFailed, Workload
 
 torch.set_num_threads(1)  # small models; the test machine is shared
 
@@ -105,16 +102,17 @@ def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def make_workload(tmp_path, cache_dir=None, **trainer) -> Workload:
-    spec = ModelSpec(functools.partial(small_cnn, width=8))
-    data = DigitsData(input_size=16, batch_size=32)
-    cfg = {"pretrain_epochs": 2, "max_epochs": 8, "lr": 0.05, **trainer}
-    cache = str(cache_dir or tmp_path / "cache")
-    paths = Paths(root=str(tmp_path), output_dir=str(tmp_path / "out"), cache_dir=cache)
-    return Workload(DeviceProfile("rpi4", 2048, 300, 400, 2.0), spec, data, TrainerConfig(**cfg), paths)
+@pytest.fixture
+def make_workload(small_workload):
+    """make_workload(tmp_path, cache_dir=None, **trainer): the tests' small Workload (conftest),
+    pretrained 2 epochs and fine-tuned up to 8 unless `trainer` says otherwise."""
+    def make(tmp_path, cache_dir=None, **trainer) -> Workload:
+        return small_workload(tmp_path, cache_dir=cache_dir, **{"pretrain_epochs": 2, "max_epochs": 8, **trainer})
+
+    return make
 
 
-def test_checkpoint_cached_and_reused(tmp_path, monkeypatch):
+def test_checkpoint_cached_and_reused(tmp_path, monkeypatch, make_workload):
     calls = []
     real = base_mod.pretrain
     monkeypatch.setattr(base_mod, "pretrain", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -138,7 +136,7 @@ def test_checkpoint_cached_and_reused(tmp_path, monkeypatch):
     assert calls == [1, 1]
 
 
-def test_model_checkpoint_path_is_loaded(tmp_path):
+def test_model_checkpoint_path_is_loaded(tmp_path, make_workload):
     torch.manual_seed(3)
     ref = small_cnn(num_classes=5)
     path = tmp_path / "w.pt"
@@ -166,7 +164,7 @@ def test_feature_cache_equals_prefix(tmp_path):
     torch.testing.assert_close(fresh.get(key, None, None)[0], feats, rtol=0, atol=0)
 
 
-def test_finetune_learns_downstream_digits(tmp_path, shared_cache):
+def test_finetune_learns_downstream_digits(tmp_path, shared_cache, make_workload):
     wl = make_workload(tmp_path, shared_cache, max_epochs=5)
     plan = Plan(layers={"conv2": Choice.full(), "conv3": Choice.full(), "fc": Choice.full()})
     r = wl.finetune(plan)
@@ -191,7 +189,7 @@ def test_finetune_learns_downstream_digits(tmp_path, shared_cache):
     assert all(not hasattr(m, "base_layer") for m in wl.model.modules())
 
 
-def test_finetune_measures_the_step_flops_train_step_flops_predicts(tmp_path, shared_cache):
+def test_finetune_measures_the_step_flops_train_step_flops_predicts(tmp_path, shared_cache, make_workload):
     from autorank.cost import train_step_flops
 
     wl = make_workload(tmp_path, shared_cache, max_epochs=1)
@@ -213,14 +211,14 @@ def test_finetune_measures_the_step_flops_train_step_flops_predicts(tmp_path, sh
         assert abs(r.measured_flops - predicted) <= 0.01 * predicted, (plan.layers, r.measured_flops, predicted)
 
 
-def test_bad_feature_cache_is_a_config_error(tmp_path):
+def test_bad_feature_cache_is_a_config_error(tmp_path, make_workload):
     from autorank.errors import ConfigError
 
     with pytest.raises(ConfigError, match="'ram'"):
         make_workload(tmp_path, feature_cache="ram")
 
 
-def test_checkpoint_errors_are_config_errors(tmp_path):
+def test_checkpoint_errors_are_config_errors(tmp_path, make_workload):
     from autorank.errors import ConfigError
 
     wl = make_workload(tmp_path)
@@ -238,7 +236,7 @@ def test_checkpoint_errors_are_config_errors(tmp_path):
         base_mod.load_weights(small_cnn(num_classes=5), tmp_path / "text.pt")
 
 
-def test_finetune_cached_features_reused_across_trials(tmp_path, shared_cache):
+def test_finetune_cached_features_reused_across_trials(tmp_path, shared_cache, make_workload):
     wl = make_workload(tmp_path, shared_cache, max_epochs=1)
     wl.finetune(Plan(layers={"fc": Choice.full()}))
     r = wl.finetune(Plan(layers={"fc": Choice.full()}))
@@ -246,7 +244,7 @@ def test_finetune_cached_features_reused_across_trials(tmp_path, shared_cache):
     assert r.features_wall_s < 0.05
 
 
-def test_finetune_with_asi_plan(tmp_path, shared_cache):
+def test_finetune_with_asi_plan(tmp_path, shared_cache, make_workload):
     wl = make_workload(tmp_path, shared_cache, max_epochs=2)
     full = wl.finetune(Plan(layers={"conv3": Choice.full(), "fc": Choice.full()}))
     asi = wl.finetune(Plan(layers={"conv3": Choice.asi([8, 4, 2, 2]), "fc": Choice.full()}))
@@ -254,7 +252,7 @@ def test_finetune_with_asi_plan(tmp_path, shared_cache):
     assert asi.measured_activation_bytes < full.measured_activation_bytes
 
 
-def test_bn_stays_in_eval_mode(tmp_path, shared_cache):
+def test_bn_stays_in_eval_mode(tmp_path, shared_cache, make_workload):
     wl = make_workload(tmp_path, shared_cache, max_epochs=1)
     wl.prepare(progress=False)
     before = wl.model.bn3.running_mean.clone()
@@ -267,7 +265,7 @@ def test_bn_stays_in_eval_mode(tmp_path, shared_cache):
     torch.testing.assert_close(model.bn3.running_mean, before, rtol=0, atol=0)
 
 
-def test_nan_loss_raises_training_failed(tmp_path, shared_cache):
+def test_nan_loss_raises_training_failed(tmp_path, shared_cache, make_workload):
     wl = make_workload(tmp_path, shared_cache, max_epochs=1)
     wl.prepare(progress=False)
     with torch.no_grad():
@@ -276,7 +274,7 @@ def test_nan_loss_raises_training_failed(tmp_path, shared_cache):
         wl.finetune(Plan(layers={"fc": Choice.full()}))
 
 
-def test_feature_cache_builds_a_deeper_cut_from_a_shallower_one(tmp_path, shared_cache):
+def test_feature_cache_builds_a_deeper_cut_from_a_shallower_one(tmp_path, shared_cache, make_workload):
     wl = make_workload(tmp_path, shared_cache, max_epochs=1)
     wl.finetune(Plan(layers={"conv2": Choice.full()}))  # cut before conv2: from the images
     calls = []

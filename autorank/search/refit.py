@@ -24,6 +24,7 @@ from autorank.plan import Plan
 from autorank.search.budget import is_plain
 from autorank.search.cost import CostModel
 from autorank.search.profile import Profile
+from autorank.search.progress import progress_bar
 from autorank.search.protocols import Workload
 from autorank.search.records import REFERENCE_ATTR, REFIT_ATTR, TrialRecord, best_of
 
@@ -59,7 +60,7 @@ def refit_trials(study: optuna.Study, workload: Workload, records: Sequence[Tria
     """Refit refit_candidates(records, top) at `steps` SGD steps with each trial's hparams;
     results merged into the study's REFIT_ATTR (re-read and written after each refit: an
     interrupted refit keeps what it finished, and workers sharing the study keep each other's)
-    and returned as {trial number: result}."""
+    and returned as {trial number: result}. on_done() after each candidate, refit now or before."""
     def stored() -> dict[str, dict]:  # read again each time: another worker may have stored some
         return {str(k): v for k, v in (study.user_attrs.get(REFIT_ATTR) or {}).items()}
 
@@ -67,11 +68,10 @@ def refit_trials(study: optuna.Study, workload: Workload, records: Sequence[Tria
     for rec in refit_candidates(records, top):
         done = {**done, **stored()}
         prev = done.get(str(rec.number))
-        if prev is not None and prev.get("steps") == steps and prev.get("finetune"):
-            continue
-        res = _fit(workload, Plan.from_dict(dict(rec.plan)), steps, rec.hparams)
-        done = {**done, **stored(), str(rec.number): res}
-        study.set_user_attr(REFIT_ATTR, done)
+        if prev is None or prev.get("steps") != steps or not prev.get("finetune"):
+            res = _fit(workload, Plan.from_dict(dict(rec.plan)), steps, rec.hparams)
+            done = {**done, **stored(), str(rec.number): res}
+            study.set_user_attr(REFIT_ATTR, done)
         if on_done is not None:
             on_done()
     return {int(k): v for k, v in done.items()}
@@ -86,17 +86,37 @@ def reference_choices(profile: Profile) -> dict[str, dict[str, str]]:
 
 def refit_references(study: optuna.Study, workload: Workload, profile: Profile, cost: CostModel, *,
                      budget_bytes: int, steps: int, hparams: Mapping[str, float],
-                     plan_meta: Mapping[str, Any] | None = None) -> dict[str, dict]:
+                     plan_meta: Mapping[str, Any] | None = None,
+                     on_done: Callable[[], None] | None = None) -> dict[str, dict]:
     """The reference points refit at `steps` with `hparams` (the warm-start values), cached in
     the study's REFERENCE_ATTR: {name: {choices, accuracy, steps, seed, hparams, peak_bytes,
-    over_budget}}."""
+    over_budget}}. on_done() after each point, refit now or before."""
     refs = dict(study.user_attrs.get(REFERENCE_ATTR) or {})
     for name, choices in reference_choices(profile).items():
-        if (refs.get(name) or {}).get("steps") == steps:
-            continue
-        plan = profile.to_plan(choices, meta=dict(plan_meta or {}))
-        peak = int(cost.peak(choices).total_bytes)
-        refs[name] = {"choices": choices, "peak_bytes": peak, "over_budget": peak > budget_bytes,
-                      "flops": int(cost.flops(choices)), **_fit(workload, plan, steps, hparams)}
-        study.set_user_attr(REFERENCE_ATTR, refs)
+        if (refs.get(name) or {}).get("steps") != steps:
+            plan = profile.to_plan(choices, meta=dict(plan_meta or {}))
+            peak = int(cost.peak(choices).total_bytes)
+            refs[name] = {"choices": choices, "peak_bytes": peak, "over_budget": peak > budget_bytes,
+                          "flops": int(cost.flops(choices)), **_fit(workload, plan, steps, hparams)}
+            study.set_user_attr(REFERENCE_ATTR, refs)
+        if on_done is not None:
+            on_done()
     return refs
+
+
+def refit_phase(study: optuna.Study, workload: Workload, records: Sequence[TrialRecord], profile: Profile,
+                cost: CostModel, *, steps: int, top: int, references: bool, budget_bytes: int,
+                hparams: Mapping[str, float], plan_meta: Mapping[str, Any] | None = None,
+                progress: bool = True) -> dict[str, dict]:
+    """The search's refit phase under one progress bar, "refitting N plans at S steps", one tick
+    per plan (a plan refit before at the same steps ticks at once): refit_trials(records, top),
+    then, when `references`, refit_references. Returns the references ({} without them)."""
+    n = len(refit_candidates(records, top)) + (len(reference_choices(profile)) if references else 0)
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"refitting {n} plans at {steps} steps", total=n)
+        tick = lambda: bar.advance(task)  # noqa: E731
+        refit_trials(study, workload, records, steps=steps, top=top, on_done=tick)
+        if not references:
+            return {}
+        return refit_references(study, workload, profile, cost, budget_bytes=budget_bytes, steps=steps,
+                                hparams=hparams, plan_meta=plan_meta, on_done=tick)

@@ -48,7 +48,7 @@ from autorank.search.budget import is_plain
 from autorank.search.result import SearchResult
 from autorank.search.records import (DIRECTIONS, OBJECTIVE_NAMES, TrialRecord, best_of, best_refit,
                                      front_of, records_from_study)
-from autorank.search.refit import refit_references, refit_trials
+from autorank.search.refit import refit_phase
 from autorank.search.space import SearchSpace, load_space
 from autorank.io import sqlite_path
 from autorank.search.storage import HEARTBEAT_S, check_driver, open_storage
@@ -204,7 +204,7 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
                     "config": dict(config or {}), "device": device_summary(device), "budget_bytes": budget,
                     "space": space.to_dict(), "sampler": type(study.sampler).__name__, "storage": storage,
                     "study_name": name, "n_trials": settings.n_trials, "timeout": settings.timeout,
-                    "profile_key": profile.key})
+                    "profile_key": profile.key, "heartbeat_s": settings.heartbeat_s})
         if settings.warm_start and n_new > 0:
             with times.timed("predict"):
                 plans = [(src, {**ch, **start_param(profile, ch)}) for src, ch in warm_start_plans(profile, budget, cost)]
@@ -216,11 +216,10 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
         refs = {}
         if settings.refit_steps:
             with times.timed("train"):
-                refit_trials(study, workload, records_from_study(study), steps=settings.refit_steps,
-                             top=settings.refit_top)
-                if settings.references:
-                    refs = refit_references(study, workload, profile, cost, budget_bytes=budget,
-                                            steps=settings.refit_steps, hparams=hp0, plan_meta=plan_meta)
+                refs = refit_phase(study, workload, records_from_study(study), profile, cost,
+                                   steps=settings.refit_steps, top=settings.refit_top,
+                                   references=settings.references, budget_bytes=budget, hparams=hp0,
+                                   plan_meta=plan_meta, progress=settings.progress)
         with times.timed("log"):
             result = write_plans(study, workload, settings, storage, budget, device)
         result.references = refs

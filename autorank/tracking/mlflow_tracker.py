@@ -9,6 +9,8 @@ only when there is none. Two workers that create one at the same moment both loo
 the earliest (start time, then run id); the other deletes its own. A SQLite store is created or
 migrated under a file lock beside it (MLflow's schema migration is not safe to run twice at
 once); for workers on several machines, point them all at one `mlflow server` (docs/RELIABILITY.md).
+Each worker holding the study's run beats a heartbeat on it; a worker killed outright leaves its
+run RUNNING until the next start in the experiment ends it KILLED (heartbeat.py).
 
 A tracking server that refuses the connection is one line (ConfigError, exit status 2): before
 any work (check_tracking: the server's port must answer), and later in the run (tracking_error:
@@ -29,6 +31,7 @@ from urllib.parse import quote
 from autorank.errors import ConfigError
 from autorank.io import creation_lock
 from autorank.redact import redact_config, redact_url
+from autorank.tracking.heartbeat import Heartbeat, beat_tag, end_lost_runs
 from autorank.units import MB
 
 # MLflow 3 opens an experiment on its GenAI overview (traces, judges) unless the experiment is
@@ -109,6 +112,7 @@ class MlflowTracker:
         self.parent_run_id: str | None = None
         self.trial_runs: dict[int, str] = {}
         self.info: dict[str, Any] = {}
+        self.heartbeat: Heartbeat | None = None
 
     # --- plumbing ---
     @property
@@ -188,7 +192,12 @@ class MlflowTracker:
         info = redact_config(dict(info))  # no URL password in a param, a tag or config.yaml
         self.info = info
         c = self.client
-        self.parent_run_id, created = self.study_run(str(info.get("study_name")))
+        end_lost_runs(c, self.experiment_id)  # study runs whose workers all died (heartbeat.py)
+        every_s = info.get("heartbeat_s")  # None: no heartbeat (search.heartbeat_s=null)
+        self.parent_run_id, created = self.study_run(str(info.get("study_name")),
+                                                     dict([beat_tag(every_s)]) if every_s else {})
+        if every_s:  # the tag before the status: a run RUNNING again is never judged lost
+            self.heartbeat = Heartbeat(c, self.parent_run_id, every_s)
         if not created:  # a resumed study, or another worker's: its params stay as first logged
             c.update_run(self.parent_run_id, status="RUNNING")
             return self.parent_run_id
@@ -211,15 +220,16 @@ class MlflowTracker:
             f"tags.study_name = '{study_name}' and tags.`autorank.kind` = 'study'"))
         return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
-    def study_run(self, study_name: str) -> tuple[str, bool]:
+    def study_run(self, study_name: str, tags: Mapping[str, str] = {}) -> tuple[str, bool]:
         """(the study's parent run id, whether this call created it): the earliest run tagged with
-        the study's name; when there is none, one is created, and kept unless another worker's
-        was created first (then this one is deleted)."""
+        the study's name; when there is none, one is created (with `tags` too), and kept unless
+        another worker's was created first (then this one is deleted)."""
         runs = self._study_runs(study_name)
         if runs:
             return runs[0].info.run_id, False
         mine = self.client.create_run(self.experiment_id, run_name=self.run_name or f"study {study_name}",
-                                      tags={"autorank.kind": "study", "study_name": study_name}).info.run_id
+                                      tags={"autorank.kind": "study", "study_name": study_name,
+                                            **tags}).info.run_id
         first = self._study_runs(study_name)[0].info.run_id
         if first != mine:
             self.client.delete_run(mine)
@@ -236,7 +246,13 @@ class MlflowTracker:
             return
         for rec in interrupted:
             self.log_trial(rec)
+        self._stop_heartbeat()
         self.client.set_terminated(self.parent_run_id, "KILLED")
+
+    def _stop_heartbeat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
 
     def log_trial(self, rec) -> str:
         from mlflow.entities import Param, RunTag
@@ -331,6 +347,7 @@ class MlflowTracker:
             c.log_artifact(pid, str(p), artifact_path="front/plans")
         if result.export_path is not None:
             c.log_artifact(pid, str(result.export_path), artifact_path="plan")
+        self._stop_heartbeat()
         c.set_terminated(pid, "FINISHED")
         print(self.ui_hint(result.study_name), flush=True)
 
@@ -339,6 +356,7 @@ class MlflowTracker:
                        metrics: Mapping[str, float | None], artifacts: Mapping[str, Path] = {}) -> str:
         info = redact_config(dict(info))  # no URL password in a param or config.yaml
         c = self.client
+        end_lost_runs(c, self.experiment_id)  # a start in the experiment, as start_study's
         run = c.create_run(self.experiment_id, run_name=self.run_name or "knapsack",
                            tags={"autorank.kind": str(info.get("kind", "knapsack"))})
         rid = run.info.run_id
