@@ -126,3 +126,19 @@ def test_paths_root_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTORANK_ROOT", str(tmp_path / "elsewhere"))
     paths = instantiate(compose_groups(tmp_path).paths)
     assert paths.cache_dir == str(tmp_path / "elsewhere" / ".cache" / "autorank")
+
+
+@pytest.mark.parametrize("model, extra", [("small_cnn", 0), ("mcunet_like", 0), ("mobilenet_v2", 130),
+                                          ("resnet18", 130)])
+def test_model_runtime_in_the_budget(tmp_path, model, extra):
+    """A torchvision model's config adds its measured runtime to the device's: the rpi4's training
+    budget is 130 MB smaller with mobilenet_v2 than with mcunet_like (torch alone)."""
+    from autorank.units import MB
+    from autorank.workload import Workload
+
+    wl = Workload.from_config(compose_groups(tmp_path, model=model))
+    assert wl.device.runtime_mb == 240 + extra
+    overhead = 24 * MB
+    assert wl.device.budget_bytes == int((1024 - 300 - 240 - extra) * MB - overhead)
+    if extra:
+        assert "for " + model in wl.device.sources["runtime_mb"]

@@ -30,10 +30,11 @@ class ModelSpec:
 
     `build(num_classes=..., in_channels=...)` makes a fresh network. `checkpoint`: a state-dict
     file loaded with `torch.load(weights_only=True)` instead of pretraining upstream.
-    `runtime_mb`: what building this model adds to the device process's runtime beyond a device
-    profile's `runtime_mb` (measured with a model that needs torch alone): torchvision's models
-    import torchvision, numpy and Pillow. The workload adds it to the device's runtime, so the
-    training budget, the predicted process peak and the plan file count it.
+    `runtime_mb`: what this model adds to the device process beyond a device profile's
+    `runtime_mb` (measured with a model that needs torch alone) and the tensor model: torchvision's
+    models import torchvision, numpy and Pillow, and their kernels held more on arm64. The workload
+    adds it to the device's runtime, so the training budget, the predicted process peak and the
+    plan file count it.
     `runtime_source`: where that figure comes from.
     """
 
