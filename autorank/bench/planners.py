@@ -143,7 +143,7 @@ def job_overrides(st: Settings, planner: str, budget: str, budget_mb: float | No
     tag = f"{budget}-{slug(planner)}-seed{seed}"
     out = [f"+device={st.device}", f"data={st.data}", f"model={st.model}", f"seed={seed}", "~tracking",
            f"paths.root={st.root}", f"paths.output_dir={st.out}/runs/{tag}", "export.data_path=null",
-           "export.device_check=false", f"export.path={st.out}/plans/{tag}.yaml"]
+           "export.device_check=false", f"export.path={st.out}/plans/{tag}.yaml", "search.progress=false"]
     if budget_mb is not None:
         out.append(f"device.budget_mb={budget_mb}")
     if st.refit_steps:
@@ -339,23 +339,25 @@ class Bench:
     def run_knapsack(self, job: Job) -> dict:
         """The app's knapsack search (its refit at trainer.steps), then the trial-length proxy and
         the long refit of its plan."""
-        res = job.search.run(job.workload, job.device, export_path=job.cfg.export.path,
-                             cache_dir=job.cfg.paths.cache_dir, progress=False)
+        from autorank.plan import Plan
+
+        res = job.search.run(job.workload, job.device)  # paths and progress come from its YAML
+        best = res.best
+        plan = Plan.from_dict(dict(best.plan))
         t0 = time.perf_counter()
-        proxy = job.workload.finetune(res.plan, max_steps=self.st.trial_steps, progress=False)
-        peak = int(res.predicted_peak_bytes)
-        rec = {"feasible": True, "choices": dict(res.knapsack.choices), "hparams": {}, "predicted_peak_bytes": peak,
-               "refit_accuracy": float(res.val_accuracy), "proxy_accuracy": float(proxy.val_accuracy),
+        proxy = job.workload.finetune(plan, max_steps=self.st.trial_steps, progress=False)
+        peak = int(best.predicted_peak_bytes)
+        rec = {"feasible": True, "choices": dict(best.choices), "hparams": {}, "predicted_peak_bytes": peak,
+               "refit_accuracy": float(best.val_accuracy), "proxy_accuracy": float(proxy.val_accuracy),
                "plan_file": str(res.export_path),
                "trials": [_trial(0, float(proxy.val_accuracy), peak, time.perf_counter() - t0)]}
-        rec["long_accuracy"] = self.long_refit(job.workload, res.plan, {})
+        rec["long_accuracy"] = self.long_refit(job.workload, plan, {})
         return rec
 
     def run_search(self, job: Job) -> dict:
         from autorank.plan import Plan
 
-        res = job.search.run(job.workload, job.device, sampler=job.sampler, run_dir=job.cfg.paths.output_dir,
-                             export_path=job.cfg.export.path, cache_dir=job.cfg.paths.cache_dir, progress=False)
+        res = job.search.run(job.workload, job.device, sampler=job.sampler)  # paths, progress: its YAML
         trials = [_trial(r.number, r.val_accuracy, r.predicted_peak_bytes, r.wall_s, r.state, r.source)
                   for r in sorted(res.trials, key=lambda r: r.number)]
         best = res.best
