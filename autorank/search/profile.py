@@ -282,7 +282,10 @@ def fill_peak_bytes(prof: Profile, peak_fn: PeakFn, progress: bool = False) -> N
     it saves nothing and its backward holds more), as ref + that difference.
     """
     first = prof.layers[0].name
-    n = 1 + sum(len(lp.choices) * (2 if i else 1) for i, lp in enumerate(prof.layers))
+    # one ask per choice alone, one more per choice with the first layer (a block: with its own
+    # layers trained, plus that context once)
+    n = 1 + sum(len(lp.choices) * (2 if i or lp.kind == "block" else 1) + (lp.kind == "block")
+                for i, lp in enumerate(prof.layers))
     with progress_bar(progress) as bar:
         task = bar.add_task("predicting peak memory per choice", total=n)
 
