@@ -10,30 +10,19 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> (module, one line): the order is the order of the listing
+# name -> (module of autorank.bench, one line): the order is the order of the listing
 COMMANDS = {
-    "layers": (lambda: importlib.import_module("autorank.bench.layers"),
-               "conv/linear layers: plain vs ASI vs HOSVD_eps vs checkpointing (time, saved bytes, FLOPs)"),
-    "transformer-layers": (lambda: importlib.import_module("autorank.bench.transformer_layers"),
-                           "transformer linear layers: plain vs ASI vs LoRA vs LoRA + ASI"),
-    "layout": (lambda: importlib.import_module("autorank.bench.layout"),
-               "a training step in the default layout vs channels-last"),
-    "peak": (lambda: importlib.import_module("autorank.bench.peak"),
-             "predicted peak training memory against a real step (--device cpu|cuda)"),
-    "starts": (lambda: importlib.import_module("autorank.bench.starts"),
-               "the search's predicted peaks of plain plans by where the trained region starts"),
-    "workload": (lambda: importlib.import_module("autorank.bench.workload"),
-                 "a workload: pretraining, whether plain backprop fits, one trial, the feature cache"),
-    "fidelity": (lambda: importlib.import_module("autorank.bench.fidelity"),
-                 "accuracy against steps, lr and seed for plans of a workload (trial fidelity)"),
-    "methods": (lambda: importlib.import_module("autorank.bench.methods"),
-                "transformers at equal budget: plain vs ASI vs LoRA vs LoRA + ASI on the last k blocks"),
-    "planners": (lambda: importlib.import_module("autorank.bench.planners"),
-                 "does the search pay: head, plain, knapsack, uniform ASI and the samplers at equal cost"),
-    "device-memory": (lambda: importlib.import_module("autorank.bench.device_memory"),
-                      "a run's plans trained by autorank-device: predicted against measured process peaks"),
-    "proc-peak": (lambda: importlib.import_module("autorank.bench.procpeak"),
-                  "peak memory of any command, from /proc (qemu-user aware)"),
+    "layers": ("layers", "conv/linear layers: plain vs ASI vs HOSVD_eps vs checkpointing (time, saved bytes, FLOPs)"),
+    "transformer-layers": ("transformer_layers", "transformer linear layers: plain vs ASI vs LoRA vs LoRA + ASI"),
+    "layout": ("layout", "a training step in the default layout vs channels-last"),
+    "peak": ("peak", "predicted peak training memory against a real step (--device cpu|cuda)"),
+    "starts": ("starts", "the search's predicted peaks of plain plans by where the trained region starts"),
+    "workload": ("workload", "a workload: pretraining, whether plain backprop fits, one trial, the feature cache"),
+    "fidelity": ("fidelity", "accuracy against steps, lr and seed for plans of a workload (trial fidelity)"),
+    "methods": ("methods", "transformers at equal budget: plain vs ASI vs LoRA vs LoRA + ASI on the last k blocks"),
+    "planners": ("planners", "does the search pay: head, plain, knapsack, uniform ASI and the samplers at equal cost"),
+    "device-memory": ("device_memory", "a run's plans trained by autorank-device: predicted against measured process peaks"),
+    "proc-peak": ("procpeak", "peak memory of any command, from /proc (qemu-user aware)"),
 }
 
 
@@ -54,5 +43,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"autorank-bench: error: unknown command {name!r}: use one of {', '.join(COMMANDS)}",
               file=sys.stderr)
         return 2
-    module = COMMANDS[name][0]()
+    module = importlib.import_module(f"autorank.bench.{COMMANDS[name][0]}")
     return int(module.main(rest, prog=f"autorank-bench {name}") or 0)
