@@ -90,3 +90,15 @@ def test_plan_cost_is_autorank_cost_keyed_by_the_trained_choices():
     total, transient = peak_parts(cost.peak(ch))
     assert total == cost.peak(ch).total_bytes and transient == cost.peak(ch).transient_bytes
     assert peak_parts(123) == (123, 0)
+
+
+def test_a_profile_with_blocks_reads_back_from_its_cache():
+    """Blocks offered for recomputation are profile items too: the cache takes them back instead
+    of calling the file damaged (which re-profiled every run of the default space)."""
+    import dataclasses
+
+    from autorank.search.profile import block_profile
+
+    layer = block_profile("features.2")
+    prof = Profile(key="k", layers=[dataclasses.replace(layer, name="a"), layer], space={"name": "s"})
+    assert Profile.from_json(prof.to_json()) == prof

@@ -26,7 +26,7 @@ _TOP = {
 _BYTES = (False, lambda v: _mapping(v, _is_int), "a mapping of whole numbers")
 _LAYER = {
     "name": (True, lambda v: isinstance(v, str), "a string"),
-    "kind": (True, lambda v: v in ("conv", "linear"), "conv or linear"),
+    "kind": (True, lambda v: v in ("conv", "linear", "block"), "conv, linear or block"),
     "input_shape": (True, lambda v: _ints(v), _INT_LIST),
     "choices": (True, lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of choices"),
     "ranks": (True, lambda v: _mapping(v, _ints), "a mapping of rank lists"),
