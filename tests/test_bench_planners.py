@@ -32,7 +32,10 @@ def result(out, planner):
 def test_every_planner_leaves_its_result(bench):
     _, out = bench
     budget = json.loads((out / "budgets.json").read_text())["tight"]["bytes"]
+    bases = list((out.parent / ".cache" / "autorank" / "checkpoints").glob("*.pt"))
+    assert len(bases) == 1  # one base model, pretrained once; every run fine-tunes it (model.checkpoint)
     for name in FIXED + STUDIES:
+        assert result(out, name)["base"] == str(bases[0])
         r = result(out, name)
         assert (r["planner"], r["budget_bytes"], r["seed"]) == (name, budget, 0)
         assert (r["trial_steps"], r["refit_steps"]) == (3, 6)

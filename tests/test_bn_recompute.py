@@ -83,3 +83,27 @@ def test_saved_checkpoint_scores_the_reported_accuracy(tmp_path, small_workload)
             model(x)
     means = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen["bn1"]])
     torch.testing.assert_close(model.bn1.running_mean, means.mean(0), rtol=0, atol=1e-5)
+
+
+def test_pretraining_stops_when_the_upstream_accuracy_stops_rising(tmp_path, small_workload):
+    """pretrain_patience: Lightning's EarlyStopping on the upstream val accuracy. At a learning
+    rate too small to change a weight only the BatchNorm statistics move the accuracy, so it stops
+    rising within a few epochs: the run ends at the first epoch whose accuracy is not above the best
+    before it (patience 1), well before the 6 allowed. The accuracies per epoch are kept in the
+    checkpoint's stats; the cache key counts the patience (keys without one are unchanged)."""
+    from autorank.workload.base import pretrain_key
+
+    wl = small_workload(tmp_path, input_size=12)
+    kw = dict(lr=1e-12, momentum=0.9, seed=0, batch_size=64, output_dir=tmp_path / "out", progress=False)
+    path = base_checkpoint(wl.spec, wl.data, tmp_path / "cache", epochs=6, patience=1, **kw)
+    stats = json.loads(path.with_suffix(".json").read_text())
+    accs = stats["epoch_val_accuracy"]
+    first_flat = next(e for e in range(1, len(accs)) if accs[e] <= max(accs[:e]))
+    assert stats["epochs_run"] == len(accs) == first_flat + 1 < 6, accs
+    assert stats["key"]["patience"] == 1
+    model = load_weights(wl.spec(num_classes=5), path)
+    # saved with the statistics recomputed, scored as the stats say
+    assert evaluate(model, wl.data.loader("upstream", "val"))[0] == stats["upstream_val_accuracy"]
+    full = base_checkpoint(wl.spec, wl.data, tmp_path / "cache", epochs=3, **kw)
+    assert json.loads(full.with_suffix(".json").read_text())["epochs_run"] == 3
+    assert "patience" not in pretrain_key(wl.spec, wl.data, 3, 0.01, 0.9, 0, 64)

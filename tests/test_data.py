@@ -151,3 +151,26 @@ def test_image_folder(tmp_path):
     (tmp_path / "one" / "other").mkdir()
     with pytest.raises(DatasetMissing, match="no images"):
         ImageFolderData(root=str(tmp_path / "one")).setup()
+
+
+def test_upstream_and_validation_caps(tmp_path):
+    """upstream_max_per_class caps the pretraining images apart from the downstream task's
+    max_per_class ("same": the same cap, None: every image); val_max_per_class caps validation.
+    Each changes its task's cache key only, so existing base models and features stay valid."""
+    kw = dict(input_size=12, batch_size=16, max_per_class=10)
+    same, every = DigitsData(**kw), DigitsData(**kw, upstream_max_per_class=None)
+    two, val3 = DigitsData(**kw, upstream_max_per_class=2), DigitsData(**kw, val_max_per_class=3)
+    n_up = len(DigitsData(input_size=12).tensors("upstream", "train")[1])  # every upstream training image
+    assert len(same.tensors("upstream", "train")[1]) == 5 * 10
+    assert len(every.tensors("upstream", "train")[1]) == n_up > 5 * 10
+    assert torch.bincount(two.tensors("upstream", "train")[1]).tolist() == [2] * 5
+    for d in (every, two):
+        assert len(d.tensors("downstream", "train")[1]) == 5 * 10  # downstream keeps max_per_class
+        assert d.key("downstream") == same.key("downstream") and d.key("upstream") != same.key("upstream")
+    assert torch.bincount(val3.tensors("downstream", "val")[1]).tolist() == [3] * 5
+    assert torch.bincount(val3.tensors("upstream", "val")[1]).tolist() == [3] * 5
+    assert len(same.tensors("downstream", "val")[1]) > 15 and "val_max_per_class" not in same.key()
+    assert val3.key() != same.key()
+    for bad in (0, "all", True):
+        with pytest.raises(ValueError, match="upstream_max_per_class"):
+            DigitsData(**kw, upstream_max_per_class=bad)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from autorank import interrupt
+from autorank.cost.loss import logits_of
 from autorank.errors import ConfigError, ConfigFileNotFound
 from autorank.workload.cachefile import (CacheDamaged, bytes_record, damaged_line, unreadable, verify,
                                         write_cache)
@@ -44,8 +45,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def pretrain_key(spec: ModelSpec, data: ImageData | TextData, epochs: int, lr: float, momentum: float, seed: int,
-                 batch_size: int, optimizer: str = "adam") -> dict[str, Any]:
+                 batch_size: int, optimizer: str = "adam", patience: int | None = None) -> dict[str, Any]:
+    stop = {} if patience is None else {"patience": patience}  # keys without early stopping unchanged
     return {
+        **stop,
         "optimizer": optimizer,
         "model": spec.key(),
         "data": data.key("upstream"),
@@ -150,6 +153,34 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable[tuple[torch.Tensor, A
     return n
 
 
+VAL_ACCURACY = "val_accuracy"
+
+
+class PretrainModule(PlanModule):
+    """PlanModule with a validation pass (pretraining only: a fine-tune has no validation loop)
+    that logs the upstream accuracy as VAL_ACCURACY, which EarlyStopping watches."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.val_accuracies: list[float] = []  # one per validation pass
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_right, self._val_n = 0, 0
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Counts right answers (classes, or next tokens); the epoch's accuracy is logged as
+        VAL_ACCURACY (what pretraining's EarlyStopping watches)."""
+        x, y = batch
+        pred = logits_of(self(x)).argmax(-1)
+        self._val_right += int((pred == y).sum())
+        self._val_n += int(y.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self._val_right / max(self._val_n, 1)
+        self.val_accuracies.append(acc)
+        self.log(VAL_ACCURACY, acc, prog_bar=True)
+
+
 def pretrain(
     spec: ModelSpec,
     data: ImageData | TextData,
@@ -164,19 +195,27 @@ def pretrain(
     progress: bool = True,
     optimizer: str = "adam",
     channels_last: bool = False,
+    patience: int | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
     """Train every layer (BN in train mode) on the upstream task, then recompute the BatchNorm
     statistics with one pass over the upstream training data (recompute_bn_stats); returns
-    (model, stats), the accuracy measured in eval mode with the statistics that are saved."""
+    (model, stats), the accuracy measured in eval mode with the statistics that are saved.
+    `patience`: stop before `epochs` once the upstream validation accuracy has not risen for that
+    many epochs (Lightning's EarlyStopping; the weights are the last epoch's); None: every epoch."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
     torch.manual_seed(seed)
     model = spec(num_classes=data.num_classes("upstream"))
-    module = PlanModule(model, lr=lr, momentum=momentum, bn_eval=False, optimizer=optimizer,
-                        channels_last=channels_last, loss=data.loss)
-    trainer = make_trainer(epochs, accelerator, output_dir, progress)
-    t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=data.loader("upstream", "train", shuffle=True, batch_size=batch_size))
-    wall_s = time.perf_counter() - t0
+    cls = PlanModule if patience is None else PretrainModule  # no validation loop without a patience
+    module = cls(model, lr=lr, momentum=momentum, bn_eval=False, optimizer=optimizer, channels_last=channels_last,
+                 loss=data.loss)
     val = data.loader("upstream", "val")
+    stop = [] if patience is None else [EarlyStopping(monitor=VAL_ACCURACY, mode="max", patience=patience)]
+    trainer = make_trainer(epochs, accelerator, output_dir, progress, callbacks=stop)
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=data.loader("upstream", "train", shuffle=True, batch_size=batch_size),
+                val_dataloaders=val if stop else None)
+    wall_s = time.perf_counter() - t0
     acc_ema, _ = evaluate(model, val, channels_last, loss=data.loss)
     t1 = time.perf_counter()
     n_bn_batches = recompute_bn_stats(model, data.loader("upstream", "train", batch_size=batch_size))
@@ -186,7 +225,8 @@ def pretrain(
     extra = {"upstream_val_perplexity": math.exp(loss)} if data.loss == "token" else {}
     return model, {"upstream_val_accuracy": acc, "upstream_val_loss": loss, "pretrain_wall_s": wall_s, **extra,
                    "upstream_val_accuracy_ema_bn": acc_ema, "bn_recompute_batches": n_bn_batches,
-                   "bn_recompute_wall_s": bn_wall_s,
+                   "bn_recompute_wall_s": bn_wall_s, "epochs_run": trainer.current_epoch,
+                   "epoch_val_accuracy": list(getattr(module, "val_accuracies", [])),
                    "train_loss": module.train_losses[-1] if module.train_losses else float("nan")}
 
 
@@ -205,6 +245,7 @@ def base_checkpoint(
     progress: bool = True,
     optimizer: str = "adam",
     channels_last: bool = False,
+    patience: int | None = None,
 ) -> Path:
     """`spec.checkpoint` if set; else the cached upstream-pretrained checkpoint, trained on a miss
     and again when the cached one is damaged (check_cached: one warning line says so)."""
@@ -213,7 +254,7 @@ def base_checkpoint(
         if not path.exists():
             raise ConfigFileNotFound(f"model.checkpoint={path} does not exist")
         return path
-    key = pretrain_key(spec, data, epochs, lr, momentum, seed, batch_size, optimizer)
+    key = pretrain_key(spec, data, epochs, lr, momentum, seed, batch_size, optimizer, patience)
     path = Path(cache_dir) / "checkpoints" / f"{spec.name}-{key_hash(key)}.pt"
     if path.exists():
         try:
@@ -222,9 +263,10 @@ def base_checkpoint(
             return path
         except CacheDamaged as e:
             log.warning(damaged_line("base model", path, e, "pretraining it again"))
-    log.info("base model: pretraining %s on the upstream task for %d epochs (cached at %s)", spec.name, epochs, path)
+    log.info("base model: pretraining %s on the upstream task for %s%d epochs (cached at %s)", spec.name,
+             "" if patience is None else "at most ", epochs, path)
     model, stats = pretrain(spec, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed, batch_size=batch_size,
-                            optimizer=optimizer, channels_last=channels_last,
+                            optimizer=optimizer, channels_last=channels_last, patience=patience,
                             accelerator=accelerator, output_dir=output_dir, progress=progress)
     save_cached(path, model, key, stats)
     if stats["bn_recompute_batches"]:

@@ -95,7 +95,11 @@ class ImageData(L.LightningDataModule):
     images: (N, C, h, w) uint8 or float in [0, 1]. val_mask marks an official test split (used
     as held-out validation); None means a deterministic stratified split with `val_fraction`.
     `upstream_classes` / `downstream_classes`: original label ids; labels of each task are
-    remapped to 0..k-1 in the listed order. `max_per_class` caps the training images per class.
+    remapped to 0..k-1 in the listed order. `max_per_class` caps the training images per class;
+    `upstream_max_per_class` caps the upstream task's (pretraining) instead: "same" (the default)
+    takes max_per_class, None keeps every upstream training image (a base model worth starting from
+    while the downstream task stays small). `val_max_per_class` caps the validation images per
+    class (None: all; a smoke run's shortcut, never a measurement's).
     `task` picks what train_dataloader / val_dataloader serve (Lightning's hooks).
     `downstream_shift`: None, or DOWNSTREAM_SHIFTS names joined by '+', applied to the downstream
     images only (train and val; shift_images).
@@ -114,6 +118,8 @@ class ImageData(L.LightningDataModule):
         downstream_classes: Sequence[int] | None = None,
         val_fraction: float = 0.2,
         max_per_class: int | None = None,
+        upstream_max_per_class: int | None | str = "same",
+        val_max_per_class: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
         task: str = "downstream",
@@ -126,6 +132,14 @@ class ImageData(L.LightningDataModule):
         self.upstream_classes = list(upstream_classes) if upstream_classes is not None else None
         self.downstream_classes = list(downstream_classes) if downstream_classes is not None else None
         self.val_fraction, self.max_per_class = float(val_fraction), max_per_class
+        if upstream_max_per_class == "same":
+            upstream_max_per_class = max_per_class
+        elif upstream_max_per_class is not None and (isinstance(upstream_max_per_class, (str, bool))
+                                                     or int(upstream_max_per_class) < 1):
+            raise ValueError(f"upstream_max_per_class must be a whole number >= 1, null (every image) or 'same' "
+                             f"(max_per_class), got {upstream_max_per_class!r}")
+        self.upstream_max_per_class = upstream_max_per_class
+        self.val_max_per_class = val_max_per_class
         self.seed, self.num_workers, self.task = int(seed), int(num_workers), task
         self.downstream_shift = check_shift(downstream_shift)
         self.transform = BatchTransform(self.input_size)
@@ -155,9 +169,11 @@ class ImageData(L.LightningDataModule):
             "classes": self.classes(task or self.task),
             "input_size": self.input_size,
             "val_fraction": self.val_fraction,
-            "max_per_class": self.max_per_class,
+            "max_per_class": self.cap(task or self.task),
             "seed": self.seed,
         }
+        if self.val_max_per_class is not None:  # keys without a validation cap unchanged
+            key["val_max_per_class"] = self.val_max_per_class
         if (task or self.task) == "downstream" and self.downstream_shift:  # keys without a shift unchanged
             key["downstream_shift"] = self.downstream_shift
         return key
@@ -177,6 +193,10 @@ class ImageData(L.LightningDataModule):
             raise ValueError(f"upstream and downstream classes overlap: {sorted(set(up) & set(down))}")
         return list(up) if task == "upstream" else list(down)
 
+    def cap(self, task: str) -> int | None:
+        """Training images per class of `task` (None: all)."""
+        return self.upstream_max_per_class if task == "upstream" else self.max_per_class
+
     def num_classes(self, task: str | None = None) -> int:
         return len(self.classes(task or self.task))
 
@@ -193,7 +213,7 @@ class ImageData(L.LightningDataModule):
         self._splits = {}
         for task in TASKS:
             for part, mask in (("train", ~val_mask), ("val", val_mask)):
-                idx = self._indices(labels, mask, task, cap=self.max_per_class if part == "train" else None)
+                idx = self._indices(labels, mask, task, cap=self.cap(task) if part == "train" else self.val_max_per_class)
                 remap = {c: i for i, c in enumerate(self.classes(task))}
                 y = torch.tensor([remap[int(v)] for v in labels[idx]], dtype=torch.long)
                 x = shift_images(images[idx], self.downstream_shift) if task == "downstream" else images[idx]

@@ -21,7 +21,8 @@ class TrainerConfig:
     accelerator: str = "cpu"
     seed: int = 0
     feature_cache: str = "memory"  # memory | disk | off
-    pretrain_epochs: int = 5
+    pretrain_epochs: int = 5  # at most, with pretrain_patience
+    pretrain_patience: int | None = None  # stop once the upstream val accuracy has not risen for this many epochs
     pretrain_lr: float = 0.002
     pretrain_optimizer: str = "adam"  # from scratch, Adam converges in a few epochs where SGD does not
     pretrain_batch_size: int = 32  # smaller than the device batch: more steps for the same compute

@@ -85,7 +85,7 @@ class Workload:
             self._checkpoint = base_checkpoint(
                 self.spec, self.data, self.paths.cache_dir, epochs=t.pretrain_epochs, lr=t.pretrain_lr,
                 momentum=t.momentum, seed=t.seed, batch_size=t.pretrain_batch_size, accelerator=t.accelerator,
-                optimizer=t.pretrain_optimizer, channels_last=use_channels_last(t.channels_last, t.accelerator),
+                optimizer=t.pretrain_optimizer, patience=t.pretrain_patience, channels_last=use_channels_last(t.channels_last, t.accelerator),
                 output_dir=self.paths.output_dir, progress=progress,
             )
             load_weights(model, self._checkpoint)
