@@ -62,6 +62,7 @@ class SearchResult:
     reference_files: dict[str, Path] = field(default_factory=dict)  # write_reference_plans
     refit_steps: int | None = None
     run_id: str | None = None  # the tracker's run of a single plan (the planner)
+    val_count: int | None = None  # validation images (a classifier): the verdict's noise
 
     def rows(self) -> list[tuple[str, TrialRecord | None, Mapping[str, Any] | None]]:
         """The summary table's rows, by predicted peak: (role, record or None, reference or
@@ -94,6 +95,9 @@ class SearchResult:
             console.print("[red]no feasible trial: nothing exported[/]")
             return
         console.print(self.exported_line(device))
+        verdict = self.verdict()
+        if verdict:
+            console.print(verdict)
         console.print(f"plan file: [bold]{self.export_path}[/]")
         curve = curve_lines(study_budget_curve(self.trials, device.budget_bytes))
         if len(self.trials) > 1 and curve:
@@ -172,6 +176,38 @@ class SearchResult:
         if ref is not None:
             line += f"; gap to the unconstrained plain reference {ref['accuracy'] - acc:+.3f}"
         return line
+
+
+    def verdict(self) -> str | None:
+        """Whether the study paid at this budget: the exported plan against the best plain-only
+        plan that fits (what an engineer trains by hand), beyond the noise of the validation set:
+        2 standard errors of the difference of two accuracies on val_count images (binomial). One
+        seed's noise is larger still: docs/BENCHMARKS.md measures it. None for the knapsack
+        planner (nothing to compare in the run)."""
+        best, plain = self.best, self.best_plain
+        if self.search != "optuna" or best is None:
+            return None
+        if plain is None:
+            return "the search pays here: no plain-only plan fits the budget, so training needs ranks or recomputation"
+        if plain.number == best.number:
+            return ("[yellow]the search did not pay here[/]: the exported plan is the best plain-only plan that fits "
+                    "(training the last layers that fit, as by hand, with the study's lr)")
+        refit = best.refit_accuracy is not None and plain.refit_accuracy is not None
+        acc = best.refit_accuracy if refit else best.val_accuracy
+        pacc = plain.refit_accuracy if refit else plain.val_accuracy
+        if acc is None or pacc is None:
+            return None
+        diff, kind = acc - pacc, "refit" if refit else "proxy"
+        if not self.val_count:
+            return f"exported plan against the best plain-only plan that fits: {diff:+.3f} ({kind} accuracy)"
+        n = self.val_count
+        noise = 2 * math.sqrt((acc * (1 - acc) + pacc * (1 - pacc)) / n)
+        if diff > noise:
+            return (f"the search pays here: {diff:+.3f} {kind} accuracy over the best plain-only plan that fits "
+                    f"(trial {plain.number}), beyond 2 standard errors ({noise:.3f}) of {n} validation images")
+        return (f"[yellow]the search did not pay here[/]: {diff:+.3f} {kind} accuracy over the best plain-only plan "
+                f"that fits (trial {plain.number}) is within 2 standard errors ({noise:.3f}) of {n} validation "
+                f"images: that plain plan (references/best_plain.yaml) is as good a choice")
 
 
 def study_budget_curve(records: Sequence[TrialRecord], budget_bytes: int) -> list[BudgetPoint]:

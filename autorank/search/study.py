@@ -289,4 +289,4 @@ def write_plans(study: optuna.Study, workload: Workload, settings: OptunaSearch,
     return SearchResult(search=settings.name, study_name=study.study_name, storage=storage, budget_bytes=budget,
                         trials=trials, front=front, best=best, loss=workload.loss, export_path=out,
                         plan_files=plan_files, study=study, best_plain=best_plain,
-                        refit_steps=settings.refit_steps)
+                        refit_steps=settings.refit_steps, val_count=workload.val_count)

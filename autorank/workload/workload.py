@@ -122,6 +122,12 @@ class Workload:
         return self._checkpoint_sha256
 
     @property
+    def val_count(self) -> int | None:
+        """Validation images of a classifier (what one point of its accuracy is worth); None for a
+        language model, whose tokens are not independent answers."""
+        return len(self.data.tensors("downstream", "val")[1]) if self.loss == "class" else None
+
+    @property
     def num_classes(self) -> int:
         """Downstream classes; a language model's vocabulary."""
         return self.data.num_classes("downstream")
