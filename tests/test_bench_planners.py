@@ -107,3 +107,20 @@ def test_report_lists_every_planner(bench):
     assert cells[2] == f"{knap['refit_accuracy']:.3f}"  # one seed: the value, no std
     assert cells[6] == "1"  # the knapsack plan reaches its own accuracy at once
     assert (out / "figures" / "tight.png").stat().st_size > 10_000
+
+
+def test_the_report_is_logged_to_mlflow(bench, tmp_path):
+    """--mlflow URI: one run with report.md, the figure and each planner's mean refit accuracy."""
+    from mlflow import MlflowClient
+
+    argv, out = bench
+    uri = f"sqlite:///{tmp_path}/m.db"
+    assert planners.main(["--out", str(out), "--report", "--mlflow", uri]) == 0
+    c = MlflowClient(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("autorank-bench-planners").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "out"
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} == {"report.md", "figures"}
+    assert [a.path for a in c.list_artifacts(run.info.run_id, "figures")] == ["figures/tight.png"]
+    for name in ["knapsack", "default"]:
+        r = result(out, name)
+        assert run.data.metrics[f"refit_acc.tight.{planners.slug(name)}"] == pytest.approx(r["refit_accuracy"])

@@ -51,7 +51,8 @@ from pathlib import Path
 
 from autorank.bench.planners.common import (BUDGETS, PLANNERS, QUICK, QUICK_SETS, SEARCHES, Settings, _trial, _write_json,
                                             slug)
-from autorank.bench.planners.report import front_hypervolume, hypervolume, reach, report_text, write_report
+from autorank.bench.planners.report import (front_hypervolume, hypervolume, log_report, reach, report_text,
+                                            write_report)
 from autorank.bench.planners.runs import (Bench, Job, build_job, compose, deepest_fitting, job_overrides,
                                           region_choices, tight_budget)
 
@@ -86,6 +87,8 @@ def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> tuple[Set
     p.add_argument("--quick", action="store_true",
                    help=f"a short run: {', '.join(f'{k}={v}' for k, v in QUICK.items())} unless given")
     p.add_argument("--report", action="store_true", help="only write report.md and the figures from the results")
+    p.add_argument("--mlflow", metavar="URI", help="also log the report, the figures and each planner's mean refit "
+                   "accuracy to this MLflow tracking URI (experiment autorank-bench-planners)")
     a = p.parse_args(argv)
     quick = QUICK if a.quick else {}
     pick = {k: getattr(a, k) if getattr(a, k) is not None else quick.get(k)
@@ -95,7 +98,7 @@ def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> tuple[Set
     st = Settings(out=a.out.resolve(), root=a.root.resolve(), data=a.data, model=a.model, device=a.device,
                   seeds=pick["seeds"] or [0], trials=pick["trials"], trial_steps=pick["trial_steps"],
                   refit_steps=pick["refit_steps"], long_factor=pick["long_factor"] or 0, budgets=a.budgets,
-                  tight_layers=a.tight_layers, planners=a.planners, overrides=overrides)
+                  tight_layers=a.tight_layers, planners=a.planners, overrides=overrides, mlflow=a.mlflow)
     return st, a.report
 
 
@@ -114,6 +117,7 @@ def quiet() -> None:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     from autorank.app import config_error
+    from autorank.redact import redact_url
     from autorank.interrupt import Interrupted, stop_on_signals
 
     st, report_only = parse_args(argv, prog)
@@ -123,6 +127,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                 quiet()
                 Bench(st).run()
             path = write_report(st.out)
+            if st.mlflow:
+                print(f"MLflow run {log_report(st.out, st.mlflow)} in {redact_url(st.mlflow)}", flush=True)
     except Interrupted as e:
         print(f"\n{e.message()} (rerun the same command to resume)", file=sys.stderr)
         return e.exit_code

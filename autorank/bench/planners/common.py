@@ -39,6 +39,7 @@ class Settings:
     planners: list[str] = field(default_factory=lambda: list(PLANNERS))
     overrides: list[str] = field(default_factory=list)
     base: Path | None = None  # the base model every seed fine-tunes (Bench.base_model)
+    mlflow: str | None = None  # a tracking URI the report is logged to
 
 
 def slug(name: str) -> str:

@@ -172,3 +172,42 @@ def write_report(out: Path) -> Path:
     return atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
 
 
+
+
+EXPERIMENT = "autorank-bench-planners"
+
+
+def log_report(out: Path, uri: str) -> str:
+    """One MLflow run (experiment EXPERIMENT, named after the output folder) holding report.md,
+    figures/ and each planner's mean refit accuracy per budget (metric refit_acc.<budget>.<planner>);
+    returns its run id."""
+    import mlflow
+
+    from autorank.bench.planners.common import slug
+
+    out = Path(out)
+    results = load_results(out)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(EXPERIMENT)
+    run = client.create_run(exp_id, run_name=out.name, tags={"autorank.kind": "bench planners"})
+    rid = run.info.run_id
+    first = results[0] if results else {}
+    for k in ("trial_steps", "refit_steps"):
+        client.log_param(rid, k, first.get(k))
+    client.log_param(rid, "seeds", sorted({r["seed"] for r in results}))
+    for (budget, planner), accs in _refit_accuracies(results).items():
+        client.log_metric(rid, f"refit_acc.{budget}.{slug(planner)}", statistics.mean(accs))
+    client.log_artifact(rid, str(out / "report.md"))
+    if (out / "figures").is_dir():
+        client.log_artifacts(rid, str(out / "figures"), "figures")
+    client.set_terminated(rid)
+    return rid
+
+
+def _refit_accuracies(results: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[float]]:
+    out: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        if r.get("feasible") and r.get("refit_accuracy") is not None:
+            out.setdefault((r["budget"], r["planner"]), []).append(float(r["refit_accuracy"]))
+    return out
