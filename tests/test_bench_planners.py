@@ -9,7 +9,7 @@ import pytest
 
 from autorank.bench import planners
 
-FIXED = ["head", "plain", "knapsack", "uniform asi@0.5", "uniform asi@0.8", "uniform asi@0.95"]
+FIXED = ["head", "plain", "recompute", "knapsack", "uniform asi@0.5", "uniform asi@0.8", "uniform asi@0.95"]
 STUDIES = ["random", "default", "tpe", "nsga2"]
 
 
@@ -73,6 +73,24 @@ def test_plain_is_the_deepest_plain_plan_that_fits(bench):
     assert plain["region_start"] == first_fit == n - 1
     assert plain["predicted_peak_bytes"] == peaks[first_fit] <= budget
     assert plain["choices"] == planners.region_choices(prof, first_fit)
+    # the small space offers no block for recomputation: that planner's plan is the plain one
+    assert result(out, "recompute")["choices"] == plain["choices"]
+
+
+def test_region_plans_recompute_the_blocks_inside_the_region():
+    """Region starts count conv/linear candidates only; a block is recomputed when each of its
+    candidates is in the region, kept otherwise (and always kept without `recompute`)."""
+    from types import SimpleNamespace as NS
+
+    kinds = {"f.1.a": "conv", "f.1.b": "conv", "f.2.a": "conv", "head": "linear", "f.1": "block", "f.2": "block"}
+    choices = {"conv": ["frozen", "full", "asi@0.9"], "linear": ["full"], "block": ["frozen", "recompute"]}
+    prof = NS(layer_names=list(kinds), layer=lambda n: NS(kind=kinds[n], choices=choices[kinds[n]]))
+    assert planners.region_choices(prof, 1, recompute=True) == {
+        "f.1.a": "frozen", "f.1.b": "full", "f.2.a": "full", "head": "full", "f.1": "frozen", "f.2": "recompute"}
+    assert planners.region_choices(prof, 0, "asi@0.9", recompute=True) == {
+        "f.1.a": "asi@0.9", "f.1.b": "asi@0.9", "f.2.a": "asi@0.9", "head": "full", "f.1": "recompute",
+        "f.2": "recompute"}
+    assert planners.region_choices(prof, 3)["f.2"] == planners.region_choices(prof, 0)["f.1"] == "frozen"
 
 
 def test_hypervolume_of_a_small_front():

@@ -11,6 +11,9 @@ Planners, each built from the app's own configs (build_job) with the same trial 
     plain           the deepest plain plan that fits: every region start tried against the cost
                     model, the earliest start whose plan (every candidate from it on trained
                     plainly) is within the budget: what an engineer does by hand
+    recompute       the same with every block the space offers for recomputation recomputed
+                    where it lies in the region (activation checkpointing: exact, so only the
+                    region's depth changes)
     knapsack        the paper's planner (search=knapsack)
     uniform <key>   one ASI level of the space (asi@0.9; asi@0.9:b keeps the batch mode whole)
                     on every candidate of the deepest region where it fits

@@ -10,7 +10,7 @@ from typing import Any
 
 SEARCHES = {"random": ("random", False), "default": (None, True), "tpe": ("tpe", False),
             "nsga2": ("nsga2", False)}  # planner -> (sampler config, None: the config's; warm starts)
-PLANNERS = ("head", "plain", "knapsack", "uniform", *SEARCHES)
+PLANNERS = ("head", "plain", "recompute", "knapsack", "uniform", *SEARCHES)
 BUDGETS = ("device", "tight")
 # --quick: a smoke run of every planner (not a measurement): one seed, 4 trials, a few steps, 32
 # training images per class (5 classes: more than one batch of 128) at 32 px
