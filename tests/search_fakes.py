@@ -40,6 +40,7 @@ class FakeWorkload:
     num_classes = 2
     loss = "class"
     checkpoint_sha256 = "fake"
+    val_count = 200
 
     def __init__(self, fail_on=None, refit_bonus=None, refit_steps=None):
         """refit_bonus: {choice of l0: accuracy added when trained refit_steps steps} (a plan

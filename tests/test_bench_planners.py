@@ -63,7 +63,7 @@ def test_plain_is_the_deepest_plain_plan_that_fits(bench):
     prof, _ = b.profile(job)
     wl = job.workload
     peaks = [predict_peak_training_bytes(wl.model, wl.example_input(), prof.to_plan(planners.region_choices(prof, s)),
-                                         loss=wl.loss).training_bytes for s in range(len(prof.layer_names))]
+                                         loss=wl.loss).training_bytes for s in range(len(prof.candidate_names))]
     budget = json.loads((out / "budgets.json").read_text())["tight"]["bytes"]
     n = len(peaks)
     # the tight budget: the last candidate alone fits, every deeper plain plan does not
@@ -84,7 +84,8 @@ def test_region_plans_recompute_the_blocks_inside_the_region():
 
     kinds = {"f.1.a": "conv", "f.1.b": "conv", "f.2.a": "conv", "head": "linear", "f.1": "block", "f.2": "block"}
     choices = {"conv": ["frozen", "full", "asi@0.9"], "linear": ["full"], "block": ["frozen", "recompute"]}
-    prof = NS(layer_names=list(kinds), layer=lambda n: NS(kind=kinds[n], choices=choices[kinds[n]]))
+    prof = NS(candidate_names=[n for n in kinds if kinds[n] != "block"], block_names=["f.1", "f.2"],
+              layer=lambda n: NS(kind=kinds[n], choices=choices[kinds[n]]))
     assert planners.region_choices(prof, 1, recompute=True) == {
         "f.1.a": "frozen", "f.1.b": "full", "f.2.a": "full", "head": "full", "f.1": "frozen", "f.2": "recompute"}
     assert planners.region_choices(prof, 0, "asi@0.9", recompute=True) == {

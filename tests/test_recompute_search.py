@@ -58,6 +58,14 @@ def test_profile_plan_knapsack_and_curve(model):
     assert all(prof.layer(b).sensitivity == {"frozen": 0.0, "recompute": 0.0} for b in blocks)
 
     layers = [lp.name for lp in prof.layers if lp.kind != "block"]
+    assert (prof.candidate_names, prof.block_names) == (layers, blocks)
+    # the references the study refits: valid plans, blocks kept (plain training, exact)
+    from autorank.search.refit import HEAD_ALONE, PLAIN_REFERENCE, reference_choices
+
+    refs = reference_choices(prof)
+    assert refs[PLAIN_REFERENCE] == {n: "full" for n in layers} | {b: "frozen" for b in blocks}
+    assert refs[HEAD_ALONE] == {n: "frozen" for n in layers[:-1]} | {layers[-1]: "full"} | {b: "frozen" for b in blocks}
+    assert cost.peak(refs[HEAD_ALONE]).total_bytes < cost.peak(refs[PLAIN_REFERENCE]).total_bytes
     plain = {n: "full" for n in layers}
     recomputed = plain | {b: "recompute" for b in blocks}
     plan = prof.to_plan(recomputed)

@@ -34,7 +34,7 @@ def main(argv=None, prog=None) -> int:
     wl.prepare(progress=False)
     prof = profile_workload(wl, load_space(OmegaConf.to_container(cfg.space)), cache_dir=wl.paths.cache_dir,
                             progress=False)
-    names, budget = prof.layer_names, wl.device.budget_bytes
+    names, budget = prof.candidate_names, wl.device.budget_bytes
     cost = PlanCost(wl.model, wl.example_input(), prof)
     print(f"# {wl.device.name} budget {budget / MB:.1f} MB, input {tuple(wl.input_shape)}, space "
           f"{prof.space.get('name')} (fill {prof.space.get('fill', 'frozen')}), candidates {len(names)}")

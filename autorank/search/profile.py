@@ -85,7 +85,18 @@ class Profile:
 
     @property
     def layer_names(self) -> list[str]:
+        """Every entry: the conv/linear candidates, then the blocks offered for recomputation."""
         return [lp.name for lp in self.layers]
+
+    @property
+    def candidate_names(self) -> list[str]:
+        """The conv/linear candidates, input to output (a trained region starts at one)."""
+        return [lp.name for lp in self.layers if lp.kind != "block"]
+
+    @property
+    def block_names(self) -> list[str]:
+        """The blocks offered for recomputation (`frozen`: kept as they are, or `recompute`)."""
+        return [lp.name for lp in self.layers if lp.kind == "block"]
 
     def layer(self, name: str) -> LayerProfile:
         for lp in self.layers:

@@ -49,6 +49,9 @@ class Workload(Protocol):
     @property
     def checkpoint_sha256(self) -> str: ...  # of the base weights: keys the profile and the study
 
+    @property
+    def val_count(self) -> int | None: ...  # validation images (the summary's noise); None: a language model
+
     def example_input(self) -> Tensor: ...
 
     def calibration_batches(self, n: int) -> list[tuple[Tensor, Tensor]]: ...

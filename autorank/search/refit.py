@@ -78,10 +78,11 @@ def refit_trials(study: optuna.Study, workload: Workload, records: Sequence[Tria
 
 
 def reference_choices(profile: Profile) -> dict[str, dict[str, str]]:
-    """The reference plans as choices: plain backprop of every candidate, and the head alone."""
-    names = profile.layer_names
-    return {PLAIN_REFERENCE: {n: "full" for n in names},
-            HEAD_ALONE: {n: ("full" if n == names[-1] else "frozen") for n in names}}
+    """The reference plans as choices: plain backprop of every candidate, and the head alone
+    (blocks offered for recomputation kept as they are: plain training)."""
+    names, kept = profile.candidate_names, {b: "frozen" for b in profile.block_names}
+    return {PLAIN_REFERENCE: {n: "full" for n in names} | kept,
+            HEAD_ALONE: {n: ("full" if n == names[-1] else "frozen") for n in names} | kept}
 
 
 def refit_references(study: optuna.Study, workload: Workload, profile: Profile, cost: CostModel, *,

@@ -39,7 +39,7 @@ def start_param(profile: Profile, choices: Mapping[str, str]) -> dict[str, str]:
     start enqueues beside its choices), else {}."""
     if not profile.order:
         return {}
-    names = profile.layer_names
+    names = profile.candidate_names
     return {START: next((n for n in names if choices.get(n, "frozen") != "frozen"), names[-1])}
 
 
@@ -114,7 +114,7 @@ class PlanTrial:
         """One choice per candidate. A `fill: full` space first suggests where the trained region
         starts (START, uniform over the candidates), the candidates before it frozen: sampled
         per layer, nearly every plan would start at the first layer (P(frozen) = 1/8 each)."""
-        starts = [n for n in self.names if self.profile.layer(n).kind != "block"]  # blocks are no start
+        starts = self.profile.candidate_names  # blocks are no start
         first = self.names.index(trial.suggest_categorical(START, starts)) if self.profile.order else 0
         out = {}
         for i, n in enumerate(self.names):

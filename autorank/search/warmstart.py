@@ -19,8 +19,7 @@ def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> li
     highest level (each trains every candidate, the expensive kind of trial); the last N/2. With
     blocks offered for recomputation (kept, `frozen`, in every other plan): the deepest plain plan
     that fits with every block recomputed, right after the deepest plain one."""
-    names = [n for n in profile.layer_names if profile.layer(n).kind != "block"]
-    blocks = [n for n in profile.layer_names if profile.layer(n).kind == "block"]
+    names, blocks = profile.candidate_names, profile.block_names
     out: list[tuple[str, dict]] = []
 
     def rest(n: str) -> str:  # a layer a uniform plan leaves out: frozen, or `full` (the head rule)

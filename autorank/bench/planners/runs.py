@@ -87,17 +87,11 @@ def job_overrides(st: Settings, planner: str, budget: str, budget_mb: float | No
 
 
 # --- plans of a region ----------------------------------------------------------------------------
-def layer_candidates(prof: Any) -> list[str]:
-    """The space's conv/linear candidates, input to output (not the blocks it offers for
-    recomputation: a region starts at a layer)."""
-    return [n for n in prof.layer_names if prof.layer(n).kind != "block"]
-
-
 def region_choices(prof: Any, start: int, key: str = "full", recompute: bool = False) -> dict[str, str]:
     """Candidates before `start` frozen; from it on `key` where the layer offers it, else trained
     plainly (the head). Blocks offered for recomputation are kept as they are, or with `recompute`
     recomputed where each of their candidates is in the region."""
-    names = layer_candidates(prof)
+    names = prof.candidate_names
     out = {}
     for i, n in enumerate(names):
         cs = prof.layer(n).choices
@@ -105,7 +99,7 @@ def region_choices(prof: Any, start: int, key: str = "full", recompute: bool = F
             out[n] = "frozen" if "frozen" in cs else cs[0]
         else:
             out[n] = key if key in cs else ("full" if "full" in cs else cs[0])
-    for b in (n for n in prof.layer_names if prof.layer(n).kind == "block"):
+    for b in prof.block_names:
         inside = [i for i, n in enumerate(names) if n.startswith(b + ".")]
         out[b] = "recompute" if recompute and inside and min(inside) >= start else "frozen"
     return out
@@ -114,7 +108,7 @@ def region_choices(prof: Any, start: int, key: str = "full", recompute: bool = F
 def deepest_fitting(prof: Any, cost: Any, budget_bytes: int, key: str = "full",
                     recompute: bool = False) -> tuple[int, dict, int] | None:
     """(region start, choices, predicted peak) of the earliest region start whose plan fits."""
-    for s in range(len(layer_candidates(prof))):
+    for s in range(len(prof.candidate_names)):
         ch = region_choices(prof, s, key, recompute)
         peak = int(cost.peak(ch).total_bytes)
         if peak <= budget_bytes:
@@ -125,7 +119,7 @@ def deepest_fitting(prof: Any, cost: Any, budget_bytes: int, key: str = "full",
 def tight_budget(prof: Any, cost: Any, k: int) -> tuple[float, str]:
     """(budget MB, why): below the cheapest plain plan that trains more than the last k
     candidates, at or above the plain plan of the last k."""
-    n = len(layer_candidates(prof))
+    n = len(prof.candidate_names)
     if not 1 <= k < n:
         raise ConfigError(f"--tight-layers {k}: the space has {n} candidates; pass 1 to {n - 1}")
     peaks = [int(cost.peak(region_choices(prof, s)).total_bytes) for s in range(n)]
@@ -311,7 +305,7 @@ def warm_features(wl: Any, prof: Any) -> None:
     from autorank.models import cut_name
 
     cuts = {}
-    for s in range(len(layer_candidates(prof))):
+    for s in range(len(prof.candidate_names)):
         plan = prof.to_plan(region_choices(prof, s))
         cuts.setdefault(cut_name(wl.model, plan), plan)
     for plan in cuts.values():
