@@ -39,16 +39,19 @@ def test_every_planner_leaves_its_result(bench):
         r = result(out, name)
         assert (r["planner"], r["budget_bytes"], r["seed"]) == (name, budget, 0)
         assert (r["trial_steps"], r["refit_steps"]) == (3, 6)
-        assert len(r["trials"]) == (2 if name in STUDIES else 1)
+        assert len(r["trials"]) == 2 if name in STUDIES else [t["lr"] for t in r["trials"]] == [0.003, 0.1]
         assert r["cpu_s"] > 0 and r["wall_s"] > 0
         if r["feasible"]:
             assert r["predicted_peak_bytes"] <= budget
             assert 0.0 <= r["refit_accuracy"] <= 1.0 and 0.0 <= r["long_accuracy"] <= 1.0
+        if name in FIXED and r["feasible"]:  # refit at the lr of its best proxy trial
+            best = max(r["trials"], key=lambda t: t["accuracy"])
+            assert r["hparams"]["lr"] == best["lr"] and r["proxy_accuracy"] == best["accuracy"]
     # the default study's first trial is the knapsack plan at the trainer's settings: the same
-    # run as the knapsack planner's proxy, to the bit
+    # run as the knapsack planner's proxy at the trainer's lr (0.003, the low end of the range), to the bit
     default, knap = result(out, "default"), result(out, "knapsack")
     assert default["trials"][0]["source"] == "knapsack"
-    assert default["trials"][0]["accuracy"] == knap["proxy_accuracy"]
+    assert default["trials"][0]["accuracy"] == next(t["accuracy"] for t in knap["trials"] if t["lr"] == 0.003)
     assert default["trials"][0]["peak_bytes"] == knap["predicted_peak_bytes"]
 
 
@@ -124,7 +127,8 @@ def test_report_lists_every_planner(bench):
     knap = result(out, "knapsack")
     cells = [c.strip() for c in rows["knapsack"].split("|")[1:-1]]
     assert cells[2] == f"{knap['refit_accuracy']:.3f}"  # one seed: the value, no std
-    assert cells[6] == "1"  # the knapsack plan reaches its own accuracy at once
+    # the knapsack plan reaches its own best proxy at its best lr's trial
+    assert cells[6] == str(1 + [t["accuracy"] for t in knap["trials"]].index(knap["proxy_accuracy"]))
     assert (out / "figures" / "tight.png").stat().st_size > 10_000
 
 

@@ -7,6 +7,10 @@
 Planners, each built from the app's own configs (build_job) with the same trial steps
 (search.trial_steps) and the same refit length (trainer.steps, what the device trains):
 
+A fixed plan (head, plain, recompute, knapsack, uniform) is tuned as by hand: one proxy trial
+(search.trial_steps) per lr of --lrs (default: the ends of the space's lr range and trainer.lr,
+the range the study samples), the best one refit.
+
     head            the classifier alone
     plain           the deepest plain plan that fits: every region start tried against the cost
                     model, the earliest start whose plan (every candidate from it on trained
@@ -26,10 +30,10 @@ the data order, the head's initialisation and the sampler. Every seed starts fro
 the first seed's (pretrained once with the config's settings, cached), passed to each run as
 model.checkpoint.
 
-Accuracies compared are refit accuracies at trainer.steps: a fixed plan is fine-tuned that long;
-a study refits its best front plans and exports the best refit plan. A fixed plan also runs the
-trial length once (its proxy), so that "trials to reach the knapsack plan" compares the study's
-trials with the knapsack plan at the same fidelity. `--long-factor F` refits each exported plan
+Accuracies compared are refit accuracies at trainer.steps: a fixed plan is refit that long at
+its best proxy lr; a study refits its best front plans and exports the best refit plan. "Trials to
+reach the knapsack plan" compares the study's trials with the knapsack plan's best proxy (the
+same trial length). `--long-factor F` refits each exported plan
 for F times trainer.steps (the run goes on from its shorter one: autorank/workload/resume.py).
 The frozen prefix's features at every cut are computed once per seed before the planners run
 (warm_features) and each planner starts with no run snapshots, so its wall and CPU time are its
@@ -79,6 +83,8 @@ def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> tuple[Set
     p.add_argument("--trial-steps", type=int, help="SGD steps per trial (default: search.trial_steps)")
     p.add_argument("--refit-steps", type=int, help="SGD steps of a refit (default: trainer.steps)")
     p.add_argument("--long-factor", type=int, help="also refit each exported plan this many times longer (0: no)")
+    p.add_argument("--lrs", type=float, nargs="+", help="a fixed plan's lrs, one proxy trial each, the best refit "
+                   "(default: the ends of the space's lr range and trainer.lr, as the study searches)")
     p.add_argument("--budgets", nargs="+", choices=BUDGETS, default=list(BUDGETS))
     p.add_argument("--tight-layers", type=int, default=4,
                    help="the tight budget: the best plain plan that fits trains only this many last candidates")
@@ -101,7 +107,8 @@ def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> tuple[Set
     st = Settings(out=a.out.resolve(), root=a.root.resolve(), data=a.data, model=a.model, device=a.device,
                   seeds=pick["seeds"] or [0], trials=pick["trials"], trial_steps=pick["trial_steps"],
                   refit_steps=pick["refit_steps"], long_factor=pick["long_factor"] or 0, budgets=a.budgets,
-                  tight_layers=a.tight_layers, planners=a.planners, overrides=overrides, mlflow=a.mlflow)
+                  tight_layers=a.tight_layers, planners=a.planners, overrides=overrides, mlflow=a.mlflow,
+                  lrs=a.lrs)
     return st, a.report
 
 

@@ -40,6 +40,7 @@ class Settings:
     overrides: list[str] = field(default_factory=list)
     base: Path | None = None  # the base model every seed fine-tunes (Bench.base_model)
     mlflow: str | None = None  # a tracking URI the report is logged to
+    lrs: list[float] | None = None  # a fixed plan's lrs (Bench.resolve: the study's range ends and trainer.lr)
 
 
 def slug(name: str) -> str:

@@ -160,6 +160,9 @@ class Bench:
         self.st.trials = self.st.trials or int(cfg.search.n_trials)
         self.st.trial_steps = self.st.trial_steps or int(cfg.search.trial_steps)
         self.st.refit_steps = self.st.refit_steps or int(cfg.trainer.steps)
+        if not self.st.lrs:  # the study's lr range (its ends) and the trainer's lr
+            rng = cfg.space.get("hparams", {}).get("lr") or {}
+            self.st.lrs = sorted({float(cfg.trainer.lr), *(float(rng[k]) for k in ("low", "high") if k in rng)})
 
     def budgets(self) -> dict[str, dict]:
         """budgets.json: {name: {mb (None: the device config's), bytes, why}}, computed once."""
@@ -229,8 +232,11 @@ class Bench:
         prof, cost = self.profile(job)
         budget = int(job.device.budget_bytes)
         if planner == "knapsack":
-            return self.run_knapsack(job)
-        if planner == "head":
+            from autorank.search.knapsack import knapsack
+
+            res = knapsack(prof, budget, cost.peak)  # what search=knapsack trains (BudgetTooSmall: none fits)
+            found = (None, dict(res.choices), int(res.predicted_peak_bytes))
+        elif planner == "head":
             ch = reference_choices(prof)[HEAD_ALONE]
             peak = int(cost.peak(ch).total_bytes)
             found = (len(ch) - 1, ch, peak) if peak <= budget else None
@@ -241,29 +247,11 @@ class Bench:
             return {"feasible": False, "trials": []}
         start, ch, peak = found
         plan = prof.to_plan(ch, meta={"source": f"bench {planner}", "budget_bytes": budget})
-        rec = self.fit(job.workload, plan, {})
-        rec.update(feasible=True, choices=ch, hparams={}, region_start=start, predicted_peak_bytes=peak,
-                   trials=[_trial(0, rec["proxy_accuracy"], peak, rec.pop("proxy_wall_s"))])
+        rec = self.fit(job.workload, plan, peak)
+        rec.update(feasible=True, choices=ch, region_start=start, predicted_peak_bytes=peak)
         rec["plan_file"] = str(export_plan(plan, job.cfg.export.path, job.workload.model,
-                                           meta={"predicted_peak_bytes": peak, "accuracy": rec["refit_accuracy"]}))
-        return rec
-
-    def run_knapsack(self, job: Job) -> dict:
-        """The app's knapsack search (its refit at trainer.steps), then the trial-length proxy and
-        the long refit of its plan."""
-        from autorank.plan import Plan
-
-        res = job.search.run(job.workload, job.device)  # paths and progress come from its YAML
-        best = res.best
-        plan = Plan.from_dict(dict(best.plan))
-        t0 = time.perf_counter()
-        proxy = job.workload.finetune(plan, max_steps=self.st.trial_steps, progress=False)
-        peak = int(best.predicted_peak_bytes)
-        rec = {"feasible": True, "choices": dict(best.choices), "hparams": {}, "predicted_peak_bytes": peak,
-               "refit_accuracy": float(best.val_accuracy), "proxy_accuracy": float(proxy.val_accuracy),
-               "plan_file": str(res.export_path),
-               "trials": [_trial(0, float(proxy.val_accuracy), peak, time.perf_counter() - t0)]}
-        rec["long_accuracy"] = self.long_refit(job.workload, plan, {})
+                                           meta={"predicted_peak_bytes": peak, "accuracy": rec["refit_accuracy"],
+                                                 "lr": rec["hparams"]["lr"]}))
         return rec
 
     def run_search(self, job: Job) -> dict:
@@ -281,15 +269,20 @@ class Bench:
                 "plan_file": str(res.export_path), "trials": trials,
                 "long_accuracy": self.long_refit(job.workload, Plan.from_dict(dict(best.plan)), best.hparams)}
 
-    def fit(self, wl: Any, plan: Any, hparams: Mapping[str, float]) -> dict:
-        """A fixed plan: the trial-length proxy, the refit at trainer.steps and the long refit, each
+    def fit(self, wl: Any, plan: Any, peak: int) -> dict:
+        """A fixed plan as an engineer tunes it by hand: the trial-length proxy at each lr of
+        `lrs` (one trial each), then the best one's refit at trainer.steps and long refit, each
         run going on from the one before."""
-        t0 = time.perf_counter()
-        proxy = wl.finetune(plan, max_steps=self.st.trial_steps, progress=False, **hparams)
-        wall = time.perf_counter() - t0
-        refit = wl.finetune(plan, max_steps=self.st.refit_steps, progress=False, **hparams)
-        return {"proxy_accuracy": float(proxy.val_accuracy), "proxy_wall_s": wall,
-                "refit_accuracy": float(refit.val_accuracy), "long_accuracy": self.long_refit(wl, plan, hparams)}
+        trials, best = [], None
+        for i, lr in enumerate(self.st.lrs):
+            t0 = time.perf_counter()
+            acc = float(wl.finetune(plan, max_steps=self.st.trial_steps, progress=False, lr=lr).val_accuracy)
+            trials.append(_trial(i, acc, peak, time.perf_counter() - t0) | {"lr": lr})
+            best = trials[-1] if best is None or acc > best["accuracy"] else best
+        hp = {"lr": best["lr"]}
+        refit = wl.finetune(plan, max_steps=self.st.refit_steps, progress=False, **hp)
+        return {"proxy_accuracy": best["accuracy"], "hparams": hp, "trials": trials,
+                "refit_accuracy": float(refit.val_accuracy), "long_accuracy": self.long_refit(wl, plan, hp)}
 
     def long_refit(self, wl: Any, plan: Any, hparams: Mapping[str, float]) -> float | None:
         if not self.st.long_factor:
