@@ -100,6 +100,26 @@ def test_profile_plan_knapsack_and_curve(model):
     k_plain = max((int(src.split()[2]) for src in plans if src.startswith("full last") and src not in deep),
                   default=0)
     assert k_rc > k_plain and cost.peak(plans[deep[0]]).total_bytes <= rc_peak
+    # with an lr probe, that plan once more at the top lr, right after it (the rest unchanged)
+    probed = warm_start_plans(prof, rc_peak, cost, {"lr": 0.008})
+    srcs = [s for s, _ in probed]
+    i = srcs.index(deep[0])
+    assert srcs[i + 1] == f"{deep[0]}, lr 0.008" and probed[i + 1][1] == plans[deep[0]] | {"lr": 0.008}
+    assert [s for s in srcs if s != srcs[i + 1]] == list(plans)
+
+    # the refit takes the best exact trial too (plain with blocks recomputed), beside the front's
+    # best by proxy and the best plain-only one
+    from autorank.search.records import TrialRecord
+    from autorank.search.refit import refit_candidates
+
+    def rec(n, acc, ch, front):
+        return TrialRecord(number=n, state="complete", choices=ch, val_accuracy=acc, predicted_peak_bytes=n + 1,
+                           on_front=front)
+    asi = plain | {layers[0]: "asi@0.9"}
+    trials = [rec(0, 0.9, asi, True), rec(1, 0.5, plain, False), rec(2, 0.7, recomputed, False),
+              rec(3, 0.6, recomputed, False), rec(4, 0.8, asi | {layers[1]: "asi@0.9"}, True)]
+    assert [r.number for r in refit_candidates(trials, 1)] == [0, 1, 2]
+    assert [r.number for r in refit_candidates(trials, 2)] == [0, 4, 1, 2]
 
     # the budget curve: plain + recompute is its own series
     recs = [SimpleNamespace(number=0, state="complete", predicted_peak_bytes=plain_peak, val_accuracy=0.8,

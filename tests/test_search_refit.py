@@ -37,8 +37,14 @@ def test_lr_is_searched_recorded_in_the_plan_and_used_by_finetune(tmp_path):
     # finetune got each trained trial's lr and the trial steps, never epochs
     assert [(run["lr"], run["max_steps"], run["max_epochs"]) for run in wl.runs] == \
         [(r.hparams["lr"], 40, None) for r in trained]
-    # warm starts enqueue the trainer's lr (0.05 in the fake); sampled trials vary it
-    assert all(r.hparams["lr"] == 0.05 for r in res.trials if r.source)
+    # warm starts enqueue the trainer's lr (0.05 in the fake), and the deepest plain plan once more
+    # at the top of the range (0.1), right after itself; sampled trials vary it
+    warm = sorted((r.number, r.source, r.hparams["lr"]) for r in res.trials if r.source)
+    probes = [(n, src) for n, src, lr in warm if lr != 0.05]
+    assert [lr for _, src, lr in warm if src.endswith(", lr 0.1")] == [0.1] and len(probes) == 1
+    deepest = next(r for r in res.trials if r.number == probes[0][0] - 1)
+    assert probes[0][1] == f"{deepest.source}, lr 0.1" and deepest.hparams["lr"] == 0.05
+    assert deepest.choices == next(r for r in res.trials if r.number == probes[0][0]).choices
     assert len(lrs) > 3
     for n, path in res.plan_files.items():
         assert Plan.load(path).meta["finetune"]["lr"] == params[n]["lr"]

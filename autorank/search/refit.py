@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 
 from autorank.plan import Plan
-from autorank.search.budget import is_plain
+from autorank.search.budget import is_exact, is_plain
 from autorank.search.cost import CostModel
 from autorank.search.profile import Profile
 from autorank.search.progress import progress_bar
@@ -34,13 +34,15 @@ HEAD_ALONE = "head alone"
 
 def refit_candidates(records: Sequence[TrialRecord], top: int) -> list[TrialRecord]:
     """The feasible front's best `top` by proxy accuracy, then the best plain-only feasible trial
-    (when not among them). Duplicate trials are left out: their original stands for them."""
+    and the best exact one (plain with blocks recomputed: what an engineer trains by hand), when
+    not among them. Duplicate trials are left out: their original stands for them."""
     feasible = [r for r in records if r.feasible and r.duplicate_of is None]
     front = sorted((r for r in feasible if r.on_front),
                    key=lambda r: (-r.val_accuracy, r.predicted_peak_bytes, r.number))[:max(0, top)]
-    plain = best_of([r for r in feasible if is_plain(r.choices)])
-    if plain is not None and plain.number not in {r.number for r in front}:
-        front.append(plain)
+    for pick in (is_plain, is_exact):
+        best = best_of([r for r in feasible if pick(r.choices)])
+        if best is not None and best.number not in {r.number for r in front}:
+            front.append(best)
     return front
 
 

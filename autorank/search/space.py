@@ -307,6 +307,13 @@ class SearchSpace:
                 for k, r in self.hparams.items() if k in defaults}
 
 
+    def hparam_probe(self, warm: Mapping[str, float]) -> dict[str, float]:
+        """The top of each searched hparam's range where it differs from the warm-start value
+        `warm`: the second value warm starts try the deepest exact plan at (a workload whose best
+        lr is above the trainer's is found in the first trials, not left to the sampler)."""
+        return {k: float(r["high"]) for k, r in self.hparams.items() if k in warm and float(r["high"]) != warm[k]}
+
+
 def load_space(space: "str | Path | SearchSpace | Mapping[str, Any]") -> SearchSpace:
     """The search space from a SearchSpace; the composed `space` config group (a mapping: its
     keys, or with `path` set the file it names); or a group option's name or a YAML path

@@ -131,8 +131,8 @@ def enqueue_warm_starts(study: optuna.Study, plans: list[tuple[str, dict]], hpar
     """The first plans of `plans`, at most half of this run's trials (the sampler gets the rest,
     and no enqueued trial is left WAITING at the end), each once per study (skip_if_exists; two
     workers enqueuing one at the same moment: workers.py runs the first copy only)."""
-    for src, ch in plans[:max(1, n_new // 2)]:
-        study.enqueue_trial({**ch, **hparams}, user_attrs={"source": src}, skip_if_exists=True)
+    for src, ch in plans[:max(1, n_new // 2)]:  # a plan's own hparams (an lr probe) over the warm-start values
+        study.enqueue_trial({**hparams, **ch}, user_attrs={"source": src}, skip_if_exists=True)
 
 
 class TrialLogger:
@@ -207,7 +207,8 @@ def run_study(workload: Workload, device: Device, space: SearchSpace,
                     "profile_key": profile.key, "heartbeat_s": settings.heartbeat_s})
         if settings.warm_start and n_new > 0:
             with times.timed("predict"):
-                plans = [(src, {**ch, **start_param(profile, ch)}) for src, ch in warm_start_plans(profile, budget, cost)]
+                plans = [(src, {**ch, **start_param(profile, ch)})
+                         for src, ch in warm_start_plans(profile, budget, cost, space.hparam_probe(hp0))]
                 enqueue_warm_starts(study, plans, hp0, n_new)
         with progress_bar(settings.progress) as bar:
             logger = TrialLogger(study, bar, bar.add_task("trials", total=n_new), tracker, times)

@@ -10,7 +10,8 @@ from autorank.search.profile import Profile
 from autorank.search.space import level_key
 
 
-def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> list[tuple[str, dict]]:
+def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel,
+                     probe: dict[str, float] | None = None) -> list[tuple[str, dict]]:
     """(source, choices) to enqueue first, without repeats, most telling first (a study enqueues
     only the first n_trials // 2): the knapsack plan; plain backprop of every candidate (recorded
     infeasible from its prediction when it does not fit, never trained); the deepest plain plan
@@ -18,7 +19,11 @@ def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> li
     uniform plan at the middle ASI level; the last 2 plainly; the uniform plans at the lowest and
     highest level (each trains every candidate, the expensive kind of trial); the last N/2. With
     blocks offered for recomputation (kept, `frozen`, in every other plan): the deepest plain plan
-    that fits with every block recomputed, right after the deepest plain one."""
+    that fits with every block recomputed, right after the deepest plain one. `probe` (searched
+    hparams, e.g. {"lr": the top of the range}): the deepest exact plan (plain, recomputed where
+    blocks are offered) once more at those values, right after it: what an engineer tunes by hand
+    for the plan they would train, so the study holds it at both lrs (its hparams are the plan's,
+    the rest take the warm-start values)."""
     names, blocks = profile.candidate_names, profile.block_names
     out: list[tuple[str, dict]] = []
 
@@ -55,13 +60,19 @@ def warm_start_plans(profile: Profile, budget_bytes: int, cost: CostModel) -> li
         out.extend(p for p in (deepest, deepest_rc) if p is not None)
     levels = sorted(profile.space.get("levels", []))
     lows_highs = [uniform(lv) for lv in sorted({levels[0], levels[-1]} - {levels[len(levels) // 2]})] if levels else []
-    out.extend(p for p in (deepest, uniform(levels[len(levels) // 2]) if levels else None,
+    exact = deepest_rc if blocks and deepest_rc is not None else deepest
+    probed = None  # the deepest exact plan again at the probe's hparams, right after it
+    if probe and exact is not None:
+        probed = (f"{exact[0]}, " + ", ".join(f"{k} {v:g}" for k, v in probe.items()), exact[1] | probe)
+    if blocks and probed is not None:
+        out.append(probed)
+    out.extend(p for p in (deepest, None if blocks else probed, uniform(levels[len(levels) // 2]) if levels else None,
                            plain_last(min(2, len(names))), *lows_highs, plain_last(len(names) // 2))
                if p is not None)
     seen, uniq = set(), []
     for src, ch in out:
         ch = {b: "frozen" for b in blocks} | ch  # a block a plan leaves out is kept as it is
-        k = tuple(ch[n] for n in profile.layer_names)
+        k = tuple(ch[n] for n in profile.layer_names) + tuple(sorted((h, ch[h]) for h in probe or {} if h in ch))
         if k not in seen:
             seen.add(k)
             uniq.append((src, ch))
