@@ -58,6 +58,7 @@ class SearchResult:
     plan_files: dict[int, Path] = field(default_factory=dict)
     study: Any = field(default=None, repr=False, compare=False)  # the optuna.Study
     best_plain: TrialRecord | None = None  # the best plain-only feasible trial (by refit, else proxy)
+    best_exact: TrialRecord | None = None  # the best with blocks recomputed and no ranks (exact, not plain)
     references: dict[str, dict] = field(default_factory=dict)  # refit.refit_references
     reference_files: dict[str, Path] = field(default_factory=dict)  # write_reference_plans
     refit_steps: int | None = None
@@ -73,7 +74,7 @@ class SearchResult:
         for r in self.front:
             recs[r.number] = r
             roles.setdefault(r.number, [])
-        for role, r in (("exported", self.best), ("best plain", self.best_plain)):
+        for role, r in (("exported", self.best), ("best plain", self.best_plain), ("best recomputed", self.best_exact)):
             if r is not None:
                 recs.setdefault(r.number, r)
                 roles.setdefault(r.number, []).append(role)
@@ -120,7 +121,7 @@ class SearchResult:
         steps = f" at {self.refit_steps} steps" if self.refit_steps else ""
         title = (f"Plans (training budget {_mb(device.budget_bytes)} MB on {device.name}: the process may "
                  f"use {device.process_budget_mb:.0f} MB, runtime {device.runtime_mb:.0f} MB)")
-        caption = ("the front by proxy accuracy, with the exported plan, the best plain-only plan and the "
+        caption = ("the front by proxy accuracy, with the exported plan, the best plain-only plan, the best recomputed one and the "
                    "refit references; plan: one code per candidate layer, input to output: - frozen, F full "
                    "backprop, .8 ASI at explained variance 0.8, .8b the same with the batch mode kept whole, "
                    "L4 LoRA rank 4, L4.8 LoRA + ASI, R a block recomputed (- kept); peak MB: the training step (tensors and kernel copies); "
@@ -192,22 +193,39 @@ class SearchResult:
         if plain.number == best.number:
             return ("[yellow]the search did not pay here[/]: the exported plan is the best plain-only plan that fits "
                     "(training the last layers that fit, as by hand, with the study's lr)")
-        refit = best.refit_accuracy is not None and plain.refit_accuracy is not None
-        acc = best.refit_accuracy if refit else best.val_accuracy
-        pacc = plain.refit_accuracy if refit else plain.val_accuracy
-        if acc is None or pacc is None:
+        gap = self._gap(best, plain)
+        if gap is None:
             return None
-        diff, kind = acc - pacc, "refit" if refit else "proxy"
-        if not self.val_count:
-            return f"exported plan against the best plain-only plan that fits: {diff:+.3f} ({kind} accuracy)"
+        line = self._gap_line(gap, f"the best plain-only plan that fits (trial {plain.number})")
+        exact = self.best_exact
+        if exact is not None and exact.number == best.number:
+            return line + ("; the exported plan trains plainly with blocks recomputed (exact: no ranks, "
+                           "torch.utils.checkpoint by hand does the same)")
+        if exact is not None and (vs := self._gap(best, exact)) is not None:
+            line += "; " + self._gap_line(vs, f"the best plan with blocks recomputed and no ranks (trial {exact.number})")
+        return line
+
+    def _gap(self, best: TrialRecord, other: TrialRecord) -> tuple[float, str, float | None] | None:
+        """(best's accuracy minus other's, "refit"/"proxy", 2 standard errors of that difference
+        on val_count images, None without a count)."""
+        refit = best.refit_accuracy is not None and other.refit_accuracy is not None
+        acc = best.refit_accuracy if refit else best.val_accuracy
+        oacc = other.refit_accuracy if refit else other.val_accuracy
+        if acc is None or oacc is None:
+            return None
         n = self.val_count
-        noise = 2 * math.sqrt((acc * (1 - acc) + pacc * (1 - pacc)) / n)
+        noise = 2 * math.sqrt((acc * (1 - acc) + oacc * (1 - oacc)) / n) if n else None
+        return acc - oacc, "refit" if refit else "proxy", noise
+
+    def _gap_line(self, gap: tuple[float, str, float | None], against: str) -> str:
+        diff, kind, noise = gap
+        if noise is None:
+            return f"exported plan against {against}: {diff:+.3f} ({kind} accuracy)"
         if diff > noise:
-            return (f"the search pays here: {diff:+.3f} {kind} accuracy over the best plain-only plan that fits "
-                    f"(trial {plain.number}), beyond 2 standard errors ({noise:.3f}) of {n} validation images")
-        return (f"[yellow]the search did not pay here[/]: {diff:+.3f} {kind} accuracy over the best plain-only plan "
-                f"that fits (trial {plain.number}) is within 2 standard errors ({noise:.3f}) of {n} validation "
-                f"images: that plain plan (references/best_plain.yaml) is as good a choice")
+            return (f"the search pays here: {diff:+.3f} {kind} accuracy over {against}, beyond 2 standard errors "
+                    f"({noise:.3f}) of {self.val_count} validation images")
+        return (f"[yellow]the search did not pay here[/]: {diff:+.3f} {kind} accuracy over {against} is within "
+                f"2 standard errors ({noise:.3f}) of {self.val_count} validation images: that plan is as good a choice")
 
 
 def study_budget_curve(records: Sequence[TrialRecord], budget_bytes: int) -> list[BudgetPoint]:

@@ -44,7 +44,7 @@ from autorank.search.planfile import export_plan, export_record
 from autorank.search.profile import Profile, profile_workload
 from autorank.search.progress import progress_bar
 from autorank.search.protocols import Device, Tracker, Workload, device_summary
-from autorank.search.budget import is_plain
+from autorank.search.budget import is_exact, is_plain
 from autorank.search.result import SearchResult
 from autorank.search.records import (DIRECTIONS, OBJECTIVE_NAMES, TrialRecord, best_of, best_refit,
                                      front_of, records_from_study)
@@ -276,6 +276,8 @@ def write_plans(study: optuna.Study, workload: Workload, settings: OptunaSearch,
     best = refit or best_of(front)
     plain = [r for r in trials if r.feasible and is_plain(r.choices)]
     best_plain = (best_refit(plain) if refit else None) or best_of(plain)
+    exact = [r for r in trials if r.feasible and is_exact(r.choices) and not is_plain(r.choices)]
+    best_exact = (best_refit(exact) if refit else None) or best_of(exact)
 
     def write(r: TrialRecord, path: str | Path) -> Path:
         # the whole training process on the device: runtime + tensors (autorank.cost.process)
@@ -289,5 +291,5 @@ def write_plans(study: optuna.Study, workload: Workload, settings: OptunaSearch,
         out = write(best, settings.export_path)
     return SearchResult(search=settings.name, study_name=study.study_name, storage=storage, budget_bytes=budget,
                         trials=trials, front=front, best=best, loss=workload.loss, export_path=out,
-                        plan_files=plan_files, study=study, best_plain=best_plain,
+                        plan_files=plan_files, study=study, best_plain=best_plain, best_exact=best_exact,
                         refit_steps=settings.refit_steps, val_count=workload.val_count)

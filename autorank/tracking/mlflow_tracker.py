@@ -317,6 +317,9 @@ class MlflowTracker:
             summary.update(best_val_accuracy=best.val_accuracy, best_peak_mb=best.peak_mb,
                            best_train_flops=best.flops, best_trial=best.number,
                            best_refit_accuracy=best.refit_accuracy)
+        if result.best_exact is not None:
+            summary.update(best_exact_refit_accuracy=result.best_exact.refit_accuracy,
+                           best_exact_val_accuracy=result.best_exact.val_accuracy)
         if result.best_plain is not None:
             summary.update(best_plain_refit_accuracy=result.best_plain.refit_accuracy,
                            best_plain_val_accuracy=result.best_plain.val_accuracy)
