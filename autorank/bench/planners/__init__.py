@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             if st.mlflow:
                 print(f"MLflow run {log_report(st.out, st.mlflow)} in {redact_url(st.mlflow)}", flush=True)
     except Interrupted as e:
-        print(f"\n{e.message()} (rerun the same command to resume)", file=sys.stderr)
+        print(f"\n{e.message()}", file=sys.stderr)  # it says how to go on: the same command
         return e.exit_code
     except Exception as e:
         err = config_error(e)
