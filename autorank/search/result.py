@@ -178,7 +178,6 @@ class SearchResult:
             line += f"; gap to the unconstrained plain reference {ref['accuracy'] - acc:+.3f}"
         return line
 
-
     def verdict(self) -> str | None:
         """Whether the study paid at this budget: the exported plan against the best plain-only
         plan that fits (what an engineer trains by hand), beyond the noise of the validation set:

@@ -29,7 +29,7 @@ import hashlib
 import json
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,10 +274,13 @@ def write_plans(study: optuna.Study, workload: Workload, settings: OptunaSearch,
     front = front_of(trials)
     refit = settings.refit_steps and best_refit(trials)
     best = refit or best_of(front)
-    plain = [r for r in trials if r.feasible and is_plain(r.choices)]
-    best_plain = (best_refit(plain) if refit else None) or best_of(plain)
-    exact = [r for r in trials if r.feasible and is_exact(r.choices) and not is_plain(r.choices)]
-    best_exact = (best_refit(exact) if refit else None) or best_of(exact)
+
+    def best_where(keep: Callable[[Mapping[str, str]], bool]) -> TrialRecord | None:  # by refit, else proxy
+        some = [r for r in trials if r.feasible and keep(r.choices)]
+        return (best_refit(some) if refit else None) or best_of(some)
+
+    best_plain = best_where(is_plain)
+    best_exact = best_where(lambda ch: is_exact(ch) and not is_plain(ch))
 
     def write(r: TrialRecord, path: str | Path) -> Path:
         # the whole training process on the device: runtime + tensors (autorank.cost.process)

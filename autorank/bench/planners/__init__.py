@@ -7,10 +7,6 @@
 Planners, each built from the app's own configs (build_job) with the same trial steps
 (search.trial_steps) and the same refit length (trainer.steps, what the device trains):
 
-A fixed plan (head, plain, recompute, knapsack, uniform) is tuned as by hand: one proxy trial
-(search.trial_steps) per lr of --lrs (default: the ends of the space's lr range and trainer.lr,
-the range the study samples), the best one refit.
-
     head            the classifier alone
     plain           the deepest plain plan that fits: every region start tried against the cost
                     model, the earliest start whose plan (every candidate from it on trained
@@ -23,6 +19,10 @@ the range the study samples), the best one refit.
                     on every candidate of the deepest region where it fits
     random, tpe, nsga2   the Optuna study with that sampler and no warm starts
     default         the study as the app runs it: the config's sampler and warm starts
+
+A fixed plan (head, plain, recompute, knapsack, uniform) is tuned as by hand: one proxy trial
+(search.trial_steps) per lr of --lrs (default: the ends of the space's lr range and trainer.lr,
+the range the study samples), the best one refit.
 
 Studies run with search.references=false: the reference refits (plain backprop of everything,
 the head alone) change no exported plan, and head and plain are planners here. `seed=<k>` sets
